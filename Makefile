@@ -1,0 +1,54 @@
+# sfllava-mlx: `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UNAME := $(shell uname -s)
+# MLX's Linux CPU wheel links a slow reference BLAS; Debian's OpenBLAS is ~40x faster.
+OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
+ifeq ($(UNAME),Linux)
+EXTRAS := cpu,test
+TORCH_PIN := torch==2.13.0
+RUN_ENV := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
+else
+EXTRAS := test
+TORCH_PIN := torch
+RUN_ENV :=
+endif
+
+.PHONY: setup system-deps demo test profile clean
+
+$(BIN)/sfllava: pyproject.toml
+	$(MAKE) system-deps
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: on this Linux image the pin resolves to a local CPU wheel.
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $(BIN)/sfllava
+
+setup: $(BIN)/sfllava
+
+# ffmpeg makes the long-GOP H.264/HEVC test videos; OpenBLAS speeds MLX's CPU backend.
+system-deps:
+ifeq ($(UNAME),Linux)
+	@if ! command -v ffmpeg >/dev/null || [ ! -e $(OPENBLAS) ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq ffmpeg libopenblas0-pthread tmux) >/dev/null; \
+	  else echo "note: install ffmpeg and libopenblas0-pthread for the full test suite"; fi; \
+	fi
+else
+	@command -v ffmpeg >/dev/null || echo "note: 'brew install ffmpeg' enables the H.264/HEVC tests"
+endif
+
+demo: setup
+	$(RUN_ENV) $(BIN)/python -m app.demo
+
+test: setup
+	$(RUN_ENV) $(BIN)/python -m pytest -q tests
+
+profile: setup
+	$(RUN_ENV) $(BIN)/sfllava bench --random-weights 1.5b --frames 16 --runs 2
+
+clean:
+	rm -rf $(VENV) demo *.egg-info
