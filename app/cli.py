@@ -1,0 +1,60 @@
+"""The `sfllava` command (SPEC §4): one subcommand a module of `app/`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sfllava_mlx import __version__
+from sfllava_mlx.errors import UserError
+
+SUBCOMMANDS = [
+    ("convert", "app.convert", "convert an SF-LLaVA-1.5 checkpoint to an MLX model directory"),
+    ("generate", "app.generate", "answer one question about a video"),
+    ("chat", "app.chat", "chat about a video in the terminal"),
+    ("frames", "app.frames", "show (and save) the frames the model will see"),
+    ("bench", "app.bench", "stage-by-stage latency profile"),
+    ("export-coreml", "app.export_coreml", "export the vision tower to Core ML"),
+    ("cache", "app.cache", "list or clear the video cache"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sfllava", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sfllava {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name, help_text in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue  # a subcommand not built yet
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(run=module.main)
+    return parser
+
+
+def report_error(e: UserError) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    if e.details:
+        print(e.details, file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except UserError as e:
+        report_error(e)
+        return 2
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: quietly (SPEC §4)
+    except BrokenPipeError:
+        return 0
+
+
+def entry() -> None:
+    sys.exit(main())

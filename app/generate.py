@@ -1,0 +1,51 @@
+"""`sfllava generate`: answer one question about a video (SPEC §4)."""
+
+import json
+import sys
+import time
+
+
+from . import runner
+from .options import add_generation_arguments
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="converted model directory or hub repo id")
+    p.add_argument("--video", required=True, help="the video file")
+    p.add_argument("--prompt", required=True, help="the question")
+    add_generation_arguments(p)
+
+
+def main(args) -> int:
+    model, tokenizer = runner.load_model(args)
+    start = time.perf_counter()  # ttft counts from here: after the model is loaded
+    visual, cache = runner.open_video(model, args.video, args)
+    if not args.json:
+        report_sampling(visual.clip)
+    conv = runner.new_conversation(model, tokenizer, visual, args)
+    for r in conv.ask(args.prompt, start_time=start, **runner.ask_options(args)):
+        if not args.json:
+            print(r.text, end="", flush=True)
+    turn = conv.last_turn
+    if args.json:
+        print(json.dumps(runner.turn_record(turn, visual, cache)))
+    else:
+        print()
+        t = turn.timings_s
+        print(f"[frames {t['frames']:.2f}s | vision {t['vision']:.2f}s | prefill {t['prefill']:.2f}s"
+              f" | ttft {t['ttft']:.2f}s | {len(turn.tokens)} tokens in {t['generate']:.2f}s"
+              f" | peak {turn.peak_memory_gb:.2f} GB | cache {cache}]", file=sys.stderr)
+    return 0
+
+
+def report_sampling(clip) -> None:
+    """Tell the user, on stderr, what was approximated or replaced."""
+    if clip is None:
+        return
+    if not clip.exact:
+        print("note: keyframe sampling: frames are approximate (nearest keyframe before each "
+              "position)", file=sys.stderr)
+    if clip.replaced:
+        pairs = ", ".join(f"{a}->{b}" for a, b in clip.replaced)
+        print(f"note: frames that failed to decode were replaced by neighbours: {pairs}",
+              file=sys.stderr)

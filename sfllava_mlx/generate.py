@@ -1,0 +1,262 @@
+"""From a video to an answer: visual tokens, the prompt, and generation through mlx-lm.
+
+`encode_video` turns sampled frames into the pooled visual tokens. `Conversation` keeps
+the KV cache across turns, so a follow-up question prefills only its own tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step, stream_generate
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from . import prompt as chatml
+from .errors import ContextOverflowError
+from .pooling import concat_streams, is_slow, num_visual_tokens, pool_frames
+from .preprocess import preprocess
+
+if TYPE_CHECKING:
+    from .frames import SampledFrames
+
+VISION_BATCH = 8  # frames per tower call: bounds the working set whatever the frame count
+
+
+@dataclass
+class VisualTokens:
+    embeddings: mx.array  # (Nv, D), slow block then fast block
+    clip: Optional["SampledFrames"]
+    timings: dict = field(default_factory=lambda: {"frames": 0.0, "vision": 0.0})
+
+
+class _Stopwatch:
+    """Adds elapsed wall time to named stages: critical-path shares, nothing counted twice."""
+
+    def __init__(self, timings: dict):
+        self.timings = timings
+        self.mark = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.mark
+        self.mark = now
+
+
+def encode_frames(model, frames, *, vision=None, batch_size=VISION_BATCH,
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  timings: Optional[dict] = None) -> mx.array:
+    """Frames in position order (an iterable of RGB uint8 images) -> pooled visual tokens.
+
+    Each batch goes through tower and projector and is pooled right away (pooling is per
+    frame), so memory holds one batch of full grids, never all 128.
+    """
+    cfg = model.config
+    vision = vision or model.vision_tower
+    timings = timings if timings is not None else {}
+    watch = _Stopwatch(timings)
+    slow, fast, batch, done = [], [], [], 0
+    total = cfg.sampling.num_frames
+
+    def flush():
+        nonlocal done
+        pixels = preprocess([im for _, im in batch], cfg.preprocess)
+        watch.lap("frames")
+        grid = model.projector(vision(pixels))  # (B, G*G, D)
+        g = cfg.vision.grid
+        grid = grid.reshape(len(batch), g, g, -1)
+        pos = [p for p, _ in batch]
+        for stream, stride, out in ((True, cfg.sampling.slow_stride, slow),
+                                    (False, cfg.sampling.fast_stride, fast)):
+            rows = [j for j, p in enumerate(pos) if is_slow(p, cfg.sampling) == stream]
+            if rows:
+                out.append(pool_frames(grid[mx.array(rows)], stride))
+        mx.eval(slow, fast)
+        done += len(batch)
+        batch.clear()
+        watch.lap("vision")
+        if progress:
+            progress(done, total)
+
+    for position, image in enumerate(frames):
+        batch.append((position, image))
+        if len(batch) == batch_size:
+            flush()
+    watch.lap("frames")
+    if batch:
+        flush()
+    tokens = concat_streams(mx.concatenate(slow) if slow else None,
+                            mx.concatenate(fast) if fast else None)
+    mx.eval(tokens)
+    watch.lap("vision")
+    return tokens
+
+
+def encode_video(model, clip: "SampledFrames", *, vision=None, batch_size=VISION_BATCH,
+                 progress=None) -> VisualTokens:
+    """Sampled frames -> VisualTokens. `vision` swaps the tower (e.g. a Core ML backend)."""
+    timings = dict(clip_timings(clip))
+    tokens = encode_frames(model, clip.images, vision=vision, batch_size=batch_size,
+                           progress=progress, timings=timings)
+    expected = num_visual_tokens(model.config.vision.grid, model.config.sampling)
+    assert tokens.shape[0] == expected, (tokens.shape, expected)
+    return VisualTokens(tokens, clip, timings)
+
+
+def clip_timings(clip) -> dict:
+    t = getattr(clip, "timings", None) or {}
+    return {"frames": float(t.get("frames", 0.0)), "vision": 0.0}
+
+
+@dataclass
+class Turn:
+    question: str
+    text: str = ""
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prompt_tokens: int = 0
+    timings_s: dict = field(default_factory=dict)
+    peak_memory_gb: float = 0.0
+    finish_reason: Optional[str] = None
+
+
+class Conversation:
+    """One video, many questions; the KV cache is kept between turns (SPEC §2.7)."""
+
+    def __init__(self, model, tokenizer, visual: VisualTokens, *, system_prompt=None,
+                 max_kv_size=None, kv_bits=None, kv_group_size=64, prefill_step_size=2048):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.visual = visual
+        self.system_prompt = system_prompt or model.config.prompt.system_prompt
+        self.max_kv_size = max_kv_size
+        self.kv_options = dict(kv_bits=kv_bits, kv_group_size=kv_group_size)
+        self.prefill_step_size = prefill_step_size
+        self.turns: list[Turn] = []
+        self.reset()
+
+    # -- state ---------------------------------------------------------------
+    def reset(self) -> None:
+        """A new conversation about the same video: no re-encoding."""
+        self.cache = make_prompt_cache(self.model.language_model, max_kv_size=self.max_kv_size)
+        self.prefix_done = False
+        self.turns = []
+
+    @property
+    def offset(self) -> int:
+        """Tokens held in the KV cache."""
+        return self.cache[0].offset if self.cache else 0
+
+    @property
+    def last_turn(self) -> Optional[Turn]:
+        return self.turns[-1] if self.turns else None
+
+    def prefix_tokens(self) -> list:
+        before, _ = chatml.first_turn(self.system_prompt, "")
+        return chatml.encode(self.tokenizer, before)
+
+    def prefix_length(self) -> int:
+        return len(self.prefix_tokens()) + self.visual.embeddings.shape[0]
+
+    # -- prefill -------------------------------------------------------------
+    def prefill_prefix(self, progress=None) -> float:
+        """Prefill system prompt + video into the cache; returns seconds spent."""
+        if self.prefix_done:
+            return 0.0
+        tic = time.perf_counter()
+        ids = self.prefix_tokens()
+        embeds = mx.concatenate([self.model.embed_tokens(ids),
+                                 self.visual.embeddings.astype(self._dtype())])
+        self._check_context(embeds.shape[0])
+        placeholder = mx.zeros((embeds.shape[0],), dtype=mx.int32)
+        try:
+            # max_tokens=0: mlx-lm's chunked prefill with progress, and no token sampled.
+            for _ in generate_step(placeholder, self.model.language_model, max_tokens=0,
+                                   prompt_cache=self.cache, input_embeddings=embeds,
+                                   prefill_step_size=self.prefill_step_size,
+                                   prompt_progress_callback=progress, **self.kv_options):
+                pass
+            mx.eval([c.state for c in self.cache])
+        except BaseException:  # a half-filled cache is useless: start clean next time
+            self.reset()
+            raise
+        self.prefix_done = True
+        return time.perf_counter() - tic
+
+    def _dtype(self):
+        return self.model.language_model.model.norm.weight.dtype
+
+    def _check_context(self, new_tokens: int) -> None:
+        limit = self.model.context_length
+        if self.offset + new_tokens > limit:
+            raise ContextOverflowError(
+                f"the conversation would pass the model's context ({self.offset + new_tokens} "
+                f"> {limit} tokens); start a new conversation (/reset)")
+
+    def question_tokens(self, question: str) -> list:
+        if not self.turns:
+            _, after = chatml.first_turn(self.system_prompt, question)
+            return chatml.encode(self.tokenizer, after)
+        return chatml.encode(self.tokenizer, chatml.next_turn(question))
+
+    # -- a turn --------------------------------------------------------------
+    def ask(self, question: str, *, max_tokens=512, temp=0.0, top_p=1.0, seed=None,
+            progress=None, start_time=None) -> Iterator:
+        """Stream the answer as mlx-lm GenerationResponses; the Turn is in `last_turn`.
+
+        The last response may carry `finish_reason == "stop"`: its text is the end of the
+        answer, its token the end token (not part of the answer).
+        """
+        start = start_time or time.perf_counter()
+        first = not self.turns
+        turn = Turn(question, timings_s=dict.fromkeys(
+            ("frames", "vision", "prefill", "ttft", "generate"), 0.0))
+        timings = turn.timings_s
+        if first:
+            timings["frames"] = self.visual.timings.get("frames", 0.0)
+            timings["vision"] = self.visual.timings.get("vision", 0.0)
+            turn.prompt_tokens += 0 if self.prefix_done else self.prefix_length()
+            timings["prefill"] += self.prefill_prefix(progress)
+        ids = self.question_tokens(question)
+        self._check_context(len(ids))
+        turn.prompt_tokens += len(ids)
+        before = self.offset
+        max_tokens = max(1, min(max_tokens, self.model.context_length - before - len(ids)))
+        if seed is not None:
+            mx.random.seed(seed)
+        self.turns.append(turn)
+        tic = time.perf_counter()
+        try:
+            for r in stream_generate(self.model.language_model, self.tokenizer, mx.array(ids),
+                                     max_tokens=max_tokens, prompt_cache=self.cache,
+                                     sampler=make_sampler(temp, top_p),
+                                     max_kv_size=self.max_kv_size,
+                                     prefill_step_size=self.prefill_step_size, **self.kv_options):
+                if not timings["ttft"]:
+                    now = time.perf_counter()
+                    timings["prefill"] += now - tic
+                    timings["ttft"] = now - start
+                    tic = now
+                turn.text += r.text
+                turn.finish_reason = r.finish_reason
+                if r.finish_reason != "stop":
+                    turn.tokens.append(r.token)
+                    turn.logprobs.append(r.logprobs[r.token].item())
+                yield r
+        finally:
+            timings["generate"] = time.perf_counter() - tic
+            turn.peak_memory_gb = mx.get_peak_memory() / 1e9
+            if turn.tokens:
+                self._rewind(before + len(ids) + len(turn.tokens))
+            else:  # stopped before the first token: as if the question was never asked
+                self._rewind(before)
+                self.turns.pop()
+
+    def _rewind(self, length: int) -> None:
+        """Keep the answer's tokens in the cache, drop what mlx-lm computed past them."""
+        extra = self.offset - length
+        if extra > 0:
+            trim_prompt_cache(self.cache, extra)

@@ -1,0 +1,158 @@
+"""The SF-LLaVA-1.5 model: vision tower, projector and a Qwen2 LLM from mlx-lm."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models import qwen2
+from mlx_lm.utils import load_tokenizer
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .projector import Projector
+from .vision import VisionTower
+
+# What a converted model directory needs from the hub: never pickles, never code.
+MODEL_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.txt", "*.jinja"]
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+class SFLLaVA(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTower(config.vision)
+        self.projector = Projector(config.projector)
+        self.language_model = qwen2.Model(qwen2.ModelArgs.from_dict(config.text_config))
+
+    def embed_tokens(self, ids) -> mx.array:
+        return self.language_model.model.embed_tokens(mx.array(ids, dtype=mx.int32))
+
+    def sanitize(self, weights: dict) -> dict:
+        prefix = "language_model."
+        llm = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        llm = self.language_model.sanitize(llm)
+        rest = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+        return {**rest, **{prefix + k: v for k, v in llm.items()}}
+
+    @property
+    def context_length(self) -> int:
+        return self.config.text_config.get("max_position_embeddings", 32768)
+
+
+def default_dtype() -> mx.Dtype:
+    # MLX's CPU backend has no fast half-precision path (SPEC §4).
+    return mx.float32 if mx.default_device() == mx.cpu else None
+
+
+def resolve_model_path(path_or_repo: str) -> Path:
+    """A local directory, or a hub repo id downloaded (and cached) by huggingface-hub."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
+        raise CheckpointError(f"model not found: {path_or_repo} (no such directory)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_repo, allow_patterns=MODEL_FILES))
+    except Exception as e:  # network, auth, unknown repo: all the user's to fix
+        raise CheckpointError(f"cannot download model {path_or_repo!r}: {e}") from None
+
+
+def load_weights(model_path: Path) -> dict:
+    files = sorted(glob.glob(str(model_path / "model*.safetensors")))
+    if not files:
+        raise CheckpointError(f"no model*.safetensors in {model_path}: not a converted model")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(f))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {f}: {e}") from None
+    return weights
+
+
+def build_model(config: ModelConfig, weights: dict) -> SFLLaVA:
+    model = SFLLaVA(config)
+    weights = model.sanitize(weights)
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            mode=q.get("mode", "affine"),
+            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+        )
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise CheckpointError(f"weights do not match config.json: {e}") from None
+    model.eval()
+    return model
+
+
+def cast_model(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast floating parameters (quantization scales too) to dtype; packed ints stay."""
+    model.update(
+        tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                 model.parameters())
+    )
+
+
+def load(path_or_repo, dtype: Optional[mx.Dtype] = None, lazy: bool = False):
+    """Load a converted model: returns (SFLLaVA, mlx-lm TokenizerWrapper)."""
+    model_path = resolve_model_path(str(path_or_repo))
+    try:
+        config = ModelConfig.load(model_path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{model_path} has no config.json: not a converted model") from None
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{model_path}/config.json is not an sfllava model config: {e}") from None
+    model = build_model(config, load_weights(model_path))
+    dtype = dtype or default_dtype()
+    if dtype is not None:
+        cast_model(model, dtype)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.path = model_path
+    tokenizer = quiet_load_tokenizer(model_path)
+    for tok in END_TOKENS:
+        if tok in tokenizer.get_vocab():
+            tokenizer.add_eos_token(tok)
+    return model, tokenizer
+
+
+def quiet_load_tokenizer(model_path: Path):
+    # transformers warns that model_type "sfllava" is unknown to it: true and harmless.
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return load_tokenizer(model_path)
+    finally:
+        logging.set_verbosity(level)
+
+
+def model_identity(model: SFLLaVA) -> str:
+    """A short stable id of the weights' files, for cache keys (size + mtime of each file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(model.path).glob("*")):
+        if f.is_file() and (f.suffix in (".safetensors", ".json")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -1,0 +1,36 @@
+"""The ChatML prompt around the video (SPEC §2.7).
+
+`<image>` is not a vocabulary token: the text before and after it is tokenized on its
+own and the visual embeddings are spliced in between. The user's question is always
+text, even if it contains "<image>".
+"""
+
+from dataclasses import dataclass
+
+
+def first_turn(system_prompt: str, question: str) -> tuple[str, str]:
+    """The text before and after the video placeholder of the first turn."""
+    before = f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n"
+    after = f"\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    return before, after
+
+
+def next_turn(question: str) -> str:
+    """Appended after the previous answer's tokens (its end token excluded)."""
+    return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # No BOS for Qwen; special-token text like <|im_start|> maps to its id.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+@dataclass
+class PromptPieces:
+    prefix: list  # tokens before the video: cached with it
+    suffix: list  # tokens after the video: the question and the assistant header
+
+
+def first_turn_tokens(tokenizer, system_prompt: str, question: str) -> PromptPieces:
+    before, after = first_turn(system_prompt, question)
+    return PromptPieces(encode(tokenizer, before), encode(tokenizer, after))
