@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, stream_generate
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from . import prompt as chatml
@@ -140,10 +140,20 @@ class Conversation:
 
     # -- state ---------------------------------------------------------------
     def reset(self) -> None:
-        """A new conversation about the same video: no re-encoding."""
+        """A new conversation about the same video: no re-encoding, and the prefilled
+        video stays in the cache when it can be trimmed back to it."""
+        self.turns = []
+        if getattr(self, "prefix_done", False) and can_trim_prompt_cache(self.cache):
+            self._rewind(self.prefix_length())
+            return
         self.cache = make_prompt_cache(self.model.language_model, max_kv_size=self.max_kv_size)
         self.prefix_done = False
+
+    def restore_prefix(self, cache: list) -> None:
+        """Start from a saved KV cache of the prefix (system prompt + video)."""
         self.turns = []
+        self.cache = cache
+        self.prefix_done = True
 
     @property
     def offset(self) -> int:
@@ -181,7 +191,7 @@ class Conversation:
                 pass
             mx.eval([c.state for c in self.cache])
         except BaseException:  # a half-filled cache is useless: start clean next time
-            self.reset()
+            self.cache = make_prompt_cache(self.model.language_model, max_kv_size=self.max_kv_size)
             raise
         self.prefix_done = True
         return time.perf_counter() - tic
@@ -211,14 +221,13 @@ class Conversation:
         answer, its token the end token (not part of the answer).
         """
         start = start_time or time.perf_counter()
-        first = not self.turns
         turn = Turn(question, timings_s=dict.fromkeys(
             ("frames", "vision", "prefill", "ttft", "generate"), 0.0))
         timings = turn.timings_s
-        if first:
+        if not self.prefix_done:  # the video's own work is reported once, with its prefill
             timings["frames"] = self.visual.timings.get("frames", 0.0)
             timings["vision"] = self.visual.timings.get("vision", 0.0)
-            turn.prompt_tokens += 0 if self.prefix_done else self.prefix_length()
+            turn.prompt_tokens += self.prefix_length()
             timings["prefill"] += self.prefill_prefix(progress)
         ids = self.question_tokens(question)
         self._check_context(len(ids))
