@@ -258,9 +258,9 @@ class Conversation:
         finally:
             timings["generate"] = time.perf_counter() - tic
             turn.peak_memory_gb = mx.get_peak_memory() / 1e9
-            if turn.tokens:
+            if turn.tokens or turn.finish_reason:
                 self._rewind(before + len(ids) + len(turn.tokens))
-            else:  # stopped before the first token: as if the question was never asked
+            else:  # interrupted before the first token: as if the question was never asked
                 self._rewind(before)
                 self.turns.pop()
 
