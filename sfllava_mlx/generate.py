@@ -95,20 +95,29 @@ def encode_frames(model, frames, *, vision=None, batch_size=VISION_BATCH,
     return tokens
 
 
-def encode_video(model, clip: "SampledFrames", *, vision=None, batch_size=VISION_BATCH,
+def encode_video(model, clip, *, vision=None, batch_size=VISION_BATCH,
                  progress=None) -> VisualTokens:
-    """Sampled frames -> VisualTokens. `vision` swaps the tower (e.g. a Core ML backend)."""
-    timings = dict(clip_timings(clip))
-    tokens = encode_frames(model, clip.images, vision=vision, batch_size=batch_size,
+    """Sampled frames -> VisualTokens. `vision` swaps the tower (e.g. a Core ML backend).
+
+    `clip` is a SampledFrames (frames in memory) or a `frames.FrameReader`, whose frames
+    decode on a worker thread while the tower encodes the ones already there.
+    """
+    timings = {"frames": float(getattr(clip, "timings", {}).get("frames", 0.0)), "vision": 0.0}
+    streaming = not hasattr(clip, "images")
+    images = (image for _, image in clip) if streaming else clip.images
+    tokens = encode_frames(model, images, vision=vision, batch_size=batch_size,
                            progress=progress, timings=timings)
     expected = num_visual_tokens(model.config.vision.grid, model.config.sampling)
     assert tokens.shape[0] == expected, (tokens.shape, expected)
-    return VisualTokens(tokens, clip, timings)
+    return VisualTokens(tokens, frames_of(clip) if streaming else clip, timings)
 
 
-def clip_timings(clip) -> dict:
-    t = getattr(clip, "timings", None) or {}
-    return {"frames": float(t.get("frames", 0.0)), "vision": 0.0}
+def frames_of(reader) -> "SampledFrames":
+    """What a FrameReader sampled (without the images, which were not kept)."""
+    from .frames import SampledFrames
+
+    return SampledFrames([], list(reader.indices), list(reader.timestamps),
+                         list(reader.streams), reader.exact, list(reader.replaced), reader.info)
 
 
 @dataclass
