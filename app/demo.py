@@ -41,7 +41,7 @@ def main() -> int:
     source, model = DEMO_DIR / "tiny-source", DEMO_DIR / "tiny-mlx"
     shutil.rmtree(source, ignore_errors=True)
     print("1. a tiny SF-LLaVA-1.5-shaped checkpoint with random weights ->", source)
-    write_source_checkpoint(source, layout="oryx-vit", image_size=64, patch_size=8, seed=0)
+    write_source_checkpoint(source, layout="oryx-vit", image_size=64, patch_size=8, seed=3)
     print("2. sfllava convert ->", model)
     status = sfllava(["convert", "--hf-path", str(source), "--mlx-path", str(model), "--force"])
     if status:
