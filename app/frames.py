@@ -1,0 +1,210 @@
+"""`sfllava frames`: show (and save) the frames the model will see (SPEC §4).
+
+    sfllava frames VIDEO [--model DIR] [--num-frames 128] [--seek exact|keyframe] [--out DIR] [--json]
+
+A table of the sample positions (frame index, timestamp, slow or fast stream); `--out` writes
+each sampled frame as a lossless PNG at the video's own resolution, upright (`NNN.png`, in
+position order), and `contact.png`, a labelled sheet of all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sfllava_mlx.config import SamplingConfig
+from sfllava_mlx.errors import CheckpointError, UserError
+
+THUMB_WIDTH = 192  # contact sheet: pixels per thumbnail
+SLOW_COLOUR = (255, 140, 0)  # RGB border of slow-stream frames on the contact sheet
+
+
+def add_arguments(p) -> None:
+    p.add_argument("video", metavar="FILE", help="the video file")
+    p.add_argument("--model", default=None,
+                   help="converted model directory: use its sampling settings (default: SPEC §2's)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="sample positions (default: the model's, 128)")
+    p.add_argument("--seek", choices=["exact", "keyframe"], default="exact",
+                   help="exact frames (default) or the keyframe at or before each position")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write NNN.png per position and contact.png into DIR")
+    p.add_argument("--json", action="store_true", help="print JSON (stdout carries only JSON)")
+
+
+def main(args) -> int:
+    from sfllava_mlx.frames import read_frames
+
+    sampling = sampling_config(args.model)
+    if args.num_frames is not None:
+        if args.num_frames < 1:
+            raise UserError(f"--num-frames must be at least 1, not {args.num_frames}")
+        sampling.num_frames = args.num_frames
+    tic = time.perf_counter()
+    clip = read_frames(args.video, num_frames=sampling.num_frames,
+                       slow_every=sampling.slow_every, seek=args.seek)
+    elapsed = time.perf_counter() - tic
+    if args.out:
+        write_frames(clip, Path(args.out))
+    if args.json:
+        print(json.dumps({
+            "frames": [{"index": i, "timestamp": round(t, 6), "stream": s}
+                       for i, t, s in zip(clip.indices, clip.timestamps, clip.streams)],
+            "exact": clip.exact,
+            "timings_s": {"frames": round(elapsed, 6)},
+        }))
+        report_notes(clip, stream=sys.stderr)
+    else:
+        print_table(clip, elapsed, args.out)
+    return 0
+
+
+def sampling_config(model) -> SamplingConfig:
+    """The model's sampling settings, or SPEC §2's defaults without --model."""
+    if model is None:
+        return SamplingConfig()
+    from sfllava_mlx.config import ModelConfig
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        from sfllava_mlx.model import resolve_model_path  # hub ids (imports MLX)
+
+        path = resolve_model_path(model)
+    try:
+        return ModelConfig.load(path).sampling
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no config.json: not a converted model directory") from None
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}/config.json cannot be used: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def describe(info) -> str:
+    rotated = f", rotated {info.rotation}°" if info.rotation else ""
+    return (f"{Path(info.path).name}: {info.width}x{info.height}{rotated}, {info.codec}, "
+            f"{info.num_frames} frames, {info.fps:.3f} fps, {info.duration:.2f} s")
+
+
+def clock(seconds: float) -> str:
+    m, s = divmod(max(seconds, 0.0), 60)
+    h, m = divmod(int(m), 60)
+    return f"{h}:{m:02d}:{s:06.3f}" if h else f"{m:02d}:{s:06.3f}"
+
+
+def report_notes(clip, stream) -> None:
+    """Approximate sampling, replaced frames, a damaged file: one line each."""
+    if not clip.exact:
+        print("note: approximate sampling (--seek keyframe): each position shows the keyframe "
+              "at or before it", file=stream)
+    if clip.replaced:
+        pairs = ", ".join(f"{a}->{b}" for a, b in clip.replaced)
+        print(f"note: frames that failed to decode were replaced by their nearest neighbour: "
+              f"{pairs}", file=stream)
+    for note in clip.info.notes:
+        print(f"note: {note}", file=stream)
+
+
+def print_table(clip, elapsed: float, out) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(describe(clip.info), highlight=False)
+    table = Table()
+    for name in ("position", "index", "timestamp", "time", "stream"):
+        table.add_column(name, justify="left" if name == "stream" else "right")
+    for pos, (i, t, s) in enumerate(zip(clip.indices, clip.timestamps, clip.streams)):
+        style = "bold" if s == "slow" else None
+        table.add_row(str(pos), str(i), f"{t:.3f}", clock(t), s, style=style)
+    console.print(table)
+    mode = "exact frames" if clip.exact else "APPROXIMATE: keyframe at or before each position"
+    slow = clip.streams.count("slow")
+    console.print(f"{len(clip.indices)} positions ({slow} slow, {len(clip.indices) - slow} fast), "
+                  f"{len(set(clip.indices))} distinct frames, {mode}; read in {elapsed:.2f} s",
+                  highlight=False)
+    report_notes(clip, stream=sys.stdout)
+    if out:
+        console.print(f"wrote {len(clip.images)} frames and contact.png to {out}", highlight=False)
+
+
+def write_frames(clip, out: Path) -> None:
+    """NNN.png per position (lossless, the video's own resolution) and contact.png.
+
+    Written into a temporary folder beside the target, then moved in: an interrupted run
+    leaves no half-written image.
+    """
+    import cv2
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    digits = max(3, len(str(len(clip.images) - 1)))
+    tmp = Path(tempfile.mkdtemp(prefix=".frames-", dir=out))
+    try:
+        names = []
+        for pos, image in enumerate(clip.images):
+            name = f"{pos:0{digits}d}.png"
+            _imwrite(cv2, tmp / name, image)
+            names.append(name)
+        _imwrite(cv2, tmp / "contact.png", contact_sheet(clip))
+        for name in names + ["contact.png"]:
+            os.replace(tmp / name, out / name)
+    except OSError as e:
+        raise UserError(f"cannot write frames to {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _imwrite(cv2, path: Path, rgb: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"OpenCV could not write {path}")
+
+
+def contact_sheet(clip, thumb_width: int = THUMB_WIDTH) -> np.ndarray:
+    """All sampled frames in a grid, each labelled with position, index, time and stream."""
+    import cv2
+
+    h0, w0 = clip.images[0].shape[:2]
+    tw = min(thumb_width, w0)
+    th = max(1, round(h0 * tw / w0))
+    label_h, pad = 18, 4
+    cols = max(1, min(len(clip.images), math.ceil(math.sqrt(len(clip.images) * 16 / 9 * th / tw))))
+    rows = math.ceil(len(clip.images) / cols)
+    cell_w, cell_h = tw + 2 * pad, th + label_h + 2 * pad
+    sheet = np.full((rows * cell_h, cols * cell_w, 3), 24, np.uint8)
+    for pos, (image, i, t, s) in enumerate(zip(clip.images, clip.indices, clip.timestamps,
+                                               clip.streams)):
+        r, c = divmod(pos, cols)
+        y, x = r * cell_h + pad, c * cell_w + pad
+        if s == "slow":
+            sheet[y - pad:y + th + label_h + pad, x - pad:x + tw + pad] = SLOW_COLOUR
+        thumb = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA)
+        sheet[y:y + th, x:x + tw] = thumb
+        sheet[y + th:y + th + label_h, x:x + tw] = 0
+        text = f"{pos} #{i} {clock(t)}{'' if clip.exact else ' ~'}"
+        cv2.putText(sheet, text, (x + 2, y + th + label_h - 5), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.38, (255, 255, 255), 1, cv2.LINE_AA)
+    return sheet
+
+
+if __name__ == "__main__":  # python -m app.frames VIDEO ... (the same as `sfllava frames`)
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="sfllava frames")
+    add_arguments(parser)
+    try:
+        sys.exit(main(parser.parse_args()))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

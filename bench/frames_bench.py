@@ -1,0 +1,171 @@
+"""Frame sampling benchmark (issue 4): the sampler against the two simple ways, side by side.
+
+    python bench/frames_bench.py [--dir DIR] [--repeats 2] [--num-frames 128] [--only long|short]
+
+Makes with ffmpeg (once, kept in DIR) a 20-minute 640x360 and a 2-minute 1280x720 H.264 file,
+25 fps, a keyframe every 10 s, and reads the SPEC §2.1 frames of each with:
+- the sampler, exact mode (sfllava_mlx.frames.read_frames)
+- the sampler, keyframe mode (seek="keyframe")
+- OpenCV, one CAP_PROP_POS_FRAMES seek + read per frame (what mlx-vlm does)
+- OpenCV, one sequential pass: grab() every frame, retrieve() the wanted ones
+It reports wall time and process CPU time (best of the repeats, methods interleaved so that
+load from other processes touches all alike), frames decoded, and how many of the returned
+frames equal the exact ones (the sequential pass, which counts every frame, is the reference).
+The decode floor is the number of frames that must be decoded for exact frames: the union,
+over wanted frames, of the frames from the keyframe before each to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from sfllava_mlx import frames as F
+
+FILES = {
+    "long": dict(name="long-640x360-20min.mp4", size="640x360", seconds=1200),
+    "short": dict(name="short-1280x720-2min.mp4", size="1280x720", seconds=120),
+}
+FPS, GOP = 25, 250  # a keyframe every 10 s
+
+
+def make_file(path: Path, size: str, seconds: int) -> None:
+    if path.exists():
+        return
+    print(f"making {path} ...", flush=True)
+    tmp = path.with_name("partial-" + path.name)
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    f"testsrc2=size={size}:rate={FPS}", "-t", str(seconds), "-c:v", "libx264",
+                    "-preset", "ultrafast", "-g", str(GOP), "-keyint_min", str(GOP),
+                    "-sc_threshold", "0", "-pix_fmt", "yuv420p", str(tmp)], check=True)
+    tmp.rename(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The four methods: each returns ({frame index: RGB image}, frames decoded, note)
+
+
+def sampler(path, wanted, seek):
+    with F.iter_frames(path, num_frames=len(wanted), seek=seek) as reader:
+        images = {reader.indices[p]: image for p, image in reader}
+    return images, reader.decoded, f"{reader.seeks} seeks", list(reader.indices)
+
+
+def opencv_seek(path, wanted, keyframes):
+    cap = cv2.VideoCapture(str(path))
+    images = {}
+    for i in sorted(set(wanted)):
+        cap.set(cv2.CAP_PROP_POS_FRAMES, i)
+        ok, bgr = cap.read()
+        if ok:
+            images[i] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    cap.release()
+    # OpenCV decodes from the keyframe before each frame to it (model, not a counter).
+    decoded = sum(i - max(k for k in keyframes if k <= i) + 1 for i in set(wanted))
+    return images, decoded, "decoded: model", list(wanted)
+
+
+def opencv_sequential(path, wanted):
+    cap = cv2.VideoCapture(str(path))
+    targets, images, i = set(wanted), {}, 0
+    while cap.grab():
+        if i in targets:
+            ok, bgr = cap.retrieve()
+            images[i] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        i += 1
+    cap.release()
+    return images, i, "", list(wanted)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_file(path: Path, num_frames: int, repeats: int) -> dict:
+    info = F.probe(path)
+    video = F._Video(path)
+    keyframes = video.index.keyframes
+    container = video.take_container()
+    if container is not None:
+        container.close()
+    wanted = F.sample_positions(info.num_frames, num_frames)
+    floor = len(set().union(*(range(keyframes[video.index.keyframe_before(i)], i + 1)
+                              for i in wanted)))
+    methods = {
+        "sampler, exact": lambda: sampler(path, wanted, "exact"),
+        "sampler, keyframe": lambda: sampler(path, wanted, "keyframe"),
+        "OpenCV seek per frame": lambda: opencv_seek(path, wanted, keyframes),
+        "OpenCV sequential pass": lambda: opencv_sequential(path, wanted),
+    }
+    results = {name: {"wall_s": [], "cpu_s": []} for name in methods}
+    reference = None
+    for rep in range(repeats):
+        for name, run in methods.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            images, decoded, note, taken = run()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            r = results[name]
+            r["wall_s"].append(wall)
+            r["cpu_s"].append(cpu)
+            r.update(decoded=decoded, note=note, images=images, taken=taken)
+            print(f"  {path.name} rep {rep} {name}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+        reference = results["OpenCV sequential pass"]["images"]
+    for name, r in results.items():
+        images, taken = r.pop("images"), r.pop("taken")  # taken: frame index per position
+        exact = sum(t == i and t in images and np.array_equal(images[t], reference[i])
+                    for t, i in zip(taken, wanted))
+        r["exact"] = f"{exact}/{len(wanted)}"
+        r["best_wall_s"], r["best_cpu_s"] = min(r["wall_s"]), min(r["cpu_s"])
+    return {"file": path.name, "frames": info.num_frames, "size": f"{info.width}x{info.height}",
+            "keyframes": len(keyframes), "positions": num_frames,
+            "distinct": len(set(wanted)), "floor": floor, "methods": results}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"**{report['file']}**: {report['frames']} frames, {report['size']}, "
+             f"{report['keyframes']} keyframes; {report['distinct']} distinct wanted frames; "
+             f"decode floor {report['floor']} frames", "",
+             "| method | wall s | CPU s | vs seek per frame (wall) | frames decoded | exact positions |",
+             "|---|---|---|---|---|---|"]
+    base = report["methods"]["OpenCV seek per frame"]["best_wall_s"]
+    for name, r in report["methods"].items():
+        decoded = f"{r['decoded']}" + (f" ({r['note']})" if r["note"] else "")
+        lines.append(f"| {name} | {r['best_wall_s']:.2f} | {r['best_cpu_s']:.2f} | "
+                     f"{base / r['best_wall_s']:.1f}x | {decoded} | {r['exact']} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", default="/tmp/sfllava-frames-bench", help="where the files are kept")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--num-frames", type=int, default=128)
+    ap.add_argument("--only", choices=list(FILES), default=None)
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args()
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for key, spec in FILES.items():
+        if args.only and key != args.only:
+            continue
+        path = folder / spec["name"]
+        make_file(path, spec["size"], spec["seconds"])
+        path.read_bytes()  # into the page cache: every method reads a warm file
+        reports.append(bench_file(path, args.num_frames, args.repeats))
+    print(f"\nmachine: {platform.system()} {platform.machine()}, {__import__('os').cpu_count()} cores; "
+          f"OpenCV {cv2.__version__}, PyAV {__import__('av').__version__}; best of {args.repeats}\n")
+    for r in reports:
+        print(markdown(r) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,628 @@
+"""Frame source: the exact frames of SPEC §2.1, with their timestamps, decoded on a worker thread.
+
+    from sfllava_mlx.frames import read_frames, iter_frames, probe
+
+    clip = read_frames("trip.mp4", num_frames=128, slow_every=4, seek="exact")  # SampledFrames
+
+    with iter_frames("trip.mp4") as reader:        # FrameReader: opens, then decodes on a thread
+        reader.info, reader.indices, reader.timestamps, reader.streams, reader.exact  # known now
+        for position, image in reader:             # position order; decoding runs ahead
+            ...                                    # (H, W, 3) uint8 RGB, upright, read-only
+        reader.replaced                            # complete once the loop ends
+
+Positions i = 0..T-1 take frame `floor((i + 0.5) * N / T)`, N being the frames the stream
+holds in presentation order (not the container's frame count or fps, which may lie). An entry
+of `indices` or `timestamps` can change only for a frame that fails to decode (it is replaced
+by its nearest decodable neighbour, listed in `replaced`), and is final once its position has
+been yielded. Positions that share a frame share one read-only array.
+
+How frames are found. OpenCV's `CAP_PROP_POS_FRAMES` seek maps a frame number to a time with
+the nominal fps (wrong for variable frame rate) and cannot name keyframes, so this module uses
+PyAV, the same FFmpeg underneath:
+- an index of every frame's presentation timestamp and of the keyframes. For MP4/MOV without
+  frame reordering it is the container's sample table (free, no file read); otherwise one
+  pass over the packets (reads the file, decodes nothing).
+- exact mode walks the wanted frames in order and, for each, either keeps decoding forward or
+  seeks to the keyframe at or before it, whichever decodes fewer frames (a seek counts as
+  `SEEK_COST_FRAMES` frames more). That is never worse than one sequential pass nor than one
+  seek per frame, and equals the decode floor (frames from each wanted frame's keyframe to it)
+  up to the seeks' overhead. Frames are identified by their timestamps, not by counting, so
+  variable frame rate and B-frame reordering stay exact. Skipped frames are decoded but never
+  colour-converted (what OpenCV's `grab()` saves).
+- keyframe mode (`seek="keyframe"`) takes, for each position, the keyframe at or before it,
+  decoding keyframes only: fast and approximate; indices and timestamps reported are the
+  keyframes' own.
+- containers without timestamps fall back to one sequential pass that counts frames.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import av
+import numpy as np
+
+from sfllava_mlx.errors import VideoError
+
+SEEK_MODES = ("exact", "keyframe")
+# A seek (demuxer reposition + decoder flush and refill) costs about as much as decoding this
+# many frames; measured in bench/frames_bench.py.
+SEEK_COST_FRAMES = 8
+PREFETCH = 8  # decoded frames waiting for the consumer (bounds memory)
+_MOV_FAMILY = {"mov", "mp4", "m4a", "3gp", "3g2", "mj2"}
+_AVINDEX_KEYFRAME, _AVINDEX_DISCARD_FRAME = 0x1, 0x2  # libavformat's AVIndexEntry flags
+_DONE = object()
+
+
+@dataclass
+class VideoInfo:
+    path: str
+    width: int  # upright (after rotation)
+    height: int
+    fps: float  # average over the stream's timestamps (the container's rate is not trusted)
+    num_frames: int  # N: frames the stream holds, in presentation order
+    duration: float  # seconds
+    rotation: int  # degrees counter-clockwise applied to make frames upright
+    codec: str
+    notes: list = field(default_factory=list)  # e.g. a file that ends early
+
+
+@dataclass
+class SampledFrames:
+    images: list  # np.ndarray uint8 (H, W, 3) RGB, upright, one per position, position order
+    indices: list  # frame index taken per position (the keyframe's in keyframe mode)
+    timestamps: list  # seconds, presentation time of that frame
+    streams: list  # "slow" | "fast" per position
+    exact: bool  # False in keyframe mode
+    replaced: list  # (wanted_index, used_index) for frames that failed to decode
+    info: VideoInfo
+
+
+def sample_positions(n_frames: int, num_frames: int = 128) -> list[int]:
+    """SPEC §2.1: position i takes frame floor((i + 0.5) * N / T), in integers."""
+    if n_frames < 1 or num_frames < 1:
+        raise ValueError("need at least one frame and one position")
+    return [(2 * i + 1) * n_frames // (2 * num_frames) for i in range(num_frames)]
+
+
+def stream_names(num_frames: int, slow_every: int = 4) -> list[str]:
+    return ["slow" if i % slow_every == 0 else "fast" for i in range(num_frames)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening a file and indexing its frames
+
+
+def _open_container(path: Path):
+    """av.open with every failure turned into one clear line."""
+    if not path.exists():
+        raise VideoError(f"{path}: no such file")
+    if path.is_dir():
+        raise VideoError(f"{path} is a directory, not a video file")
+    size = path.stat().st_size
+    if size == 0:
+        raise VideoError(f"{path} is empty (0 bytes)")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
+        if _is_growing(path, size):
+            raise VideoError(f"{path} is still being written; try again once it is complete") from None
+        if _looks_like_mp4(path):
+            raise VideoError(f"{path} is an incomplete MP4/MOV (its index is missing): "
+                             "truncated, or still being copied") from None
+        reason = getattr(e, "strerror", None) or str(e)
+        raise VideoError(f"{path} is not a video FFmpeg can read ({reason})") from None
+    if not container.streams.video:
+        kind = " (audio only)" if container.streams.audio else ""
+        container.close()
+        raise VideoError(f"{path} has no video stream{kind}")
+    return container
+
+
+def _is_growing(path: Path, size: int, wait: float = 0.3) -> bool:
+    time.sleep(wait)
+    return path.exists() and path.stat().st_size != size
+
+
+def _looks_like_mp4(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return head[4:8] in (b"ftyp", b"mdat", b"moov", b"wide", b"free")
+
+
+@dataclass
+class _Index:
+    """Every frame of the stream in presentation order."""
+
+    pts: Optional[list]  # per frame, ascending; None: the container has no timestamps
+    keyframes: list  # presentation indices of keyframes, ascending, starting with 0
+    seek_ts: list  # per keyframe, the stream timestamp that seeks to it
+    time_base: Fraction
+    origin: float  # seconds subtracted from every timestamp (the container's start)
+    fps: float
+    truncated: int = 0  # frames the container lists but the file does not hold
+    count: int = 0  # frames, where there are no timestamps
+    read_packets: bool = False  # built by reading the file (the container is at its end)
+
+    @property
+    def n(self) -> int:
+        return len(self.pts) if self.pts is not None else self.count
+
+    def keyframe_before(self, i: int) -> int:
+        """Position in `keyframes` of the last keyframe at or before frame i."""
+        return max(bisect.bisect_right(self.keyframes, i) - 1, 0)
+
+    def timestamp(self, i: int) -> float:
+        if self.pts is None:
+            return i / self.fps if self.fps else 0.0
+        return float(self.pts[i] * self.time_base) - self.origin
+
+
+def _nominal_fps(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 0.0
+
+
+def _build_index(container, stream, path: Path, read_packets: bool = False) -> _Index:
+    tb = stream.time_base or Fraction(1, 1)
+    origin = container.start_time / 1e6 if container.start_time is not None else 0.0
+    rows = None if read_packets else _rows_from_sample_table(container, stream, path)
+    truncated, read_packets = 0, rows is None
+    if rows is not None:
+        rows, truncated = rows
+    else:
+        rows = _rows_from_packets(container, stream)
+    if not rows:
+        raise VideoError(f"{path} holds no video frames")
+    pts = [r[0] for r in rows]
+    if any(p is None for p in pts) or len(set(pts)) != len(pts):
+        # No usable timestamps: frames are counted in decode order by one sequential pass.
+        return _Index(None, [0], [None], tb, origin, _nominal_fps(stream), truncated,
+                      count=len(rows), read_packets=read_packets)
+    order = sorted(range(len(rows)), key=pts.__getitem__)
+    pts = [pts[j] for j in order]
+    keyframes, seek_ts = [], []
+    for i, j in enumerate(order):
+        if rows[j][1]:
+            keyframes.append(i)
+            seek_ts.append(pts[i])
+    if not keyframes or keyframes[0] != 0:  # the stream does not open on a keyframe
+        keyframes.insert(0, 0)
+        seek_ts.insert(0, pts[0])
+    span = float((pts[-1] - pts[0]) * tb)
+    fps = (len(pts) - 1) / span if len(pts) > 1 and span > 0 else _nominal_fps(stream)
+    return _Index(pts, keyframes, seek_ts, tb, origin, fps, truncated, read_packets=read_packets)
+
+
+def _rows_from_sample_table(container, stream, path: Path):
+    """(pts, is_keyframe) per frame from an MP4/MOV sample table, or None where it cannot serve.
+
+    Only without frame reordering, where decode order is presentation order and a sample's
+    timestamp is the frame's presentation time; the file's size tells which samples it holds.
+    """
+    if not _MOV_FAMILY & set(container.format.name.split(",")):
+        return None
+    if stream.codec_context.has_b_frames:
+        return None
+    entries = stream.index_entries
+    if entries is None or len(entries) == 0:
+        return None
+    n = len(entries)
+    size = path.stat().st_size
+    tail = entries[n - 1]
+    if tail.pos + tail.size > size:  # the file ends early (still being copied, or cut)
+        n = next(k for k, e in enumerate(entries) if e.pos + e.size > size)
+    rows = [(e.timestamp, e.flags) for e in entries[:n]]  # two fields: this runs per frame
+    rows = [(ts, bool(flags & _AVINDEX_KEYFRAME)) for ts, flags in rows
+            if not flags & _AVINDEX_DISCARD_FRAME]
+    if any(a[0] >= b[0] for a, b in zip(rows, rows[1:])):
+        return None  # not in presentation order after all
+    return rows, len(entries) - n
+
+
+def _rows_from_packets(container, stream):
+    """(pts, is_keyframe) per packet of the stream, in decode order: one read of the file."""
+    rows = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_discard:
+                continue
+            rows.append((packet.pts, bool(packet.is_keyframe)))
+    except (av.error.FFmpegError, OSError):
+        pass  # damaged or truncated tail: keep the frames read so far
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+class _IndexMismatch(Exception):
+    """The first decoded frame's timestamp is not in the index built from the sample table."""
+
+
+class _Decoder:
+    """Decodes one stream forward, seeking to keyframes when that is cheaper."""
+
+    def __init__(self, video: "_Video", keyframes_only: bool):
+        self.path, self.index = video.path, video.index
+        self.keyframes_only = keyframes_only
+        self.decoded = 0  # frames out of the decoder
+        self.seeks = 0
+        self._known = False  # a frame was found in the index
+        self._pts_to_index = {p: i for i, p in enumerate(self.index.pts)} if self.index.pts else None
+        self._open(video.take_container())
+
+    def _open(self, container=None):
+        self.container = container or _open_container(self.path)
+        self.stream = self.container.streams.video[0]
+        cc = self.stream.codec_context
+        # Frame threads decode long runs fastest; keyframe-only decoding gains nothing from them.
+        self.stream.thread_type = "SLICE" if self.keyframes_only else "FRAME"
+        if self.keyframes_only:
+            cc.skip_frame = "NONKEY"
+        self._restart_stream()
+        self.pos = -1  # presentation index of the last frame taken (-1: at the file's start)
+
+    def close(self):
+        self.container.close()
+
+    def _restart_stream(self):
+        self._frames = self._decode_packets()
+        self._peeked = None
+        self._count = 0  # frames out since the file's start (sequential counting)
+
+    def _decode_packets(self) -> Iterator:
+        try:
+            for packet in self.container.demux(self.stream):
+                try:
+                    frames = packet.decode()
+                except (av.error.FFmpegError, ValueError):
+                    continue  # this frame fails to decode: replaced later by a neighbour
+                for frame in frames:
+                    self.decoded += 1
+                    yield frame
+        except (av.error.FFmpegError, OSError):
+            return  # damaged or truncated tail: the stream ends here
+
+    def _frame_index(self, frame) -> Optional[int]:
+        if self._pts_to_index is None:
+            i = self._count
+            self._count += 1
+            return i
+        return self._pts_to_index.get(frame.pts)
+
+    def peek(self):
+        """(index, frame) of the next frame out of the decoder, or None at the end."""
+        while self._peeked is None:
+            frame = next(self._frames, None)
+            if frame is None:
+                return None
+            i = self._frame_index(frame)
+            if i is not None:
+                self._peeked = (i, frame)
+                self._known = True
+            elif not self._known and self.index.read_packets is False:
+                raise _IndexMismatch()  # decoded timestamps are not the sample table's
+        return self._peeked
+
+    def take(self):
+        item = self.peek()
+        self._peeked = None
+        if item is not None:
+            self.pos = item[0]
+        return item
+
+    def seek(self, k: int):
+        """Reposition at keyframe number k of the index (0: the file's start)."""
+        self.seeks += 1
+        if k == 0 or self.index.pts is None:
+            self.container.close()
+            self._open()  # the start of the stream, whatever its first timestamps
+            return
+        self.container.seek(self.index.seek_ts[k], stream=self.stream, backward=True)
+        self._restart_stream()
+        self.pos = self.index.keyframes[k] - 1
+
+    def goto(self, t: int, seek_cost: int = SEEK_COST_FRAMES):
+        """Prepare to take frame t: keep decoding, or seek to a keyframe at or before it.
+
+        Decoding on costs t - pos frames, seeking t - keyframe + 1 + seek_cost. Keyframes-only
+        decoding always seeks: reading the packets between two keyframes costs more than that.
+        """
+        if self.index.pts is None:  # counting: only forward from the start
+            if self.pos >= t:
+                self.seek(0)
+            return
+        keyframes = self.index.keyframes
+        k = self.index.keyframe_before(t)
+        if self.pos < t:
+            if self.keyframes_only:
+                if self.pos == keyframes[k] - 1:  # already just before it (the file's start)
+                    return
+            elif self.pos >= keyframes[k] - 1 - seek_cost:
+                return
+        self.seek(k)
+        # The demuxer may land after the keyframe asked for: step back until it does not.
+        while k > 0 and (item := self.peek()) is not None and item[0] > t:
+            k -= 1
+            self.seek(k)
+
+    def advance_to(self, t: int):
+        """The decoded frame t, or None when it fails to decode (the next frame is kept)."""
+        while (item := self.peek()) is not None:
+            if item[0] > t:
+                return None
+            self.take()
+            if item[0] == t:
+                return item[1]
+        return None
+
+
+def _to_rgb(frame, rotation: int) -> np.ndarray:
+    image = frame.to_ndarray(format="rgb24")
+    if rotation:
+        image = np.ascontiguousarray(np.rot90(image, rotation // 90))
+    image.flags.writeable = False
+    return image
+
+
+class _Video:
+    """A file opened and indexed: what `probe` reports and what a FrameReader decodes."""
+
+    def __init__(self, path, read_packets: bool = False):
+        self.path = Path(path)
+        container = _open_container(self.path)
+        try:
+            size = self.path.stat().st_size
+            stream = container.streams.video[0]
+            self.index = _build_index(container, stream, self.path, read_packets)
+            self.codec = stream.codec_context.name
+            if self.path.stat().st_size != size:
+                raise VideoError(f"{self.path} is still being written; try again once it is complete")
+        except BaseException:
+            container.close()
+            raise
+        self._container = container
+
+    def take_container(self):
+        """The open container, if it still stands at the file's start (else None)."""
+        container, self._container = self._container, None
+        if container is not None and self.index.read_packets:
+            container.close()
+            return None
+        return container
+
+    def info(self, first_frame) -> VideoInfo:
+        rotation = int(getattr(first_frame, "rotation", 0) or 0) % 360
+        rotation -= rotation % 90
+        w, h = first_frame.width, first_frame.height
+        if rotation in (90, 270):
+            w, h = h, w
+        ix = self.index
+        n = ix.n
+        span = ix.timestamp(n - 1) - ix.timestamp(0)
+        duration = span + (1 / ix.fps if ix.fps else 0.0)
+        notes = []
+        if ix.truncated:
+            notes.append(f"the file ends early: {ix.truncated} listed frames are missing")
+        return VideoInfo(str(self.path), w, h, round(ix.fps, 6), n, duration, rotation, self.codec, notes)
+
+
+def probe(path) -> VideoInfo:
+    """What the video holds (size upright, frame count, fps, duration, rotation, codec)."""
+    video, decoder, first = _open_video(path, keyframes_only=False)
+    decoder.close()
+    return video.info(first)
+
+
+def _open_video(path, keyframes_only: bool):
+    """(video, its decoder at the start, the first decodable frame)."""
+    video = _Video(path)
+    decoder = _Decoder(video, keyframes_only)
+    try:
+        try:
+            item = decoder.peek()
+        except _IndexMismatch:  # the sample table misled: index the packets themselves
+            decoder.close()
+            video = _Video(path, read_packets=True)
+            decoder = _Decoder(video, keyframes_only)
+            item = decoder.peek()
+        if item is None:
+            raise VideoError(f"{video.path}: no frame of the video decodes")
+    except BaseException:
+        decoder.close()
+        raise
+    return video, decoder, item[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def _available_memory() -> int:
+    """Bytes of memory this process may still use (Linux: MemAvailable; else physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def _check_memory(info: VideoInfo, held_frames: int) -> None:
+    frame = info.width * info.height * 3
+    decoder = 24 * info.width * info.height * 3 // 2  # reference frames and threads, YUV 4:2:0
+    need = held_frames * frame + decoder
+    available = _available_memory()
+    if need > available:
+        raise VideoError(
+            f"{info.path} is {info.width}x{info.height}: decoding {held_frames} frames of it needs "
+            f"{need / 1e9:.1f} GB, more than the {available / 1e9:.1f} GB of memory available")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reader: header now, frames from a worker thread
+
+
+class FrameReader:
+    """The sampled frames of one video, decoded on a worker thread (see the module docstring).
+
+    Use as a context manager or call close(): leaving early stops the worker.
+    Attributes: info, indices, timestamps, streams, exact, replaced, decoded (frames the decoder
+    produced), seeks, elapsed_s (decoding wall time, once finished).
+    """
+
+    def __init__(self, path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
+                 prefetch: int = PREFETCH, hold_all: bool = False):
+        if seek not in SEEK_MODES:
+            raise ValueError(f"seek must be one of {SEEK_MODES}, not {seek!r}")
+        if num_frames < 1 or slow_every < 1:
+            raise ValueError("num_frames and slow_every must be at least 1")
+        video, self._decoder, first = _open_video(path, keyframes_only=seek == "keyframe")
+        index = video.index
+        # Without timestamps there is no seeking: keyframe mode degrades to the exact pass.
+        self.exact = seek == "exact" or index.pts is None
+        try:
+            if self.exact and self._decoder.keyframes_only:
+                self._decoder.close()
+                self._decoder = _Decoder(_Video(path, index.read_packets), keyframes_only=False)
+            self.info = video.info(first)
+            wanted = sample_positions(index.n, num_frames)
+            if not self.exact:
+                wanted = [index.keyframes[index.keyframe_before(i)] for i in wanted]
+            self.indices = list(wanted)
+            self.timestamps = [index.timestamp(i) for i in wanted]
+            self.streams = stream_names(num_frames, slow_every)
+            self.replaced: list = []
+            # read_frames holds every distinct frame; a streaming consumer only the prefetch.
+            _check_memory(self.info, len(set(wanted)) if hold_all else prefetch)
+        except BaseException:
+            self._decoder.close()
+            raise
+        self.decoded = self.seeks = 0
+        self.elapsed_s = 0.0
+        self._index = index
+        self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="sfllava-frames", daemon=True)
+        self._thread.start()
+
+    # -- worker ---------------------------------------------------------------------------
+    def _work(self):
+        start = time.perf_counter()
+        try:
+            by_index: dict[int, list[int]] = {}
+            for position, i in enumerate(self.indices):
+                by_index.setdefault(i, []).append(position)
+            for t in sorted(by_index):
+                used, image = self._decode(t)
+                if used != t:
+                    self.replaced.append((t, used))
+                for position in by_index[t]:
+                    self.indices[position] = used
+                    self.timestamps[position] = self._index.timestamp(used)
+                for position in by_index[t]:
+                    if not self._put((position, image)):
+                        return
+            self._put(_DONE)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+        finally:
+            self.decoded, self.seeks = self._decoder.decoded, self._decoder.seeks
+            self.elapsed_s = time.perf_counter() - start
+            self._decoder.close()
+
+    def _decode(self, t: int):
+        d = self._decoder
+        d.goto(t)
+        frame = d.advance_to(t)
+        if frame is not None:
+            return t, _to_rgb(frame, self.info.rotation)
+        return self._nearest(t)
+
+    def _nearest(self, t: int):
+        """The nearest decodable frame to t (the earlier one on a tie)."""
+        d, n = self._decoder, self._index.n
+        radius = 8
+        while True:
+            lo, hi = max(t - radius, 0), min(t + radius, n - 1)
+            d.goto(lo, seek_cost=0)
+            before = after = None
+            while (item := d.peek()) is not None and item[0] <= hi:
+                d.take()
+                if item[0] < t:
+                    before = item
+                elif item[0] > t:
+                    after = item
+                    break
+            candidates = [c for c in (before, after) if c is not None]
+            if candidates:
+                i, frame = min(candidates, key=lambda c: (abs(c[0] - t), c[0]))
+                return i, _to_rgb(frame, self.info.rotation)
+            if lo == 0 and hi == n - 1:
+                raise VideoError(f"{self.info.path}: no frame of the video decodes")
+            radius *= 8
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- consumer -------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                self._thread.join()
+                return
+            if isinstance(item, BaseException):
+                self._thread.join()
+                raise item
+            yield item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def iter_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
+                prefetch: int = PREFETCH) -> FrameReader:
+    """Open the video (errors are raised here) and start decoding on a worker thread."""
+    return FrameReader(path, num_frames, slow_every, seek, prefetch)
+
+
+def read_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
+                on_frame: Optional[Callable[[int, np.ndarray], None]] = None) -> SampledFrames:
+    """All sampled frames at once. on_frame(position, image) is called as each arrives."""
+    with FrameReader(path, num_frames, slow_every, seek, hold_all=True) as reader:
+        images = [None] * num_frames
+        for position, image in reader:
+            images[position] = image
+            if on_frame is not None:
+                on_frame(position, image)
+        return SampledFrames(images, list(reader.indices), list(reader.timestamps),
+                             list(reader.streams), reader.exact, list(reader.replaced), reader.info)
