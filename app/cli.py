@@ -20,20 +20,19 @@ SUBCOMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sfllava", description=__doc__)
+def build_parser(argv=()) -> argparse.ArgumentParser:
+    """All subcommands are listed; only the one being run is imported (start-up time)."""
+    parser = argparse.ArgumentParser(
+        prog="sfllava", description="Chat about a local video with SlowFast-LLaVA-1.5 in MLX.")
     parser.add_argument("--version", action="version", version=f"sfllava {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, module_name, help_text in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue  # a subcommand not built yet
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(run=module.main)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(run=module.main)
     return parser
 
 
@@ -44,7 +43,8 @@ def report_error(e: UserError) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args) or 0
     except UserError as e:
