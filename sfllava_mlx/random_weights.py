@@ -1,0 +1,236 @@
+"""SF-LLaVA-1.5 at its real shapes with random weights: profiling without a download.
+
+    from sfllava_mlx.random_weights import random_model
+    model, tokenizer = random_model("1.5b", dtype=mx.float32, q_bits=4)
+
+The model is the runtime's own `SFLLaVA` (Oryx-ViT tower: 27 blocks, 1152 wide, patch 16,
+384 px; `mlp2x_gelu` projector; the Qwen2.5 LLM of the chosen size), so every matmul has the
+shape and width a converted checkpoint would have. MLX initialises parameters randomly and
+lazily: the size of the model is known from the lazy parameters before any memory is taken,
+and a machine too small for it is told so (`UserError`) before allocating.
+
+The tokenizer is the small Qwen2-style BPE of `convert.tiny`; the random LLM can emit ids
+that vocabulary lacks and has no meaningful end token, so the returned tokenizer decodes
+unknown ids to nothing and has no end tokens: every answer runs to `max_tokens`, as a
+benchmark wants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from .config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
+                     SamplingConfig, VisionConfig)
+from .errors import UserError
+from .model import SFLLaVA, cast_model
+
+# Qwen2.5 LLMs of SF-LLaVA-1.5 (SPEC §1): 1B = Qwen2.5-1.5B, 3B, 7B.
+QWEN25 = {
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                 tie_word_embeddings=True),
+    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
+               tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+               tie_word_embeddings=False),
+}
+SIZES = tuple(QWEN25)
+QWEN25_COMMON = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0,
+                     max_position_embeddings=32768)
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+WORKING_SET_BYTES = 1 << 30  # vision batch + prefill chunk: the issue's "+ 1 GB"
+
+
+def model_config(size: str = "1.5b", num_frames: int = 128, dtype: str = "float32") -> ModelConfig:
+    """The converted-model config of SF-LLaVA-1.5 at `size` (Oryx-ViT layout defaults)."""
+    if size not in QWEN25:
+        raise UserError(f"unknown model size {size!r}: choose one of {', '.join(SIZES)}")
+    text = {**QWEN25_COMMON, **QWEN25[size]}
+    vision = VisionConfig()  # the defaults are Oryx-ViT's: 1152 wide, 27 blocks, patch 16, 384 px
+    return ModelConfig(
+        layout="oryx-vit",
+        text_config=text,
+        vision=vision,
+        projector=ProjectorConfig(input_size=vision.hidden_size, hidden_size=text["hidden_size"]),
+        sampling=SamplingConfig(num_frames=num_frames),
+        preprocess=PreprocessConfig(image_size=vision.image_size),
+        prompt=PromptConfig(),
+        dtype=dtype,
+        source={"random_weights": size},
+    )
+
+
+def as_dtype(dtype: Union[str, mx.Dtype, None]) -> mx.Dtype:
+    if dtype is None:
+        return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def quantize_language_model(model: SFLLaVA, bits: int, group_size: int = 64) -> None:
+    """Quantize the LLM's linear and embedding layers as mlx-lm does (the tower stays)."""
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise UserError(f"--q-bits {bits}: MLX quantizes to 2, 3, 4, 5, 6 or 8 bits")
+    nn.quantize(model.language_model, group_size=group_size, bits=bits,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                and m.weight.shape[-1] % group_size == 0)
+    model.config.quantization = {"group_size": group_size, "bits": bits}
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters as stored (packed ints and scales included). Works on lazy
+    arrays: nothing is allocated."""
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def _kv_bytes_per_token(config: ModelConfig, kv_dtype_size: int) -> int:
+    t = config.text_config
+    head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+    return 2 * t["num_hidden_layers"] * t["num_key_value_heads"] * head_dim * kv_dtype_size
+
+
+def memory_limit_bytes() -> tuple[int, str]:
+    """What this machine lets MLX use, and where the figure comes from."""
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    ws = info.get("max_recommended_working_set_size")
+    if ws:  # Metal: the GPU's recommended working set (about 3/4 of the unified memory)
+        return int(ws), "Metal's recommended working set"
+    return physical_memory_bytes(), "physical memory"
+
+
+def physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    if sys.platform == "darwin":
+        out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip().isdigit():
+            return int(out.stdout.strip())
+    return 0
+
+
+def check_fits(needed: int, what: str) -> None:
+    limit, source = memory_limit_bytes()
+    if limit and needed > limit:
+        raise UserError(f"{what} needs about {needed / 1e9:.1f} GB, but this machine offers "
+                        f"{limit / 1e9:.1f} GB ({source}): choose a smaller size, "
+                        f"fewer bits (-q) or fewer frames")
+
+
+def estimate_memory(model: SFLLaVA, context_tokens: int) -> int:
+    """Weights + KV cache at `context_tokens` + the bounded working set, in bytes."""
+    dtype = model.language_model.model.norm.weight.dtype
+    kv = _kv_bytes_per_token(model.config, dtype.size) * context_tokens
+    return parameter_bytes(model) + kv + WORKING_SET_BYTES
+
+
+def random_model(size: str = "1.5b", dtype=mx.float32, q_bits: Optional[int] = None,
+                 q_group_size: int = 64, num_frames: int = 128, seed: int = 0,
+                 context_tokens: Optional[int] = None):
+    """SF-LLaVA-1.5 with the real shapes of `size` and random weights -> (model, tokenizer).
+
+    dtype: float32 / float16 / bfloat16 (or an mx.Dtype); q_bits quantizes the LLM only.
+    context_tokens: KV cache length to budget for (default: the video plus 512 tokens).
+    Raises UserError before allocating when the machine is too small.
+    """
+    dtype = as_dtype(dtype)
+    config = model_config(size, num_frames=num_frames, dtype=dtype_name(dtype))
+    label = f"SF-LLaVA-1.5 {size} ({dtype_name(dtype)}{f', {q_bits}-bit LLM' if q_bits else ''})"
+    model = build_random(config, dtype, q_bits, q_group_size, seed, context_tokens, label)
+    return model, random_tokenizer()
+
+
+def build_random(config: ModelConfig, dtype=mx.float32, q_bits: Optional[int] = None,
+                 q_group_size: int = 64, seed: int = 0, context_tokens: Optional[int] = None,
+                 label: str = "the model") -> SFLLaVA:
+    """An SFLLaVA of any config with random weights (checked to fit, then allocated)."""
+    from .pooling import num_visual_tokens
+
+    dtype = as_dtype(dtype)
+    model = SFLLaVA(config)  # lazy: MLX's own initialisers never run, fill_random replaces them
+    fill_random(model, seed)
+    cast_model(model, dtype)
+    if q_bits:
+        quantize_language_model(model, q_bits, q_group_size)
+    if context_tokens is None:
+        context_tokens = num_visual_tokens(config.vision.grid, config.sampling) + 512
+    check_fits(estimate_memory(model, context_tokens), label)
+    materialize(model)
+    model.eval()
+    model.path = None  # no files: the video cache keys on `identity` instead
+    model.identity = (f"random:{json.dumps(config.text_config, sort_keys=True)}:"
+                      f"{dtype_name(dtype)}:q{q_bits or 0}/{q_group_size}:seed{seed}")
+    return model
+
+
+def fill_random(model: nn.Module, seed: int = 0, period: int = 65521) -> None:
+    """Replace every weight matrix by uniform values scaled by 1/sqrt(fan-in), lazily.
+
+    Drawing 2-8 billion numbers with MLX's generator takes minutes on a CPU; timing does
+    not need independent draws, so each tensor repeats one random block of `period`
+    values (a prime, so rows do not line up into a low-rank pattern). Norm scales stay 1,
+    biases and the position table 0.
+    """
+    base = mx.random.uniform(-1.0, 1.0, (period,), key=mx.random.key(seed))
+
+    def fill(path, p):
+        if not path.endswith("weight") or p.ndim < 2:
+            return p
+        n = p.size
+        x = mx.tile(base, (-(-n // period),))[:n].reshape(p.shape)
+        fan_in = n // p.shape[0]
+        return x * (fan_in ** -0.5)
+
+    model.update(tree_map_with_path(fill, model.parameters()))
+
+
+def materialize(model: SFLLaVA) -> None:
+    """Evaluate the lazy random parameters a block at a time: the float32 draws behind a
+    cast or a quantization live one block at a time, never the whole model's."""
+    parts = [*model.vision_tower.blocks, *model.language_model.model.layers]
+    for part in parts:
+        mx.eval(part.parameters())
+    mx.eval(model.parameters())
+
+
+def random_tokenizer():
+    """The tiny Qwen2-style tokenizer, decoding any id, with no end tokens."""
+    from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, TokenizerWrapper
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    from convert.tiny import write_tokenizer
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with tempfile.TemporaryDirectory(prefix="sfllava-tok-") as tmp:
+            write_tokenizer(tmp)
+            hf = AutoTokenizer.from_pretrained(tmp)
+    finally:
+        logging.set_verbosity(level)
+    # Ids past the small vocabulary decode to "" with the naive detokenizer (the BPE one
+    # indexes a table of the vocabulary's size).
+    wrapper = TokenizerWrapper(hf, NaiveStreamingDetokenizer)
+    wrapper.eos_token_ids = []
+    return wrapper

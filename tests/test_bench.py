@@ -1,0 +1,231 @@
+"""`sfllava bench`: the work counts, the chip table, the JSON report, the sweep, and that
+the stages account for the time to first token.
+
+The counts are checked against numbers worked out by hand for small shapes, against the
+bytes MLX itself allocates for the same model, and against the parameter counts Qwen
+publishes for Qwen2.5 (independent references). The bench runs on a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from app import bench, hardware
+from app.cli import main as cli_main
+from sfllava_mlx.config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
+                                SamplingConfig, VisionConfig)
+from sfllava_mlx.errors import UserError
+from sfllava_mlx.model import SFLLaVA, cast_model
+from sfllava_mlx import random_weights as rw
+
+# A small Qwen2: D=8, 2 layers, 2 heads of 4, 1 KV head, MLP 16, vocabulary 10.
+SMALL = dict(model_type="qwen2", hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, intermediate_size=16, vocab_size=10, rms_norm_eps=1e-6,
+             tie_word_embeddings=True, max_position_embeddings=64)
+
+
+# ---------------------------------------------------------------------------------------
+# Work counts by hand
+
+
+def test_llm_counts_by_hand():
+    # per layer: q 8x8=64, k and v 4x8=32 each, o 8x8=64, MLP 3*8*16=384 -> 576; 2 layers
+    assert hardware.llm_matmul_params(SMALL) == 1152
+    # 3 new tokens after 5 cached: keys seen 6+7+8 = 21; 4 FLOP * 2 heads * 4 dims * 2 layers
+    assert hardware.attention_flops(SMALL, 3, 5) == 21 * 4 * 2 * 4 * 2
+    # prefill 3 tokens from empty: 2*1152*3 + attention (1+2+3=6 keys -> 6*64) + 2*8*10 logits
+    assert hardware.prefill_flops(SMALL, 3) == 6912 + 384 + 160
+    # KV per token: K and V, 2 layers, 1 KV head of 4 values, 2 bytes
+    assert hardware.kv_bytes_per_token(SMALL, 2) == 32
+    # weights at 2 bytes: 576 matrix + 8+4+4 biases + 16 norm = 608 per layer; 2 layers;
+    # embedding 80; final norm 8 -> (1216 + 80 + 8) * 2 bytes
+    assert hardware.llm_weight_bytes(SMALL, 2) == 1304 * 2
+    # decode at context 10: all weights once (tied: the embedding is the output layer)
+    assert hardware.decode_bytes_per_token(SMALL, 2608, 32, 10) == 2608 + 320
+
+
+def test_vision_counts_by_hand():
+    # 8x8 image, patch 4: N=4 tokens; D=6, MLP 10, 2 blocks of which feature_layer=1 runs
+    vc = VisionConfig(hidden_size=6, intermediate_size=10, num_hidden_layers=2,
+                      num_attention_heads=2, image_size=8, patch_size=4, feature_layer=1)
+    patch = 2 * 4 * 48 * 6  # 4 tokens, 3*4*4 inputs, 6 outputs
+    block = (2 * 4 * 6 * 18  # fused qkv
+             + 2 * 2 * 4 * 4 * 6  # QK^T and AV: N*N*D each
+             + 2 * 4 * 6 * 6  # output projection
+             + 2 * 2 * 4 * 6 * 10)  # fc1, fc2
+    assert hardware.vision_flops_per_frame(vc) == patch + block
+    pc = ProjectorConfig(input_size=6, hidden_size=5)
+    assert hardware.projector_flops_per_frame(vc, pc) == 2 * 4 * (6 * 5 + 5 * 5)
+
+
+def test_sfllava_tower_is_half_a_teraflop_per_frame():
+    # NOTES.md: SO400M-class tower at 384 px, patch 16 (576 tokens): ~0.52 TFLOP per frame
+    flops = hardware.vision_flops_per_frame(rw.model_config("1.5b").vision)
+    assert 0.50e12 < flops < 0.53e12
+
+
+@pytest.mark.parametrize("size,non_embedding", [("1.5b", 1.31e9), ("3b", 2.77e9), ("7b", 6.53e9)])
+def test_non_embedding_parameters_match_qwen(size, non_embedding):
+    # Qwen2.5 model cards: 1.31B / 2.77B / 6.53B non-embedding parameters (biases and norms
+    # are under 0.1% of them)
+    count = hardware.llm_matmul_params(rw.model_config(size).text_config)
+    assert abs(count - non_embedding) / non_embedding < 0.005
+
+
+@pytest.mark.parametrize("size", ["1.5b", "7b"])
+@pytest.mark.parametrize("q_bits", [None, 4, 8])
+def test_weight_bytes_match_mlx(size, q_bits):
+    """The formula against the bytes MLX allocates (lazy model: nothing is allocated)."""
+    config = rw.model_config(size)
+    model = SFLLaVA(config)
+    cast_model(model, mx.float16)
+    if q_bits:
+        rw.quantize_language_model(model, q_bits)
+    assert rw.parameter_bytes(model.language_model) == hardware.llm_weight_bytes(
+        config.text_config, 2, q_bits)
+
+
+def test_kv_bytes_match_notes():
+    # NOTES.md: Qwen2.5-1.5B holds ~28 KB of KV per token of context in 16-bit
+    assert hardware.kv_bytes_per_token(rw.model_config("1.5b").text_config, 2) == 28 * 1024
+
+
+# ---------------------------------------------------------------------------------------
+# The chip table and the peak
+
+
+def test_chip_lookup():
+    m2pro = hardware.lookup_chip("Apple M2 Pro")
+    assert (m2pro.bandwidth_gbs, m2pro.fp16_tflops) == (200, 6.8)
+    # M3 Max: the 30-core GPU has 300 GB/s, the 40-core 400 GB/s
+    assert hardware.lookup_chip("Apple M3 Max", 30).bandwidth_gbs == 300
+    assert hardware.lookup_chip("Apple M3 Max", 40).bandwidth_gbs == 400
+    # a 14-core M1 Pro: TFLOPS scaled from the 16-core figure, bandwidth unchanged
+    small = hardware.lookup_chip("Apple M1 Pro", 14)
+    assert small.bandwidth_gbs == 200 and small.fp16_tflops == pytest.approx(5.3 * 14 / 16, abs=0.05)
+    assert hardware.lookup_chip("Intel(R) Xeon(R)") is None
+    assert hardware.gpu_core_count("Chipset Model: Apple M4 Max\n  Total Number of Cores: 40\n") == 40
+
+
+def test_peak_user_figures_win():
+    peak = hardware.resolve_peak(tflops=10.0, bandwidth_gbs=400.0)
+    assert (peak.tflops, peak.bandwidth_gbs) == (10.0, 400.0)
+    assert "user" in peak.source
+    assert hardware.share(2e12, 0.5, 10e12) == pytest.approx(0.4)
+    assert hardware.share(1.0, 0.0, 10e12) is None and hardware.share(1.0, 1.0, None) is None
+
+
+# ---------------------------------------------------------------------------------------
+# Random weights
+
+
+def test_random_model_refuses_a_machine_too_small(monkeypatch):
+    monkeypatch.setattr(rw, "memory_limit_bytes", lambda: (2 * 10**9, "test"))
+    with pytest.raises(UserError, match="needs about"):
+        rw.random_model("7b", mx.float16)
+    assert cli_main(["bench", "--random-weights", "7b", "--dtype", "float16"]) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# The bench on a tiny model
+
+
+def tiny_config(num_frames=8) -> ModelConfig:
+    text = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=640,
+                max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1e6)
+    return ModelConfig(
+        layout="oryx-vit", text_config=text,
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=32, patch_size=8, pos_grid=4,
+                            feature_layer=2),
+        projector=ProjectorConfig(input_size=64, hidden_size=64),
+        sampling=SamplingConfig(num_frames=num_frames), preprocess=PreprocessConfig(image_size=32),
+        prompt=PromptConfig())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from convert.tiny import write_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-bench-model")
+    write_tokenizer(d)
+    config = tiny_config()
+    model = rw.build_random(config)
+    mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config.save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    return bench.make_video(tmp_path_factory.mktemp("bench-video") / "clip.mp4", seconds=2,
+                            width=96, height=64)
+
+
+def run_json(capsys, *argv) -> dict:
+    assert cli_main(["bench", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_report_and_sweep(tiny_model, video, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    report = run_json(capsys, "--model", str(tiny_model), "--video", str(video),
+                      "--frames", "4,8", "--q-bits", "none,8", "--runs", "2", "--warmup", "1",
+                      "--max-tokens", "5", "--peak-tflops", "1", "--peak-bandwidth-gbs", "100")
+    assert report["schema"] == "sfllava-bench/1"
+    assert report["peak"] == {"tflops": 1.0, "bandwidth_gbs": 100.0,
+                              "source": "user (--peak-tflops/--peak-bandwidth-gbs)"}
+    rows = report["rows"]
+    # one row per configuration: bits x frames
+    assert [(r["config"]["q_bits"], r["config"]["num_frames"]) for r in rows] == [
+        (None, 4), (None, 8), (8, 4), (8, 8)]
+    for row in rows:
+        assert set(row["stages"]) == set(bench.STAGE_KEYS)
+        for key in bench.STAGE_KEYS:
+            s = row["stages"][key]
+            assert s is not None, (key, row["notes"])
+            assert s["min"] <= s["median"] <= s["max"]
+            assert len(row["runs"]) == 2
+        assert set(row["memory_gb"]) >= {"peak", "weights", "kv_cache", "vision_working_set",
+                                          "prefill_working_set"}
+        assert row["memory_gb"]["kv_cache"] > 0 and row["memory_gb"]["weights"] > 0
+        for key in ("vision_tower", "prefill", "decode", "followup_ttft"):
+            assert row["share_of_peak"][key] > 0
+    # visual tokens follow the frames: 4 frames = 1 slow (2x2) + 3 fast (1x1) = 7
+    assert [r["config"]["visual_tokens"] for r in rows[:2]] == [7, 14]
+    # an 8-bit LLM stores fewer weight bytes than float32
+    assert rows[2]["memory_gb"]["weights"] < rows[0]["memory_gb"]["weights"]
+    # the vision work is the same per frame whatever the bits
+    assert rows[1]["work"]["vision_tower"]["flops"] == 2 * rows[0]["work"]["vision_tower"]["flops"]
+    assert not (tmp_path / "xdg").exists()  # the reopen used a temporary cache
+
+
+def test_stages_add_up_to_time_to_first_token(tiny_model, video, capsys):
+    """frame decode + preprocessing + tower + projector/pooling + prefill = TTFT, up to
+    the few milliseconds between them (building the conversation, tokenizing)."""
+    report = run_json(capsys, "--model", str(tiny_model), "--video", str(video), "--frames", "8",
+                      "--runs", "3", "--max-tokens", "2", "--no-reopen")
+    row = report["rows"][0]
+    for run in row["runs"]:
+        parts = sum(run[k] for k in ("frame_decode", "preprocess", "vision_tower",
+                                     "projector_pooling", "prefill"))
+        assert all(run[k] >= 0 for k in ("frame_decode", "preprocess", "vision_tower",
+                                         "projector_pooling", "prefill"))
+        assert parts <= run["ttft"] + 1e-6
+        assert run["ttft"] - parts < max(0.1 * run["ttft"], 0.02)
+    assert row["stages"]["cached_reopen"] is None
+    assert any("--no-reopen" in n for n in row["notes"])
+
+
+def test_bad_arguments_are_user_errors(tiny_model, capsys):
+    assert cli_main(["bench"]) == 2
+    assert "needs --model" in capsys.readouterr().err
+    assert cli_main(["bench", "--model", str(tiny_model), "--frames", "0"]) == 2
+    assert cli_main(["bench", "--model", str(tiny_model), "--video", "/no/such.mp4"]) == 2
+    assert cli_main(["bench", "--sizes", "13b"]) == 2
