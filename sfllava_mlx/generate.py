@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from .frames import SampledFrames
 
 VISION_BATCH = 8  # frames per tower call: bounds the working set whatever the frame count
+# Prefill chunk. Where attention is not fused (MLX's CPU backend) each chunk materializes
+# heads x chunk x context scores: 512 keeps that near 200 MB for 1.5B at 8K context.
+PREFILL_STEP = 512
 
 
 @dataclass
@@ -136,7 +139,8 @@ class Conversation:
     """One video, many questions; the KV cache is kept between turns (SPEC §2.7)."""
 
     def __init__(self, model, tokenizer, visual: VisualTokens, *, system_prompt=None,
-                 max_kv_size=None, kv_bits=None, kv_group_size=64, prefill_step_size=2048):
+                 max_kv_size=None, kv_bits=None, kv_group_size=64,
+                 prefill_step_size=PREFILL_STEP):
         self.model = model
         self.tokenizer = tokenizer
         self.visual = visual
