@@ -19,22 +19,23 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     model, tokenizer = runner.load_model(args)
     start = time.perf_counter()  # ttft counts from here: after the model is loaded
-    visual, cache = runner.open_video(model, args.video, args)
+    video = runner.open_video(model, tokenizer, args.video, args)
+    visual, cache = video.visual, video.cache
     if not args.json:
         report_sampling(visual.clip)
-    conv = runner.new_conversation(model, tokenizer, visual, args)
-    for r in conv.ask(args.prompt, start_time=start, **runner.ask_options(args)):
+    for r in video.ask(args.prompt, start_time=start, **runner.ask_options(args)):
         if not args.json:
             print(r.text, end="", flush=True)
-    turn = conv.last_turn
+    turn = video.conv.last_turn
     if args.json:
-        print(json.dumps(runner.turn_record(turn, visual, cache)))
+        print(json.dumps(runner.turn_record(turn, visual, cache)), flush=True)
     else:
         print()
         t = turn.timings_s
         print(f"[frames {t['frames']:.2f}s | vision {t['vision']:.2f}s | prefill {t['prefill']:.2f}s"
               f" | ttft {t['ttft']:.2f}s | {len(turn.tokens)} tokens in {t['generate']:.2f}s"
               f" | peak {turn.peak_memory_gb:.2f} GB | cache {cache}]", file=sys.stderr)
+    video.save()  # after the answer: nobody waits for it
     return 0
 
 

@@ -1,17 +1,30 @@
-"""What generate, chat and bench share: load a model, open a video, report a turn."""
+"""What generate, chat and bench share: load a model, open a video (through the video
+cache), ask, and report a turn."""
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import mlx.core as mx
 
 from sfllava_mlx import load
-from sfllava_mlx.generate import Conversation, VisualTokens, encode_video
+from sfllava_mlx import cache as vcache
+from sfllava_mlx.errors import UserError, VideoError
+from sfllava_mlx.generate import Conversation, VisualTokens, encode_frames
+
+# progress(stage, done, total), stage being "frames", "vision" or "prefill"
+Progress = Callable[[str, int, int], None]
 
 
 def load_model(args):
     """Load --model; --num-frames overrides the model's sample positions."""
     model, tokenizer = load(args.model)
     if getattr(args, "num_frames", None):
+        if args.num_frames < 1:
+            raise UserError(f"--num-frames must be at least 1, not {args.num_frames}")
         model.config.sampling.num_frames = args.num_frames
     return model, tokenizer
 
@@ -26,6 +39,7 @@ def vision_backend(model, args):
 
 
 def sample_video(model, path, args):
+    """All sampled frames at once (SampledFrames, with `timings["frames"]`)."""
     from sfllava_mlx.frames import read_frames
 
     s = model.config.sampling
@@ -36,16 +50,177 @@ def sample_video(model, path, args):
     return clip
 
 
-def open_video(model, path, args, progress=None) -> tuple[VisualTokens, str]:
-    """Frames -> visual tokens; returns them and the cache status ("off" until cached)."""
-    clip = sample_video(model, path, args)
-    visual = encode_video(model, clip, vision=vision_backend(model, args), progress=progress)
-    return visual, "off"
+def encode_streaming(model, path, args, progress: Optional[Progress] = None) -> VisualTokens:
+    """Decode on the frame reader's thread while the tower encodes what has arrived: the
+    `frames` stage counts only the time the tower waited for frames."""
+    from sfllava_mlx.frames import SampledFrames, iter_frames
+
+    s = model.config.sampling
+    timings: dict = {}
+    with iter_frames(path, num_frames=s.num_frames, slow_every=s.slow_every,
+                     seek=getattr(args, "seek", "exact")) as reader:
+        def images():
+            for position, image in reader:
+                if progress:
+                    progress("frames", position + 1, s.num_frames)
+                yield image
+
+        vision_progress = (lambda done, total: progress("vision", done, total)) if progress else None
+        tokens = encode_frames(model, images(), vision=vision_backend(model, args),
+                               progress=vision_progress, timings=timings)
+        clip = SampledFrames(None, list(reader.indices), list(reader.timestamps),
+                             list(reader.streams), reader.exact, list(reader.replaced), reader.info)
+    clip.timings = {"frames": timings.get("frames", 0.0)}
+    return VisualTokens(tokens, clip, {"frames": timings.get("frames", 0.0),
+                                       "vision": timings.get("vision", 0.0)})
+
+
+def check_video_path(path) -> str:
+    if not os.path.exists(path):
+        raise VideoError(f"video not found: {path}")
+    if os.path.isdir(path):
+        raise VideoError(f"{path} is a directory, not a video file")
+    return path
+
+
+def use_cache(args) -> bool:
+    return not getattr(args, "no_cache", False)
+
+
+@dataclass
+class OpenedVideo:
+    """A video ready for questions: its visual tokens, a conversation, and the cache state.
+
+    `cache` is "hit" (tokens and, when saved, the prefilled prefix read back), "miss"
+    (computed, to be saved) or "off". `save()` writes what the cache lacks; call it when
+    nobody waits for a token (after an answer), it is a no-op once all is saved.
+    """
+
+    path: str
+    visual: VisualTokens
+    conv: Conversation
+    cache: str
+    open_s: float  # wall time to open (fingerprint, frames, vision or cache reads)
+    start: float  # when opening began: the first answer's ttft counts from here
+    load_s: float = 0.0  # time spent reading the cache (a hit)
+    prefix_from_cache: bool = False
+    _store: Optional[vcache.VideoCache] = None
+    _key: Optional[vcache.CacheKey] = None
+    _fingerprint: Optional[vcache.VideoFingerprint] = None
+    _hasher: Optional[vcache.ContentHasher] = None
+    _entry: Optional[object] = None  # Path of the stored entry
+    _kv_key: str = ""
+    _kv_saved: bool = False
+    _model_name: str = ""
+    _first: bool = field(default=True)
+
+    @property
+    def clip(self):
+        return self.visual.clip
+
+    def ask(self, question: str, *, start_time=None, progress: Optional[Progress] = None, **opts):
+        """conv.ask, with the open's cache reads folded into the first answer's timings."""
+        first = self._first and not self.conv.turns
+        start = start_time or (self.start if first else None)
+        prefill_progress = (lambda d, t: progress("prefill", d, t)) if progress else None
+        try:
+            yield from self.conv.ask(question, start_time=start, progress=prefill_progress, **opts)
+        finally:
+            turn = self.conv.last_turn
+            if turn is not None and turn.question == question:
+                # Reading the cache stands in for frames, vision and prefix prefill on a hit.
+                turn.timings_s["cache_load"] = self.load_s if first else 0.0
+                if first:
+                    self._first = False
+
+    def prefill(self, progress: Optional[Progress] = None) -> float:
+        """Prefill the prefix now (chat does it before the first question)."""
+        cb = (lambda d, t: progress("prefill", d, t)) if progress else None
+        return self.conv.prefill_prefix(cb)
+
+    def save(self) -> None:
+        if self._store is None:
+            return
+        try:
+            if self._entry is None:
+                content = self._hasher.result() if self._hasher else None
+                self._entry = self._store.store(self._key, self._fingerprint, self.visual.embeddings,
+                                                self.visual.clip, content_sha256=content,
+                                                model_name=self._model_name)
+            if self._entry is not None and not self._kv_saved and self.conv.prefix_done:
+                self._store.store_prefix(self._entry, self._kv_key, self.conv.cache,
+                                         length=self.conv.prefix_length(),
+                                         system_prompt=self.conv.system_prompt)
+                self._kv_saved = True
+        except OSError:  # a full or read-only disk must not end the conversation
+            self._store = None
+
+
+def model_name(model) -> str:
+    path = getattr(model, "path", None)
+    return os.path.basename(os.path.normpath(str(path))) if path else str(getattr(model, "identity", "model"))
+
+
+def open_video(model, tokenizer, path, args, progress: Optional[Progress] = None, *,
+               prefill: bool = False, store: Optional[vcache.VideoCache] = None) -> OpenedVideo:
+    """Video -> OpenedVideo, through the cache unless --no-cache.
+
+    prefill=True also prefills the prompt prefix now (with progress), so that the first
+    question prefills only its own tokens; otherwise the first `ask` does it and reports
+    it with its timings (generate).
+    """
+    check_video_path(path)
+    start = time.perf_counter()
+    seek = getattr(args, "seek", "exact")
+    backend = getattr(args, "vision_backend", "mlx")
+    opened_store = None
+    key = fingerprint = entry = None
+    if use_cache(args):
+        opened_store = store or vcache.VideoCache()
+        fingerprint = vcache.VideoFingerprint.of(path)
+        key = vcache.make_key(fingerprint, model, seek=seek, vision_backend=backend)
+        from sfllava_mlx.pooling import num_visual_tokens
+
+        entry = opened_store.lookup(
+            key, fingerprint, hidden_size=model.config.projector.hidden_size,
+            num_tokens=num_visual_tokens(model.config.vision.grid, model.config.sampling))
+
+    hasher = None
+    if entry is not None:
+        visual = VisualTokens(entry.visual, entry.clip, {"frames": 0.0, "vision": 0.0})
+    else:
+        hasher = vcache.ContentHasher(path) if opened_store is not None else None
+        try:
+            visual = encode_streaming(model, path, args, progress)
+        except ValueError as e:  # bad sampling settings
+            raise UserError(str(e)) from None
+    conv = new_conversation(model, tokenizer, visual, args)
+    kv_key = vcache.prefix_key(conv.prefix_tokens(), kv_bits=getattr(args, "kv_bits", None))
+    prefix_from_cache = False
+    if entry is not None and not getattr(args, "max_kv_size", None):
+        cache = opened_store.load_prefix(entry, kv_key, length=conv.prefix_length(),
+                                         num_layers=len(model.language_model.layers))
+        if cache is not None:
+            conv.restore_prefix(cache)
+            prefix_from_cache = True
+    load_s = time.perf_counter() - start if entry is not None else 0.0
+    status = "off" if opened_store is None else ("hit" if entry is not None else "miss")
+    opened = OpenedVideo(path, visual, conv, status, time.perf_counter() - start, start,
+                         load_s=load_s, prefix_from_cache=prefix_from_cache, _store=opened_store,
+                         _key=key, _fingerprint=fingerprint, _hasher=hasher,
+                         _entry=entry.path if entry is not None else None, _kv_key=kv_key,
+                         _kv_saved=prefix_from_cache or bool(getattr(args, "max_kv_size", None)),
+                         _model_name=model_name(model))
+    if prefill:
+        opened.prefill(progress)
+        opened.open_s = time.perf_counter() - start
+    return opened
 
 
 def new_conversation(model, tokenizer, visual, args) -> Conversation:
-    return Conversation(model, tokenizer, visual, system_prompt=args.system_prompt,
-                        max_kv_size=args.max_kv_size, kv_bits=args.kv_bits)
+    return Conversation(model, tokenizer, visual, system_prompt=getattr(args, "system_prompt", None),
+                        max_kv_size=getattr(args, "max_kv_size", None),
+                        kv_bits=getattr(args, "kv_bits", None))
 
 
 def ask_options(args) -> dict:
@@ -65,3 +240,8 @@ def turn_record(turn, visual: VisualTokens, cache: str) -> dict:
         "cache": cache,
         "finish_reason": turn.finish_reason,
     }
+
+
+def reset_peak_memory() -> None:
+    if hasattr(mx, "reset_peak_memory"):
+        mx.reset_peak_memory()

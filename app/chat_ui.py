@@ -1,0 +1,233 @@
+"""What `sfllava chat` shows in a terminal: the header, progress, streamed answers,
+status lines and the tables of /frames and /stats. Rendering only: no model logic."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+HELP = """\
+Ask anything about the video; the conversation keeps its context.
+
+  /help          this help
+  /reset         new conversation about the same video (no re-encoding)
+  /frames        the frames the model sees, with timestamps
+  /stats         timings, memory, context and cache
+  /save FILE     write the conversation as Markdown
+  /video FILE    switch to another video
+  /quit          leave (Ctrl-D and Ctrl-C at the prompt leave too)
+
+Ctrl-C while an answer is written stops it and keeps the conversation."""
+
+STAGES = {"frames": "decoding frames", "vision": "encoding frames", "prefill": "prefilling prompt"}
+
+
+def clock(seconds: float) -> str:
+    """1:02:03.45 / 2:03.45 / 3.45 s style timestamps."""
+    seconds = max(float(seconds or 0.0), 0.0)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{int(h)}:{int(m):02d}:{s:05.2f}"
+    return f"{int(m)}:{s:05.2f}"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def info_get(info, name, default=None):
+    if info is None:
+        return default
+    if isinstance(info, dict):
+        return info.get(name, default)
+    return getattr(info, name, default)
+
+
+def video_summary(path: str, clip) -> str:
+    info = getattr(clip, "info", None)
+    parts = [Path(path).name]
+    duration = info_get(info, "duration")
+    if duration is not None:
+        parts.append(clock(duration))
+    w, h = info_get(info, "width"), info_get(info, "height")
+    if w and h:
+        parts.append(f"{w}×{h}")
+    fps = info_get(info, "fps")
+    if fps:
+        parts.append(f"{fps:.3g} fps")
+    return " · ".join(parts)
+
+
+class ChatUI:
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(highlight=False)
+
+    # -- header ----------------------------------------------------------------------------
+    def header(self, video, model, model_info: dict) -> None:
+        clip = video.clip
+        n = len(getattr(clip, "indices", []) or [])
+        exact = "exact" if getattr(clip, "exact", True) else "keyframes"
+        lines = Text()
+        lines.append("video  ", style="bold")
+        lines.append(video_summary(video.path, clip) + "\n")
+        lines.append("model  ", style="bold")
+        lines.append(f"{model_info['name']} · {model_info['params']} parameters · "
+                     f"{model_info['size']} · {model_info['dtype']}\n")
+        lines.append("input  ", style="bold")
+        lines.append(f"{n} frames ({exact}) → {video.visual.embeddings.shape[0]} visual tokens · "
+                     f"cache {video.cache} · ready in {video.open_s:.2f} s")
+        replaced = getattr(clip, "replaced", None)
+        if replaced:
+            lines.append("\nnote   ", style="bold yellow")
+            lines.append("frames that failed to decode were replaced: "
+                         + ", ".join(f"{a}→{b}" for a, b in replaced))
+        self.console.print(Panel(lines, title="sfllava chat", subtitle="/help for commands",
+                                 expand=False))
+
+    # -- progress while opening a video ----------------------------------------------------
+    @contextmanager
+    def opening(self, path: str):
+        """A `progress(stage, done, total)` callback drawing one bar per stage."""
+        progress = Progress(TextColumn("{task.description:<18}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=self.console,
+                            transient=True)
+        tasks: dict = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(STAGES.get(stage, stage), total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        self.console.print(f"[dim]opening {Path(path).name}…[/dim]")
+        with progress:
+            yield update
+
+    # -- an answer -------------------------------------------------------------------------
+    @contextmanager
+    def answer(self):
+        """Stream text into a live view; when done, show it rendered as Markdown."""
+        view = _AnswerView(self.console)
+        live = Live(view.render(), console=self.console, refresh_per_second=12,
+                    transient=True, vertical_overflow="crop")
+        with live:
+            view.live = live
+            try:
+                yield view
+            finally:
+                live.update(view.render())
+        if view.text.strip():
+            self.console.print(Markdown(view.text))
+
+    def status(self, turn, stopped: bool, context_used: int, context_limit: int) -> None:
+        t = turn.timings_s
+        tps = (len(turn.tokens) - 1) / t["generate"] if len(turn.tokens) > 1 and t.get("generate") else 0.0
+        parts = [f"ttft {t.get('ttft', 0.0):.2f} s", f"{turn.prompt_tokens} prompt tokens",
+                 f"{len(turn.tokens)} tokens, {tps:.1f} tok/s",
+                 f"peak {turn.peak_memory_gb:.2f} GB",
+                 f"context {context_used}/{context_limit}"]
+        if stopped:
+            parts.insert(0, "stopped")
+        self.console.print(Text(" · ".join(parts), style="dim"))
+        if context_used > 0.9 * context_limit:
+            self.console.print(f"[yellow]the context is {100 * context_used / context_limit:.0f}% "
+                               f"full: /reset starts a new conversation about the same video[/yellow]")
+
+    # -- messages and tables ---------------------------------------------------------------
+    def note(self, message: str) -> None:
+        self.console.print(f"[dim]{message}[/dim]")
+
+    def error(self, message: str) -> None:
+        self.console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+
+    def help(self) -> None:
+        self.console.print(HELP)
+
+    def frames(self, clip) -> None:
+        table = Table(title="frames the model sees", show_lines=False)
+        for name in ("position", "frame", "time", "stream"):
+            table.add_column(name, justify="right" if name != "stream" else "left")
+        for i, (index, ts, stream) in enumerate(zip(clip.indices, clip.timestamps, clip.streams)):
+            table.add_row(str(i), str(index), clock(ts), stream)
+        self.console.print(table)
+        if not getattr(clip, "exact", True):
+            self.note("keyframe sampling: each position shows the keyframe at or before it")
+
+    def stats(self, rows: list[tuple[str, str]]) -> None:
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column()
+        for k, v in rows:
+            table.add_row(k, v)
+        self.console.print(table)
+
+
+class _AnswerView:
+    """The answer while it streams: only its tail, so the live view fits the screen and
+    each refresh costs the same however long the answer grows."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.text = ""
+        self.live = None
+        self.stopped = False
+
+    def add(self, text: str) -> None:
+        self.text += text
+        if self.live is not None:
+            self.live.update(self.render())
+
+    def render(self):
+        rows = max(self.console.height - 4, 3)
+        tail = self.text[-rows * self.console.width * 3 // 4:]  # slack for word wrap
+        body = Text("\n".join(tail.split("\n")[-rows:]))
+        if self.stopped:
+            return Group(body, Text("[stopped]", style="yellow"))
+        return body
+
+
+def model_info(model) -> dict:
+    from sfllava_mlx.model import num_parameters
+
+    from .runner import model_name
+
+    path = getattr(model, "path", None)
+    size = 0
+    if path:
+        size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    dtype = str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
+    q = model.config.quantization
+    if q:
+        dtype += f", {q['bits']}-bit LLM"
+    return {"name": model_name(model), "params": human_count(num_parameters(model)),
+            "size": human_bytes(size) if size else "in memory", "dtype": dtype}
+
+
+def history_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "sfllava" / "chat_history"
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%d %H:%M")

@@ -1,0 +1,149 @@
+"""Chat latency at real SF-LLaVA-1.5-1.5B shapes (random weights): follow-ups and reopening
+a cached video, as ratios measured side by side in one run.
+
+    python bench/chat_bench.py [--frames 16] [--runs 3] [--size 1.5b]
+
+- cold open: time to first token of the first question about a video never seen
+  (frames, vision tower, prefill of system prompt + video + question), cache empty;
+- follow-up: time to first token of the next question in the same conversation (the
+  KV cache is kept: only the question is prefilled);
+- reopen: time to first token of the first question when the video is opened again and
+  the video cache hits (visual tokens and prefilled prefix read back from disk).
+
+Each run goes through `app.runner` exactly as `sfllava generate`/`chat` do. The goals of
+the project's issue 3: follow-up <= 5 % of the first question, reopen <= 10 % of a cold open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+QUESTION = "What happens in this video?"
+FOLLOW_UPS = ["What color is the car?", "How many people are in the video?",
+              "Where does the video take place?", "What happens at the end?"]
+
+
+def write_video(path: Path, seconds: float = 20.0, fps: int = 25, size=(640, 360)) -> Path:
+    """A moving pattern, FFV1 in .mkv (lossless, seek-exact)."""
+    w, h = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, size)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)[:h, :w]
+    for t in range(int(seconds * fps)):
+        writer.write(np.roll(base, 4 * t, axis=1))
+    writer.release()
+    return path
+
+
+def options(num_frames: int, **over):
+    a = argparse.Namespace(max_tokens=4, temp=0.0, top_p=1.0, seed=None, system_prompt=None,
+                           num_frames=num_frames, seek="exact", kv_bits=None, max_kv_size=None,
+                           no_cache=False, vision_backend="mlx", compute_units="ALL", json=True)
+    vars(a).update(over)
+    return a
+
+
+def first_token(opened, question, args, start=None):
+    """Ask and return the turn once the first token is out (the rest is not timed)."""
+    for _ in opened.ask(question, start_time=start, **{**_ask(args), "max_tokens": 1}):
+        pass
+    return opened.conv.last_turn
+
+
+def _ask(args):
+    from app import runner
+
+    return runner.ask_options(args)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="1.5b")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--runs", type=int, default=3, help="follow-ups and reopens measured (median)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+
+    from app import runner
+    from sfllava_mlx.cache import VideoCache
+    from sfllava_mlx.random_weights import random_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="sfllava-chat-bench-"))
+    os.environ["XDG_CACHE_HOME"] = str(tmp / "xdg")
+    video = write_video(tmp / "clip.mkv")
+    tic = time.perf_counter()
+    model, tok = random_model(a.size, dtype=mx.float32, num_frames=a.frames)
+    model.identity = f"random-{a.size}-seed0"  # no files to fingerprint
+    print(f"model: SF-LLaVA-1.5 {a.size} shapes, random weights, float32, {a.frames} frames "
+          f"(built in {time.perf_counter() - tic:.0f} s)", file=sys.stderr)
+    # Warm-up on a few tokens: first-call allocations are not the video's cost.
+    mx.eval(model.vision_tower(mx.zeros((1, 384, 384, 3))))
+    mx.eval(model.language_model(mx.zeros((1, 16), dtype=mx.int32)))
+
+    args = options(a.frames)
+    store = VideoCache()
+
+    # Cold open: empty cache.
+    start = time.perf_counter()
+    cold = runner.open_video(model, tok, str(video), args, store=store)
+    turn = first_token(cold, QUESTION, args, start)
+    cold_ttft, cold_timings = turn.timings_s["ttft"], dict(turn.timings_s)
+    assert cold.cache == "miss"
+    tic = time.perf_counter()
+    cold.save()
+    save_s = time.perf_counter() - tic
+    print(f"cold open: ttft {cold_ttft:.2f} s {fmt(cold_timings)}; saved in {save_s:.2f} s",
+          file=sys.stderr)
+
+    follow = []
+    for q in FOLLOW_UPS[:a.runs]:
+        t = first_token(cold, q, args, time.perf_counter())
+        follow.append(t.timings_s["ttft"])
+        print(f"follow-up: ttft {follow[-1] * 1000:.0f} ms ({t.prompt_tokens} prompt tokens, "
+              f"context {cold.conv.offset})", file=sys.stderr)
+
+    reopen, reopen_timings = [], None
+    for _ in range(a.runs):
+        start = time.perf_counter()
+        warm = runner.open_video(model, tok, str(video), args, store=store)
+        t = first_token(warm, QUESTION, args, start)
+        assert warm.cache == "hit" and warm.prefix_from_cache
+        reopen.append(t.timings_s["ttft"])
+        reopen_timings = dict(t.timings_s)
+        print(f"reopen: ttft {reopen[-1] * 1000:.0f} ms {fmt(t.timings_s)}", file=sys.stderr)
+
+    entry = store.entries()[0]
+    result = {
+        "size": a.size, "frames": a.frames, "visual_tokens": int(cold.visual.embeddings.shape[0]),
+        "prefix_tokens": cold.conv.prefix_length(),
+        "cold_ttft_s": cold_ttft, "cold_timings_s": cold_timings, "save_s": save_s,
+        "follow_up_ttft_s": statistics.median(follow), "reopen_ttft_s": statistics.median(reopen),
+        "reopen_timings_s": reopen_timings, "cache_entry_bytes": entry.bytes,
+        "follow_up_ratio": statistics.median(follow) / cold_ttft,
+        "reopen_ratio": statistics.median(reopen) / cold_ttft,
+    }
+    print(json.dumps(result, indent=None if a.json else 1))
+    print(f"follow-up / first question: {100 * result['follow_up_ratio']:.2f} % (goal <= 5 %); "
+          f"reopen / cold open: {100 * result['reopen_ratio']:.2f} % (goal <= 10 %)", file=sys.stderr)
+    return 0
+
+
+def fmt(t: dict) -> str:
+    return "(" + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if k != "ttft") + ")"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""The persistent video cache (SPEC §4): what is reused, what is not, and that nothing
+wrong is ever trusted.
+
+The answers compared here come from the sharpened tiny model of conftest.py, whose
+greedy answer follows the visual tokens: a cache that served the wrong video's tokens
+or prefix would change the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from app import runner
+from sfllava_mlx import cache as vcache
+from sfllava_mlx import load
+from tests.test_chat_support import env, json_lines, run_inprocess, run_process
+
+QUESTION = "What happens in this video?"
+FOLLOW_UP = "What color is the car?"
+
+
+def args_for(model_dir, **over):
+    a = argparse.Namespace(model=str(model_dir), max_tokens=8, temp=0.0, top_p=1.0, seed=None,
+                           system_prompt=None, num_frames=8, seek="exact", kv_bits=None,
+                           max_kv_size=None, no_cache=False, vision_backend="mlx",
+                           compute_units="ALL", json=True)
+    for k, v in over.items():
+        setattr(a, k, v)
+    return a
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    monkeypatch.delenv("SFLLAVA_CACHE_MAX_GB", raising=False)
+    return home
+
+
+@pytest.fixture(scope="module")
+def model_dir(converted):
+    return converted["oryx-vit"]
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    model, tokenizer = load(model_dir)
+    model.config.sampling.num_frames = 8
+    return model, tokenizer
+
+
+def answer(model, tokenizer, video, args, question=QUESTION):
+    opened = runner.open_video(model, tokenizer, str(video), args)
+    for _ in opened.ask(question, **runner.ask_options(args)):
+        pass
+    turn = opened.conv.last_turn
+    opened.save()
+    return opened, turn
+
+
+def entry_dirs(home: Path) -> list:
+    root = home / "sfllava" / vcache.FORMAT
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
+
+
+# ----------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def test_fingerprint_reads_samples_and_follows_content(tmp_path):
+    big = tmp_path / "big.bin"
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 9 << 20, dtype=np.uint8).tobytes()  # larger than the sample
+    big.write_bytes(data)
+    size, digest = vcache.sampled_digest(big)
+    assert size == len(data)
+    copy = tmp_path / "copy.bin"
+    shutil.copyfile(big, copy)
+    os.utime(copy, (1, 1))  # another path and mtime, same content: same fingerprint
+    assert vcache.sampled_digest(copy) == (size, digest)
+    # A change inside a sampled block (the first one) or in the size changes it.
+    changed = bytearray(data)
+    changed[10] ^= 0xFF
+    copy.write_bytes(bytes(changed))
+    assert vcache.sampled_digest(copy)[1] != digest
+    copy.write_bytes(data + b"x")
+    assert vcache.sampled_digest(copy)[1] != digest
+
+
+def test_model_identity_follows_weights_not_path(tmp_path, model_dir, loaded):
+    model, _ = loaded
+    ident = vcache.model_identity(model)
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    m2, _ = load(copy)
+    assert vcache.model_identity(m2) == ident  # a copied model is the same model
+    # Same shapes and config, one weight changed: another model.
+    f = copy / "model.safetensors"
+    weights = mx.load(str(f))
+    name = "language_model.model.layers.0.mlp.up_proj.weight"
+    weights[name] = weights[name] * 1.01
+    mx.save_safetensors(str(f), weights, {"format": "mlx"})
+    m3, _ = load(copy)
+    assert vcache.model_identity(m3) != ident
+
+
+# ----------------------------------------------------------------------------------------
+# Hits and misses
+
+
+def test_hit_restores_tokens_and_prefix_with_the_same_answer(cache_home, loaded, model_dir, videos):
+    model, tok = loaded
+    args = args_for(model_dir)
+    cold, cold_turn = answer(model, tok, videos["main"], args)
+    assert cold.cache == "miss"
+    [entry] = entry_dirs(cache_home)
+    assert len(list(entry.glob("kv-*"))) == 1
+
+    warm, warm_turn = answer(model, tok, videos["main"], args)
+    assert warm.cache == "hit" and warm.prefix_from_cache
+    assert mx.array_equal(warm.visual.embeddings, cold.visual.embeddings)
+    assert warm_turn.tokens == cold_turn.tokens
+    np.testing.assert_allclose(warm_turn.logprobs, cold_turn.logprobs, atol=1e-4)
+    assert warm_turn.timings_s["frames"] == 0 and warm_turn.timings_s["vision"] == 0
+    # Only the question was prefilled: the video came from the cache.
+    assert warm_turn.prompt_tokens == cold_turn.prompt_tokens - cold.conv.prefix_length()
+    # The frames the model sees are known on a hit too (/frames).
+    assert warm.clip.indices == list(cold.clip.indices)
+    assert warm.clip.timestamps == pytest.approx(list(cold.clip.timestamps))
+    # Follow-ups and /reset work from a restored prefix as from a computed one.
+    for opened in (cold, warm):
+        opened.conv.reset()
+    outs = []
+    for opened in (cold, warm):
+        for q in (QUESTION, FOLLOW_UP):
+            outs.append(("".join(r.text for r in opened.ask(q, **runner.ask_options(args))),
+                         opened.conv.offset))
+    assert outs[:2] == outs[2:]
+
+
+def test_what_the_key_holds(cache_home, loaded, model_dir, videos, tmp_path):
+    model, tok = loaded
+    base = args_for(model_dir)
+    answer(model, tok, videos["main"], base)
+    # Sampling settings of the answer are not part of the key.
+    assert runner.open_video(model, tok, str(videos["main"]),
+                             args_for(model_dir, temp=0.7, seed=3)).cache == "hit"
+    # Another video, another seek mode: misses.
+    assert runner.open_video(model, tok, str(videos["other"]), base).cache == "miss"
+    assert runner.open_video(model, tok, str(videos["main"]),
+                             args_for(model_dir, seek="keyframe")).cache == "miss"
+    # A copy of the video elsewhere (same content): hit.
+    copy = tmp_path / "copy.mkv"
+    shutil.copyfile(videos["main"], copy)
+    assert runner.open_video(model, tok, str(copy), base).cache == "hit"
+    # --no-cache: off, nothing read or written.
+    before = entry_dirs(cache_home)
+    assert runner.open_video(model, tok, str(videos["other"]), args_for(model_dir, no_cache=True)).cache == "off"
+    assert entry_dirs(cache_home) == before
+
+
+def test_other_num_frames_and_system_prompt(cache_home, model_dir, videos):
+    model, tok = load(model_dir)
+    model.config.sampling.num_frames = 8
+    args = args_for(model_dir)
+    answer(model, tok, videos["main"], args)
+    # Another system prompt: the visual tokens are reused, the prefix is prefilled anew.
+    other = args_for(model_dir, system_prompt="You describe videos.")
+    opened, turn = answer(model, tok, videos["main"], other)
+    assert opened.cache == "hit" and not opened.prefix_from_cache
+    assert turn.prompt_tokens > opened.conv.prefix_length()
+    [entry] = entry_dirs(cache_home)
+    assert len(list(entry.glob("kv-*"))) == 2
+    assert runner.open_video(model, tok, str(videos["main"]), other).prefix_from_cache
+    # Another --num-frames: another entry.
+    model.config.sampling.num_frames = 4
+    assert runner.open_video(model, tok, str(videos["main"]), args_for(model_dir, num_frames=4)).cache == "miss"
+
+
+def test_modified_video_misses_even_with_same_size_and_samples(cache_home, loaded, model_dir, tmp_path):
+    """mtime is a hint: when it moved, the whole content is compared."""
+    model, tok = loaded
+    video = tmp_path / "v.mkv"
+    from tests.videos import make_ffv1_video
+
+    make_ffv1_video(video, 40, width=160, height=48, seed=0)
+    args = args_for(model_dir)
+    answer(model, tok, video, args)
+    data = bytearray(video.read_bytes())
+    # Pretend the file is large: with 2 sampled blocks of 16 bytes, a byte in the middle
+    # is outside the samples; size and sampled digest stay the same.
+    orig = vcache.sampled_digest
+    try:
+        vcache.sampled_digest = lambda p, blocks=2, block=16: orig(p, blocks, block)
+        answer(model, tok, video, args)  # an entry under the patched fingerprint
+        mid = len(data) // 2
+        data[mid] ^= 0x01
+        before = vcache.sampled_digest(video)
+        video.write_bytes(bytes(data))
+        assert vcache.sampled_digest(video) == before
+        os.utime(video, ns=(time.time_ns(), time.time_ns() + 10**9))
+        assert runner.open_video(model, tok, str(video), args).cache == "miss"
+        # Only touched (same content, new mtime): still a hit, after one full read.
+        answer(model, tok, video, args)
+        os.utime(video, ns=(time.time_ns(), time.time_ns() + 5 * 10**9))
+        assert runner.open_video(model, tok, str(video), args).cache == "hit"
+    finally:
+        vcache.sampled_digest = orig
+
+
+def test_another_model_misses(cache_home, loaded, model_dir, videos, tmp_path):
+    model, tok = loaded
+    args = args_for(model_dir)
+    answer(model, tok, videos["main"], args)
+    copy = tmp_path / "other-model"
+    shutil.copytree(model_dir, copy)
+    f = copy / "model.safetensors"
+    weights = mx.load(str(f))
+    name = "vision_tower.blocks.0.mlp.fc1.weight"
+    weights[name] = weights[name] * 1.01
+    mx.save_safetensors(str(f), weights, {"format": "mlx"})
+    m2, t2 = load(copy)
+    m2.config.sampling.num_frames = 8
+    assert runner.open_video(m2, t2, str(videos["main"]), args_for(copy)).cache == "miss"
+
+
+# ----------------------------------------------------------------------------------------
+# Corruption
+
+
+@pytest.mark.parametrize("damage", ["flip-visual", "truncate-kv", "bad-meta", "wrong-shape"])
+def test_corrupt_entry_is_dropped_and_rebuilt(cache_home, loaded, model_dir, videos, damage):
+    model, tok = loaded
+    args = args_for(model_dir)
+    _, cold_turn = answer(model, tok, videos["main"], args)
+    [entry] = entry_dirs(cache_home)
+    [kv] = list(entry.glob("kv-*"))
+    if damage == "flip-visual":
+        f = entry / vcache.VISUAL_FILE
+        data = bytearray(f.read_bytes())
+        data[-5] ^= 0x40  # inside the tensor data: the file still parses
+        f.write_bytes(bytes(data))
+    elif damage == "truncate-kv":
+        f = kv / vcache.KV_FILE
+        f.write_bytes(f.read_bytes()[:-100])
+    elif damage == "bad-meta":
+        (entry / vcache.META_FILE).write_text("{not json")
+    elif damage == "wrong-shape":  # a consistent file of the wrong shape (checksum updated)
+        f = entry / vcache.VISUAL_FILE
+        mx.save_safetensors(str(f), {"visual": mx.zeros((3, 7))})
+        import json
+
+        meta = json.loads((entry / vcache.META_FILE).read_text())
+        meta["files"][vcache.VISUAL_FILE] = vcache._file_record(f)
+        (entry / vcache.META_FILE).write_text(json.dumps(meta))
+
+    opened, turn = answer(model, tok, videos["main"], args)
+    if damage == "truncate-kv":  # the tokens are fine; only the prefix is rebuilt
+        assert opened.cache == "hit" and not opened.prefix_from_cache
+    else:
+        assert opened.cache == "miss"
+    assert turn.tokens == cold_turn.tokens
+    # Rebuilt: the next open is a full hit again.
+    again = runner.open_video(model, tok, str(videos["main"]), args)
+    assert again.cache == "hit" and again.prefix_from_cache
+
+
+# ----------------------------------------------------------------------------------------
+# Size cap
+
+
+def test_lru_eviction_under_the_cap(cache_home, loaded, model_dir, videos, tmp_path, monkeypatch):
+    model, tok = loaded
+    args = args_for(model_dir)
+    answer(model, tok, videos["main"], args)
+    [first] = entry_dirs(cache_home)
+    one = vcache._dir_bytes(first)
+    # Room for two entries: opening a third evicts the least recently used.
+    monkeypatch.setenv("SFLLAVA_CACHE_MAX_GB", str(2.5 * one / 1e9))
+    answer(model, tok, videos["other"], args)
+    os.utime(first / vcache.LAST_USED, (time.time() + 5, time.time() + 5))  # main used last
+    third = tmp_path / "third.mkv"
+    from tests.videos import make_ffv1_video
+
+    make_ffv1_video(third, 30, seed=7)
+    answer(model, tok, third, args)
+    assert len(entry_dirs(cache_home)) == 2
+    assert runner.open_video(model, tok, str(videos["main"]), args).cache == "hit"
+    assert runner.open_video(model, tok, str(videos["other"]), args).cache == "miss"
+
+
+# ----------------------------------------------------------------------------------------
+# Processes
+
+
+WRITER = r"""
+import sys, mlx.core as mx
+from sfllava_mlx import cache as vcache
+video, me, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+store = vcache.VideoCache()
+fp = vcache.VideoFingerprint.of(video)
+key = vcache.CacheKey(fp.size, fp.sampled, "m", 4, 4, "exact", "float32")
+clip = vcache.CachedClip([0, 1, 2, 3], [0.0, .1, .2, .3], ["slow", "fast", "fast", "fast"], True, [], {})
+def tokens(writer):  # each writer writes its own values: a mixed entry would show
+    return mx.arange(4 * 65536, dtype=mx.float32).reshape(4, 65536) * (writer + 1)
+found = 0
+for i in range(rounds):
+    store.store(key, fp, tokens(me), clip, content_sha256=None, model_name="m")
+    e = store.lookup(key, fp, num_tokens=4, hidden_size=65536)
+    if e is not None:  # None only when another writer dropped it meanwhile
+        found += 1
+        assert any(mx.array_equal(e.visual, tokens(w)).item() for w in range(3)), "mixed entry"
+        if i % 3 == 2:
+            store.drop(e.path)
+assert not store.dropped, store.dropped  # no entry ever failed its checks
+print("ok", found)
+"""
+
+
+def test_concurrent_writers_never_leave_a_broken_entry(cache_home, videos):
+    """Three processes write, read and drop the same entry at once: every read finds one
+    writer's complete entry or none; no check ever fails, nothing is left behind."""
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(videos["main"]), str(w), "30"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env(cache_home)) for w in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0 and out.startswith("ok"), err
+        assert int(out.split()[1]) > 0
+    for p in entry_dirs(cache_home):
+        assert (p / vcache.META_FILE).exists() and (p / vcache.VISUAL_FILE).exists()
+    root = cache_home / "sfllava" / vcache.FORMAT
+    assert [p for p in root.iterdir() if p.name.startswith(".")] == []
+
+
+def test_second_process_hits_with_the_same_answer(tmp_path, model_dir, videos):
+    """The contract end to end: `generate --json` in two processes."""
+    home = tmp_path / "xdg"
+    argv = ["generate", "--model", model_dir, "--video", videos["main"], "--prompt", QUESTION,
+            "--num-frames", 8, "--max-tokens", 8, "--json"]
+    code, out, err = run_inprocess_env(home, argv)  # the first "process": this one
+    assert code == 0, err
+    second = run_process(argv, home)
+    assert second.returncode == 0, second.stderr
+    [a], [b] = json_lines(out), json_lines(second.stdout)
+    assert a["cache"] == "miss" and b["cache"] == "hit"
+    assert b["timings_s"]["vision"] == 0 and b["timings_s"]["frames"] == 0
+    assert a["timings_s"]["vision"] > 0
+    assert b["text"] == a["text"] and b["tokens"] == a["tokens"]
+    assert b["prompt_tokens"] < a["prompt_tokens"] - a["visual_tokens"] + 1
+    # `sfllava cache ls` lists it; `clear` empties it.
+    code, out, _ = run_inprocess_env(home, ["cache", "ls", "--json"])
+    import json
+
+    listing = json.loads(out)
+    assert [Path(e["video"]).name for e in listing["entries"]] == [Path(videos["main"]).name]
+    assert run_inprocess_env(home, ["cache", "clear"])[0] == 0
+    assert json.loads(run_inprocess_env(home, ["cache", "ls", "--json"])[1])["entries"] == []
+
+
+def run_inprocess_env(home: Path, argv: list):
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(home)
+    try:
+        return run_inprocess(argv)
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
