@@ -219,42 +219,28 @@ class TimedTower:
 
 
 def encode_timed(model, path, opts):
-    """The runtime's streaming encode (runner.encode_streaming), with each wait for a
-    decoded frame and the tower timed -> (VisualTokens, split timings)."""
-    from sfllava_mlx.frames import SampledFrames, iter_frames
-    from sfllava_mlx.generate import VisualTokens, encode_frames
+    """The runtime's streaming encode (runner.encode_streaming) with the tower timed on its
+    own -> (VisualTokens, split timings)."""
+    from sfllava_mlx.frames import iter_frames
+    from sfllava_mlx.generate import encode_video
 
     from . import runner
 
     s = model.config.sampling
-    timings: dict = {}
-    wait = [0.0]  # the consumer blocked on the decoder thread
     tower = TimedTower(runner.vision_backend(model, opts) or model.vision_tower)
     tic = time.perf_counter()
-    reader = iter_frames(path, num_frames=s.num_frames, slow_every=s.slow_every, seek=opts.seek)
-    open_s = time.perf_counter() - tic  # container, frame index, first frame
-    with reader:
-        def images():
-            frames = iter(reader)
-            while True:
-                tic = time.perf_counter()
-                item = next(frames, None)
-                wait[0] += time.perf_counter() - tic
-                if item is None:
-                    return
-                yield item[1]
-
-        tokens = encode_frames(model, images(), vision=tower, timings=timings)
-        clip = SampledFrames(None, list(reader.indices), list(reader.timestamps),
-                             list(reader.streams), reader.exact, list(reader.replaced), reader.info)
+    with iter_frames(path, num_frames=s.num_frames, slow_every=s.slow_every,
+                     seek=opts.seek) as reader:
+        open_s = time.perf_counter() - tic  # container, frame index, first frame
+        reader.timings = {"frames": open_s}
+        visual = encode_video(model, reader, vision=tower)
+    t = visual.timings
     split = {
-        "frame_decode": open_s + wait[0],
-        "preprocess": timings.get("frames", 0.0) - wait[0] + tower.pixels_s,
+        "frame_decode": open_s + t["decode"],
+        "preprocess": t["preprocess"] + tower.pixels_s,
         "vision_tower": tower.tower_s,
-        "projector_pooling": timings.get("vision", 0.0) - tower.pixels_s - tower.tower_s,
+        "projector_pooling": t["vision"] - tower.pixels_s - tower.tower_s,
     }
-    visual = VisualTokens(tokens, clip, {"frames": timings.get("frames", 0.0),
-                                         "vision": timings.get("vision", 0.0)})
     return visual, split
 
 

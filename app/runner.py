@@ -13,7 +13,7 @@ import mlx.core as mx
 from sfllava_mlx import load
 from sfllava_mlx import cache as vcache
 from sfllava_mlx.errors import UserError, VideoError
-from sfllava_mlx.generate import Conversation, VisualTokens, encode_frames
+from sfllava_mlx.generate import Conversation, VisualTokens, encode_video
 
 # progress(stage, done, total), stage being "frames", "vision" or "prefill"
 Progress = Callable[[str, int, int], None]
@@ -38,41 +38,20 @@ def vision_backend(model, args):
     return CoreMLVisionTower(model.path, model.config, compute_units=args.compute_units)
 
 
-def sample_video(model, path, args):
-    """All sampled frames at once (SampledFrames, with `timings["frames"]`)."""
-    from sfllava_mlx.frames import read_frames
+def encode_streaming(model, path, args, progress: Optional[Progress] = None) -> VisualTokens:
+    """Decode on the frame reader's thread while the tower encodes what has arrived: the
+    `frames` stage counts opening the video and the time the tower waited for frames."""
+    from sfllava_mlx.frames import iter_frames
 
     s = model.config.sampling
     tic = time.perf_counter()
-    clip = read_frames(path, num_frames=s.num_frames, slow_every=s.slow_every,
-                       seek=getattr(args, "seek", "exact"))
-    clip.timings = {"frames": time.perf_counter() - tic}
-    return clip
-
-
-def encode_streaming(model, path, args, progress: Optional[Progress] = None) -> VisualTokens:
-    """Decode on the frame reader's thread while the tower encodes what has arrived: the
-    `frames` stage counts only the time the tower waited for frames."""
-    from sfllava_mlx.frames import SampledFrames, iter_frames
-
-    s = model.config.sampling
-    timings: dict = {}
     with iter_frames(path, num_frames=s.num_frames, slow_every=s.slow_every,
                      seek=getattr(args, "seek", "exact")) as reader:
-        def images():
-            for position, image in reader:
-                if progress:
-                    progress("frames", position + 1, s.num_frames)
-                yield image
-
-        vision_progress = (lambda done, total: progress("vision", done, total)) if progress else None
-        tokens = encode_frames(model, images(), vision=vision_backend(model, args),
-                               progress=vision_progress, timings=timings)
-        clip = SampledFrames(None, list(reader.indices), list(reader.timestamps),
-                             list(reader.streams), reader.exact, list(reader.replaced), reader.info)
-    clip.timings = {"frames": timings.get("frames", 0.0)}
-    return VisualTokens(tokens, clip, {"frames": timings.get("frames", 0.0),
-                                       "vision": timings.get("vision", 0.0)})
+        reader.timings = {"frames": time.perf_counter() - tic}  # container, index, first frame
+        return encode_video(
+            model, reader, vision=vision_backend(model, args),
+            on_frame=(lambda d, t: progress("frames", d, t)) if progress else None,
+            progress=(lambda d, t: progress("vision", d, t)) if progress else None)
 
 
 def check_video_path(path) -> str:

@@ -55,11 +55,14 @@ def encode_frames(model, frames, *, vision=None, batch_size=VISION_BATCH,
     """Frames in position order (an iterable of RGB uint8 images) -> pooled visual tokens.
 
     Each batch goes through tower and projector and is pooled right away (pooling is per
-    frame), so memory holds one batch of full grids, never all 128.
+    frame), so memory holds one batch of full grids, never all 128. `timings` gains the
+    critical-path shares `decode` (waiting for frames), `preprocess`, their sum `frames`,
+    and `vision` (tower, projector, pooling).
     """
     cfg = model.config
     vision = vision or model.vision_tower
     timings = timings if timings is not None else {}
+    before = {k: timings.get(k, 0.0) for k in ("decode", "preprocess")}
     watch = _Stopwatch(timings)
     slow, fast, batch, done = [], [], [], 0
     total = cfg.sampling.num_frames
@@ -67,7 +70,7 @@ def encode_frames(model, frames, *, vision=None, batch_size=VISION_BATCH,
     def flush():
         nonlocal done
         pixels = preprocess([im for _, im in batch], cfg.preprocess)
-        watch.lap("frames")
+        watch.lap("preprocess")
         grid = model.projector(vision(pixels))  # (B, G*G, D)
         g = cfg.vision.grid
         grid = grid.reshape(len(batch), g, g, -1)
@@ -85,30 +88,42 @@ def encode_frames(model, frames, *, vision=None, batch_size=VISION_BATCH,
             progress(done, total)
 
     for position, image in enumerate(frames):
+        watch.lap("decode")
         batch.append((position, image))
         if len(batch) == batch_size:
             flush()
-    watch.lap("frames")
+    watch.lap("decode")
     if batch:
         flush()
     tokens = concat_streams(mx.concatenate(slow) if slow else None,
                             mx.concatenate(fast) if fast else None)
     mx.eval(tokens)
     watch.lap("vision")
+    timings["frames"] = timings.get("frames", 0.0) + sum(
+        timings[k] - before[k] for k in ("decode", "preprocess"))
     return tokens
 
 
-def encode_video(model, clip, *, vision=None, batch_size=VISION_BATCH,
-                 progress=None) -> VisualTokens:
+def encode_video(model, clip, *, vision=None, batch_size=VISION_BATCH, progress=None,
+                 on_frame: Optional[Callable[[int, int], None]] = None) -> VisualTokens:
     """Sampled frames -> VisualTokens. `vision` swaps the tower (e.g. a Core ML backend).
 
     `clip` is a SampledFrames (frames in memory) or a `frames.FrameReader`, whose frames
     decode on a worker thread while the tower encodes the ones already there.
+    `progress(done, total)` follows the tower, `on_frame(done, total)` the frames.
     """
-    timings = {"frames": float(getattr(clip, "timings", {}).get("frames", 0.0)), "vision": 0.0}
+    timings = {"frames": float((getattr(clip, "timings", None) or {}).get("frames", 0.0)),
+               "vision": 0.0}
     streaming = not hasattr(clip, "images")
-    images = (image for _, image in clip) if streaming else clip.images
-    tokens = encode_frames(model, images, vision=vision, batch_size=batch_size,
+    total = model.config.sampling.num_frames
+
+    def images():
+        for done, item in enumerate(clip if streaming else clip.images, 1):
+            if on_frame:
+                on_frame(done, total)
+            yield item[1] if streaming else item
+
+    tokens = encode_frames(model, images(), vision=vision, batch_size=batch_size,
                            progress=progress, timings=timings)
     expected = num_visual_tokens(model.config.vision.grid, model.config.sampling)
     assert tokens.shape[0] == expected, (tokens.shape, expected)
@@ -243,7 +258,7 @@ class Conversation:
             turn.prompt_tokens += self.prefix_length()
             timings["prefill"] += self.prefill_prefix(progress)
         ids = self.question_tokens(question)
-        self._check_context(len(ids))
+        self._check_context(len(ids) + 1)  # room for at least one answer token
         turn.prompt_tokens += len(ids)
         before = self.offset
         max_tokens = max(1, min(max_tokens, self.model.context_length - before - len(ids)))

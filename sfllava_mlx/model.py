@@ -142,17 +142,5 @@ def quiet_load_tokenizer(model_path: Path):
         logging.set_verbosity(level)
 
 
-def model_identity(model: SFLLaVA) -> str:
-    """A short stable id of the weights' files, for cache keys (size + mtime of each file)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(Path(model.path).glob("*")):
-        if f.is_file() and (f.suffix in (".safetensors", ".json")):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 def num_parameters(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
