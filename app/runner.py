@@ -35,10 +35,23 @@ def vision_backend(model, args):
         return None
     from sfllava_mlx.coreml_vision import CoreMLVisionTower
 
-    return CoreMLVisionTower(model.path, model.config, compute_units=args.compute_units)
+    return CoreMLVisionTower.for_model(model, args.compute_units)
 
 
-def encode_streaming(model, path, args, progress: Optional[Progress] = None) -> VisualTokens:
+def sample_video(model, path, args):
+    """All sampled frames at once (SampledFrames, with `timings["frames"]`)."""
+    from sfllava_mlx.frames import read_frames
+
+    s = model.config.sampling
+    tic = time.perf_counter()
+    clip = read_frames(path, num_frames=s.num_frames, slow_every=s.slow_every,
+                       seek=getattr(args, "seek", "exact"))
+    clip.timings = {"frames": time.perf_counter() - tic}
+    return clip
+
+
+def encode_streaming(model, path, args, progress: Optional[Progress] = None,
+                     vision=None) -> VisualTokens:
     """Decode on the frame reader's thread while the tower encodes what has arrived: the
     `frames` stage counts opening the video and the time the tower waited for frames."""
     from sfllava_mlx.frames import iter_frames
@@ -49,7 +62,7 @@ def encode_streaming(model, path, args, progress: Optional[Progress] = None) -> 
                      seek=getattr(args, "seek", "exact")) as reader:
         reader.timings = {"frames": time.perf_counter() - tic}  # container, index, first frame
         return encode_video(
-            model, reader, vision=vision_backend(model, args),
+            model, reader, vision=vision,
             on_frame=(lambda d, t: progress("frames", d, t)) if progress else None,
             progress=(lambda d, t: progress("vision", d, t)) if progress else None)
 
@@ -164,16 +177,21 @@ def open_video(model, tokenizer, path, args, progress: Optional[Progress] = None
             key, fingerprint, hidden_size=model.config.projector.hidden_size,
             num_tokens=num_visual_tokens(model.config.vision.grid, model.config.sampling))
 
-    hasher = None
+    hasher, conv = None, None
     if entry is not None:
         visual = VisualTokens(entry.visual, entry.clip, {"frames": 0.0, "vision": 0.0})
     else:
         hasher = vcache.ContentHasher(path) if opened_store is not None else None
+        tower = vision_backend(model, args)
         try:
-            visual = encode_streaming(model, path, args, progress)
+            if backend == "coreml":  # the tower runs beside MLX: prefill while it encodes
+                conv = new_conversation(model, tokenizer, None, args)
+                visual = conv.prefill_overlapped(sample_video(model, path, args), tower)
+            else:
+                visual = encode_streaming(model, path, args, progress, vision=tower)
         except ValueError as e:  # bad sampling settings
             raise UserError(str(e)) from None
-    conv = new_conversation(model, tokenizer, visual, args)
+    conv = conv or new_conversation(model, tokenizer, visual, args)
     kv_key = vcache.prefix_key(conv.prefix_tokens(), kv_bits=getattr(args, "kv_bits", None))
     prefix_from_cache = False
     if entry is not None and not getattr(args, "max_kv_size", None):

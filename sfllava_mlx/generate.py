@@ -176,12 +176,14 @@ class Conversation:
             return
         self.cache = make_prompt_cache(self.model.language_model, max_kv_size=self.max_kv_size)
         self.prefix_done = False
+        self.unreported = None  # the video's work, reported with the next answer
 
     def restore_prefix(self, cache: list) -> None:
         """Start from a saved KV cache of the prefix (system prompt + video)."""
         self.turns = []
         self.cache = cache
         self.prefix_done = True
+        self.unreported = None
 
     @property
     def offset(self) -> int:
@@ -221,8 +223,29 @@ class Conversation:
         except BaseException:  # a half-filled cache is useless: start clean next time
             self.cache = make_prompt_cache(self.model.language_model, max_kv_size=self.max_kv_size)
             raise
+        return self._prefix_filled(time.perf_counter() - tic)
+
+    def prefill_overlapped(self, clip, tower) -> VisualTokens:
+        """Encode the video on another unit (a Core ML tower) while MLX prefills what is
+        ready, slow frames first; sets and returns the visual tokens."""
+        from .coreml_vision import overlapped_prefill
+
+        tokens, timeline = overlapped_prefill(
+            self.model, self.cache, self.prefix_tokens(), clip.images, tower.encode,
+            tower.batch_size, prefill_step_size=self.prefill_step_size, kv_options=self.kv_options)
+        shares = timeline.critical_path()
+        frames = float((getattr(clip, "timings", None) or {}).get("frames", 0.0))
+        self.visual = VisualTokens(tokens, clip, {"frames": frames, "vision": shares["vision"],
+                                                  "overlap": timeline.overlap_s})
+        self._prefix_filled(shares["prefill"])
+        return self.visual
+
+    def _prefix_filled(self, prefill_s: float) -> float:
         self.prefix_done = True
-        return time.perf_counter() - tic
+        self.unreported = {"frames": self.visual.timings.get("frames", 0.0),
+                           "vision": self.visual.timings.get("vision", 0.0),
+                           "prefill": prefill_s, "tokens": self.prefix_length()}
+        return prefill_s
 
     def _dtype(self):
         return self.model.language_model.model.norm.weight.dtype
@@ -252,11 +275,12 @@ class Conversation:
         turn = Turn(question, timings_s=dict.fromkeys(
             ("frames", "vision", "prefill", "ttft", "generate"), 0.0))
         timings = turn.timings_s
-        if not self.prefix_done:  # the video's own work is reported once, with its prefill
-            timings["frames"] = self.visual.timings.get("frames", 0.0)
-            timings["vision"] = self.visual.timings.get("vision", 0.0)
-            turn.prompt_tokens += self.prefix_length()
-            timings["prefill"] += self.prefill_prefix(progress)
+        if not self.prefix_done:
+            self.prefill_prefix(progress)
+        if self.unreported:  # the video's own work is reported once, with the next answer
+            done, self.unreported = self.unreported, None
+            turn.prompt_tokens += done.pop("tokens")
+            timings.update(done)
         ids = self.question_tokens(question)
         self._check_context(len(ids) + 1)  # room for at least one answer token
         turn.prompt_tokens += len(ids)
