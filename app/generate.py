@@ -4,7 +4,6 @@ import json
 import sys
 import time
 
-
 from . import runner
 from .options import add_generation_arguments
 
@@ -46,6 +45,8 @@ def report_sampling(clip) -> None:
     if not clip.exact:
         print("note: keyframe sampling: frames are approximate (nearest keyframe before each "
               "position)", file=sys.stderr)
+    for note in getattr(clip.info, "notes", None) or []:
+        print(f"note: {note}", file=sys.stderr)
     if clip.replaced:
         pairs = ", ".join(f"{a}->{b}" for a, b in clip.replaced)
         print(f"note: frames that failed to decode were replaced by neighbours: {pairs}",
