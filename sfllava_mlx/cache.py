@@ -409,7 +409,7 @@ class VideoCache:
                 raise CorruptEntry(f"visual tokens {visual.shape} {visual.dtype} do not fit the model")
             if len(meta["clip"]["indices"]) != key.num_frames:
                 raise CorruptEntry("frame list does not match --num-frames")
-        except (CorruptEntry, KeyError, TypeError) as e:
+        except (CorruptEntry, KeyError, TypeError, OSError) as e:  # OSError: a racing drop
             self._drop_if_same(path, ident, str(e))
             return None
         if _identity(path) != ident:  # replaced while read: trust neither copy
