@@ -120,7 +120,6 @@ def main(args) -> int:
 
 def batch_main(args) -> int:
     model, tokenizer = runner.load_model(args)
-    start = time.perf_counter()
     video = runner.open_video(model, tokenizer, args.file, args)
     session = Session(model, tokenizer, args, video)
     for line in sys.stdin:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sfllava_mlx.config import SamplingConfig
-from sfllava_mlx.errors import CheckpointError, UserError
+from sfllava_mlx.errors import UserError
 
 THUMB_WIDTH = 192  # contact sheet: pixels per thumbnail
 SLOW_COLOUR = (255, 140, 0)  # RGB border of slow-stream frames on the contact sheet
@@ -78,12 +78,7 @@ def sampling_config(model) -> SamplingConfig:
         from sfllava_mlx.model import resolve_model_path  # hub ids (imports MLX)
 
         path = resolve_model_path(model)
-    try:
-        return ModelConfig.load(path).sampling
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no config.json: not a converted model directory") from None
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}/config.json cannot be used: {e}") from None
+    return ModelConfig.read(path).sampling
 
 
 # ---------------------------------------------------------------------------------------------

@@ -236,12 +236,7 @@ def export(model_dir, batch_size: int = DEFAULT_BATCH_SIZE, force: bool = False,
     model_dir = Path(model_dir)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    try:
-        config = ModelConfig.load(model_dir)
-    except FileNotFoundError:
-        raise CheckpointError(f"{model_dir} has no config.json: not a converted model") from None
-    except (ValueError, KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{model_dir}/config.json is not an sfllava model config: {e}") from None
+    config = ModelConfig.read(model_dir)
     target = model_dir / PACKAGE_NAME
     if target.exists() and not force:
         raise UserError(f"{target} exists: pass --force to replace it")

@@ -305,7 +305,7 @@ def write_safetensors(path: Path, shapes: dict, make, dtype: str) -> int:
 def _split_shards(shapes: dict, shards: int) -> list[dict]:
     """Split into `shards` groups of roughly equal element count, keeping order."""
     total = sum(int(np.prod(s)) for s in shapes.values())
-    groups, cur, acc = [{}], 0, 0
+    groups, acc = [{}], 0
     for name, shape in shapes.items():
         n = int(np.prod(shape))
         if groups[-1] and acc >= total * len(groups) / shards and len(groups) < shards:

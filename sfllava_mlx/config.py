@@ -127,6 +127,18 @@ class ModelConfig:
         with open(Path(model_dir) / "config.json") as f:
             return cls.from_dict(json.load(f))
 
+    @classmethod
+    def read(cls, model_dir) -> "ModelConfig":
+        """load(), with a missing or foreign config.json reported as the user's error."""
+        from .errors import CheckpointError
+
+        try:
+            return cls.load(model_dir)
+        except FileNotFoundError:
+            raise CheckpointError(f"{model_dir} has no config.json: not a converted model") from None
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{model_dir}/config.json is not an sfllava model config: {e}") from None
+
     def save(self, model_dir: Path) -> None:
         with open(Path(model_dir) / "config.json", "w") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=False)

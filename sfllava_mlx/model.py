@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -110,12 +109,7 @@ def cast_model(model: nn.Module, dtype: mx.Dtype) -> None:
 def load(path_or_repo, dtype: Optional[mx.Dtype] = None, lazy: bool = False):
     """Load a converted model: returns (SFLLaVA, mlx-lm TokenizerWrapper)."""
     model_path = resolve_model_path(str(path_or_repo))
-    try:
-        config = ModelConfig.load(model_path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{model_path} has no config.json: not a converted model") from None
-    except (ValueError, KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{model_path}/config.json is not an sfllava model config: {e}") from None
+    config = ModelConfig.read(model_path)
     model = build_model(config, load_weights(model_path))
     dtype = dtype or default_dtype()
     if dtype is not None:

@@ -3,9 +3,7 @@
 import json
 import signal
 import subprocess
-from pathlib import Path
 
-import pytest
 
 from tests.conftest import REPO, convert_checkpoint, run_env, sfllava, sfllava_command
 

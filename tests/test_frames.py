@@ -10,15 +10,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from sfllava_mlx import frames as F
-from sfllava_mlx.errors import UserError, VideoError
-from tests.videos import (corrupt_frames, decode_all, ffprobe_frames, have_ffmpeg, identify,
+from sfllava_mlx.errors import VideoError
+from tests.videos import (corrupt_frames, decode_all, ffprobe_frames, have_ffmpeg,
                           make_audio_only, make_ffmpeg_video, make_ffv1_video)
 
 needs_ffmpeg = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed (make setup)")
