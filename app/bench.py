@@ -47,6 +47,7 @@ STAGES = [
     ("vision_tower", "vision tower", "s"),
     ("projector_pooling", "projector+pool", "s"),
     ("prefill", "prefill", "s"),
+    ("overlap", "vision ‖ prefill", "s"),  # both units busy (Core ML tower beside MLX)
     ("ttft", "TTFT", "s"),
     ("decode", "decode", "tok/s"),
     ("followup_ttft", "follow-up TTFT", "s"),
@@ -82,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=PROMPT, help="the first question")
     p.add_argument("--followup", default=FOLLOWUP, help="the follow-up question")
     p.add_argument("--seek", choices=["exact", "keyframe"], default="exact")
+    p.add_argument("--vision-backend", type=_list(str), default=["mlx"],
+                   metavar="mlx,coreml[:UNITS]",
+                   help="vision tower backends, a sweep when several; coreml (macOS) takes "
+                        "compute units ALL, CPU_AND_NE or CPU_AND_GPU, e.g. coreml:CPU_AND_NE")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache")
     p.add_argument("--no-reopen", action="store_true",
                    help="skip the cached-reopen stage (it writes the video cache to a temp dir)")
@@ -119,11 +124,12 @@ class Config:
     dtype: Optional[str]
     q_bits: Optional[int]
     num_frames: Optional[int]
+    backend: str = "mlx"  # "mlx" or "coreml:UNITS"
 
     def label(self) -> str:
         name = f"SF-LLaVA-1.5 {self.size} (random weights)" if self.size else self.model
         bits = f"{self.q_bits}-bit LLM" if self.q_bits else "unquantized"
-        return f"{name}, {self.dtype}, {bits}, {self.num_frames} frames"
+        return f"{name}, {self.dtype}, {bits}, {self.num_frames} frames, vision {self.backend}"
 
 
 def configurations(args) -> list[Config]:
@@ -150,9 +156,29 @@ def configurations(args) -> list[Config]:
     for f in frames:
         if f is not None and f < 1:
             raise UserError(f"--frames {f}: need at least one frame")
+    backends = [parse_backend(b) for b in args.vision_backend]
     model = args.model or "random"
-    return [Config(model if s is None else f"random:{s}", s, args.dtype, b, f)
-            for s in sizes for b in bits for f in frames]
+    return [Config(model if s is None else f"random:{s}", s, args.dtype, b, f, v)
+            for s in sizes for b in bits for f in frames for v in backends]
+
+
+def parse_backend(text: str) -> str:
+    from sfllava_mlx.coreml_vision import COMPUTE_UNITS, require_macos
+
+    name, _, units = text.partition(":")
+    if name == "mlx" and not units:
+        return "mlx"
+    if name == "coreml" and (units or "ALL") in COMPUTE_UNITS:
+        require_macos()  # before any model is built
+        return f"coreml:{units or 'ALL'}"
+    raise UserError(f"--vision-backend {text}: use mlx or coreml[:{'|'.join(COMPUTE_UNITS)}]")
+
+
+def backend_options(opts, backend: str):
+    """opts with --vision-backend/--compute-units set for one configuration."""
+    name, _, units = backend.partition(":")
+    return argparse.Namespace(**{**vars(opts), "vision_backend": name,
+                                 "compute_units": units or "ALL"})
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,6 +296,20 @@ class Run:
     notes: list = field(default_factory=list)
 
 
+def encode_overlapped(model, tokenizer, path, opts):
+    """The Core ML path as `generate` runs it: the tower encodes beside MLX, which prefills
+    the slow tokens while the fast frames encode -> (conversation, split timings)."""
+    from . import runner
+
+    tower = runner.vision_backend(model, opts)
+    clip = runner.sample_video(model, path, opts)
+    conv = runner.new_conversation(model, tokenizer, None, opts)
+    t = conv.prefill_overlapped(clip, tower).timings
+    split = {"frame_decode": t["frames"], "preprocess": 0.0,  # preprocessing rides with the tower
+             "vision_tower": t["vision"], "projector_pooling": 0.0, "overlap": t["overlap"]}
+    return conv, split
+
+
 def run_once(model, tokenizer, path, opts, store=None) -> Run:
     from . import runner
 
@@ -279,9 +319,14 @@ def run_once(model, tokenizer, path, opts, store=None) -> Run:
     mx.clear_cache()
     _reset_peak()
     start = time.perf_counter()
-    visual, split = encode_timed(model, path, opts)
+    if opts.vision_backend == "coreml":
+        conv, split = encode_overlapped(model, tokenizer, path, opts)
+        visual = conv.visual
+    else:
+        visual, split = encode_timed(model, path, opts)
+        split["overlap"] = 0.0
+        conv = runner.new_conversation(model, tokenizer, visual, opts)
     peak_vision = _peak()
-    conv = runner.new_conversation(model, tokenizer, visual, opts)
     _reset_peak()
     _drain(conv.ask(opts.prompt, start_time=start, **ask))
     first = conv.last_turn
@@ -429,7 +474,7 @@ def bench_row(cfg: Config, model, tokenizer, path, args, peak, progress=None) ->
         for i in range(args.warmup + args.runs):
             if progress:
                 progress(cfg, i, args.warmup + args.runs)
-            run = run_once(model, tokenizer, path, args, store)
+            run = run_once(model, tokenizer, path, backend_options(args, cfg.backend), store)
             if i >= args.warmup:
                 runs.append(run)
     finally:
@@ -449,6 +494,7 @@ def bench_row(cfg: Config, model, tokenizer, path, args, peak, progress=None) ->
         "config": {"model": cfg.model, "size": cfg.size, "dtype": cfg.dtype, "q_bits": cfg.q_bits,
                    "q_group_size": args.q_group_size if cfg.q_bits else None,
                    "num_frames": model.config.sampling.num_frames, "kv_bits": args.kv_bits,
+                   "vision_backend": cfg.backend,
                    "visual_tokens": c["visual"], "prompt_tokens": c["prompt"],
                    "generated_tokens": c["generated"], "followup_prompt_tokens": c["followup_prompt"],
                    "label": cfg.label()},

@@ -229,3 +229,60 @@ def test_bad_arguments_are_user_errors(tiny_model, capsys):
     assert cli_main(["bench", "--model", str(tiny_model), "--frames", "0"]) == 2
     assert cli_main(["bench", "--model", str(tiny_model), "--video", "/no/such.mp4"]) == 2
     assert cli_main(["bench", "--sizes", "13b"]) == 2
+
+
+def test_vision_backend_sweep_axis(monkeypatch):
+    """--vision-backend is a sweep axis; coreml names its compute units, and is refused
+    off macOS before any model is built."""
+    import argparse
+
+    from app import bench
+    from sfllava_mlx.errors import UserError
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--random-weights", "1.5b", "--frames", "8,16",
+                         "--vision-backend", "mlx,coreml:CPU_AND_NE"])
+    monkeypatch.setattr("sys.platform", "darwin")
+    rows = bench.configurations(args)
+    assert [(c.num_frames, c.backend) for c in rows] == [
+        (8, "mlx"), (8, "coreml:CPU_AND_NE"), (16, "mlx"), (16, "coreml:CPU_AND_NE")]
+    opts = bench.backend_options(args, "coreml:CPU_AND_NE")
+    assert (opts.vision_backend, opts.compute_units) == ("coreml", "CPU_AND_NE")
+    monkeypatch.setattr("sys.platform", "linux")
+    with pytest.raises(UserError, match="needs macOS"):
+        bench.configurations(args)
+    with pytest.raises(UserError, match="--vision-backend"):
+        bench.parse_backend("coreml:GPU")
+
+
+def test_coreml_row_shows_the_overlap(tiny_model, video, capsys, monkeypatch):
+    """A Core ML row runs the overlapped path; here a stand-in tower (the MLX tower behind
+    Core ML's interface) takes Core ML's place, which predicts only on macOS."""
+    import mlx.core as mx
+    import numpy as np
+
+    from app import runner
+
+    class StandIn:
+        batch_size = 4
+
+        def __init__(self, model):
+            self.model = model
+
+        def encode(self, pixels):
+            return np.array(self.model.vision_tower(mx.array(pixels)))
+
+    monkeypatch.setattr("sys.platform", "darwin")
+    monkeypatch.setattr(runner, "vision_backend",
+                        lambda model, opts: StandIn(model) if opts.vision_backend == "coreml" else None)
+    report = run_json(capsys, "--model", str(tiny_model), "--video", str(video), "--frames", "8",
+                      "--runs", "1", "--warmup", "0", "--max-tokens", "2", "--no-reopen",
+                      "--vision-backend", "mlx,coreml:CPU_AND_NE")
+    mlx_row, coreml_row = report["rows"]
+    assert coreml_row["config"]["vision_backend"] == "coreml:CPU_AND_NE"
+    assert mlx_row["stages"]["overlap"]["median"] == 0
+    run = coreml_row["runs"][0]
+    assert run["overlap"] >= 0 and run["vision_tower"] > 0 and run["prefill"] > 0
+    assert run["frame_decode"] + run["vision_tower"] + run["prefill"] <= run["ttft"] + 1e-6
+    assert coreml_row["config"]["visual_tokens"] == mlx_row["config"]["visual_tokens"]
