@@ -86,7 +86,9 @@ def test_terminal_chat(demo, tmp_path):
     base = " ".join(map(shlex.quote, sfllava_cmd() + [
         "chat", str(demo["video"]), "--model", str(demo["model"]), *FAST]))
     main = Terminal(f"{base} --max-tokens 1500", environ)
-    quitter = Terminal(f"{base} --max-tokens 4", environ)  # started side by side: startup is slow
+    # Started side by side (start-up is slow), with its own cache: the main session must
+    # open the video cold, whichever process gets there first.
+    quitter = Terminal(f"{base} --max-tokens 4", env(tmp_path / "xdg-quitter"))
     try:
         # The header: video name, duration, resolution; the model and its size.
         screen = main.wait_for(at_prompt)
