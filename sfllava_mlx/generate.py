@@ -250,12 +250,20 @@ class Conversation:
     def _dtype(self):
         return self.model.language_model.model.norm.weight.dtype
 
+    @property
+    def context_limit(self) -> int:
+        """Tokens the cache may hold. A rotating cache (--max-kv-size) would overwrite the
+        video once full, so its size is a limit too: never cut the video out silently."""
+        return min(self.model.context_length, self.max_kv_size or self.model.context_length)
+
     def _check_context(self, new_tokens: int) -> None:
-        limit = self.model.context_length
+        limit = self.context_limit
         if self.offset + new_tokens > limit:
+            what = ("--max-kv-size" if limit < self.model.context_length
+                    else "the model's context")
             raise ContextOverflowError(
-                f"the conversation would pass the model's context ({self.offset + new_tokens} "
-                f"> {limit} tokens); start a new conversation (/reset)")
+                f"the conversation would pass {what} ({self.offset + new_tokens} > {limit} "
+                f"tokens); start a new conversation (/reset)")
 
     def question_tokens(self, question: str) -> list:
         if not self.turns:
@@ -285,7 +293,7 @@ class Conversation:
         self._check_context(len(ids) + 1)  # room for at least one answer token
         turn.prompt_tokens += len(ids)
         before = self.offset
-        max_tokens = max(1, min(max_tokens, self.model.context_length - before - len(ids)))
+        max_tokens = max(1, min(max_tokens, self.context_limit - before - len(ids)))
         if seed is not None:
             mx.random.seed(seed)
         self.turns.append(turn)

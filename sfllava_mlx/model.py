@@ -18,7 +18,8 @@ from .projector import Projector
 from .vision import VisionTower
 
 # What a converted model directory needs from the hub: never pickles, never code.
-MODEL_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.txt", "*.jinja"]
+MODEL_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.txt", "*.jinja",
+               "vision_tower.mlpackage/*"]
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 

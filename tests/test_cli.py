@@ -83,3 +83,29 @@ def test_ctrl_c_ends_generate_quietly_with_130(tmp_path, converted, videos):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_a_kv_cache_smaller_than_the_video_is_refused(tmp_path, converted, videos):
+    # A rotating cache of 100 tokens would overwrite the 224 visual tokens: refused, not cut.
+    r = sfllava(["generate", "--model", converted["oryx-vit"], "--video", videos["main"],
+                 "--prompt", "hi", "--max-kv-size", "100", "--no-cache"], tmp_path)
+    assert_user_error(r, "--max-kv-size")
+
+
+def test_model_from_the_hub_downloads_no_pickles_or_code(tmp_path, converted, monkeypatch):
+    import huggingface_hub
+
+    from sfllava_mlx.model import resolve_model_path
+
+    asked = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(converted["oryx-vit"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_model_path("someone/sfllava-1b-4bit") == converted["oryx-vit"]
+    assert asked["repo_id"] == "someone/sfllava-1b-4bit"
+    patterns = asked["allow_patterns"]
+    assert "*.safetensors" in patterns and "*.json" in patterns
+    assert not any(p.endswith((".bin", ".pth", ".py", ".pt", ".pkl")) for p in patterns)
