@@ -267,6 +267,8 @@ class _Decoder:
         cc = self.stream.codec_context
         # Frame threads decode long runs fastest; keyframe-only decoding gains nothing from them.
         self.stream.thread_type = "SLICE" if self.keyframes_only else "FRAME"
+        # One frame thread per core: FFmpeg's default (cores + 1) refills slower after a seek.
+        cc.thread_count = os.cpu_count() or 0
         if self.keyframes_only:
             cc.skip_frame = "NONKEY"
         self._restart_stream()
