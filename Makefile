@@ -29,13 +29,14 @@ $(BIN)/sfllava: pyproject.toml
 
 setup: $(BIN)/sfllava
 
-# ffmpeg makes the long-GOP H.264/HEVC test videos; OpenBLAS speeds MLX's CPU backend.
+# ffmpeg makes the long-GOP H.264/HEVC test videos, tmux drives the chat in a real terminal;
+# OpenBLAS speeds MLX's CPU backend.
 system-deps:
 ifeq ($(UNAME),Linux)
-	@if ! command -v ffmpeg >/dev/null || [ ! -e $(OPENBLAS) ]; then \
+	@if ! command -v ffmpeg >/dev/null || ! command -v tmux >/dev/null || [ ! -e $(OPENBLAS) ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    (apt-get update -qq && apt-get install -y -qq ffmpeg libopenblas0-pthread tmux) >/dev/null; \
-	  else echo "note: install ffmpeg and libopenblas0-pthread for the full test suite"; fi; \
+	  else echo "note: install ffmpeg, tmux and libopenblas0-pthread for the full test suite"; fi; \
 	fi
 else
 	@command -v ffmpeg >/dev/null || echo "note: 'brew install ffmpeg' enables the H.264/HEVC tests"
