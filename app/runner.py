@@ -13,6 +13,8 @@ import mlx.core as mx
 from sfllava_mlx import load
 from sfllava_mlx import cache as vcache
 from sfllava_mlx.errors import UserError, VideoError
+# Imported up front: PyAV's import would otherwise land inside the first answer's ttft.
+from sfllava_mlx.frames import iter_frames, read_frames
 from sfllava_mlx.generate import Conversation, VisualTokens, encode_video
 
 # progress(stage, done, total), stage being "frames", "vision" or "prefill"
@@ -40,8 +42,6 @@ def vision_backend(model, args):
 
 def sample_video(model, path, args):
     """All sampled frames at once (SampledFrames, with `timings["frames"]`)."""
-    from sfllava_mlx.frames import read_frames
-
     s = model.config.sampling
     tic = time.perf_counter()
     clip = read_frames(path, num_frames=s.num_frames, slow_every=s.slow_every,
@@ -54,8 +54,6 @@ def encode_streaming(model, path, args, progress: Optional[Progress] = None,
                      vision=None) -> VisualTokens:
     """Decode on the frame reader's thread while the tower encodes what has arrived: the
     `frames` stage counts opening the video and the time the tower waited for frames."""
-    from sfllava_mlx.frames import iter_frames
-
     s = model.config.sampling
     tic = time.perf_counter()
     with iter_frames(path, num_frames=s.num_frames, slow_every=s.slow_every,
