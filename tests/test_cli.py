@@ -66,8 +66,9 @@ def test_json_stdout_is_only_json(tmp_path, converted, videos):
     t = out["timings_s"]
     assert set(t) >= {"frames", "vision", "prefill", "ttft", "generate"}
     # Critical-path shares: the stages before the first token add up to it, nothing counted twice.
-    assert t["frames"] + t["vision"] + t["prefill"] <= t["ttft"] * 1.05 + 0.01
-    assert t["frames"] + t["vision"] + t["prefill"] >= t["ttft"] * 0.5
+    parts = t["frames"] + t["vision"] + t["prefill"]
+    assert parts <= t["ttft"] * 1.05 + 0.01
+    assert t["ttft"] - parts <= max(0.1 * t["ttft"], 0.03)  # no stage missing
     assert len(out["tokens"]) == len(out["logprobs"]) <= 4
     assert all(lp <= 0 for lp in out["logprobs"])
 
