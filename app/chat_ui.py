@@ -88,7 +88,7 @@ class ChatUI:
     def header(self, video, model, model_info: dict) -> None:
         clip = video.clip
         n = len(getattr(clip, "indices", []) or [])
-        exact = "exact" if getattr(clip, "exact", True) else "keyframes"
+        exact = "exact" if getattr(clip, "exact", True) else "keyframes: approximate"
         lines = Text()
         lines.append("video  ", style="bold")
         lines.append(video_summary(video.path, clip) + "\n")
@@ -172,7 +172,7 @@ class ChatUI:
             table.add_row(str(i), str(index), clock(ts), stream)
         self.console.print(table)
         if not getattr(clip, "exact", True):
-            self.note("keyframe sampling: each position shows the keyframe at or before it")
+            self.note("keyframe sampling (approximate): each position shows the keyframe at or before it")
 
     def stats(self, rows: list[tuple[str, str]]) -> None:
         table = Table(show_header=False, box=None, padding=(0, 2))
