@@ -247,22 +247,14 @@ class TimedTower:
 def encode_timed(model, path, opts):
     """The runtime's streaming encode (runner.encode_streaming) with the tower timed on its
     own -> (VisualTokens, split timings)."""
-    from sfllava_mlx.frames import iter_frames
-    from sfllava_mlx.generate import encode_video
-
     from . import runner
 
-    s = model.config.sampling
     tower = TimedTower(runner.vision_backend(model, opts) or model.vision_tower)
-    tic = time.perf_counter()
-    with iter_frames(path, num_frames=s.num_frames, slow_every=s.slow_every,
-                     seek=opts.seek) as reader:
-        open_s = time.perf_counter() - tic  # container, frame index, first frame
-        reader.timings = {"frames": open_s}
-        visual = encode_video(model, reader, vision=tower)
+    visual = runner.encode_streaming(model, path, opts, vision=tower)
     t = visual.timings
     split = {
-        "frame_decode": open_s + t["decode"],
+        # `frames` = opening the video + waiting for decoded frames + preprocessing
+        "frame_decode": t["frames"] - t["preprocess"],
         "preprocess": t["preprocess"] + tower.pixels_s,
         "vision_tower": tower.tower_s,
         "projector_pooling": t["vision"] - tower.pixels_s - tower.tower_s,
