@@ -140,6 +140,19 @@ def resolve_peak(tflops: Optional[float] = None, bandwidth_gbs: Optional[float] 
     return Peak(tflops, bandwidth_gbs, "; ".join(sources))
 
 
+def _best_time(compute, *inputs, tries: int = 4) -> float:
+    """Shortest of a few evaluations of compute(), its inputs evaluated beforehand."""
+    import mlx.core as mx
+
+    mx.eval(*inputs)
+    best = float("inf")
+    for _ in range(tries):
+        tic = time.perf_counter()
+        mx.eval(compute())
+        best = min(best, time.perf_counter() - tic)
+    return best
+
+
 def measure_peak(dtype=None, size: int = 2048, bandwidth_mb: int = 512) -> Peak:
     """What MLX reaches on this machine: best of a few square matmuls, and the bytes a
     large float32 matrix-vector product reads per second. A best case for MLX here, not the
@@ -149,24 +162,12 @@ def measure_peak(dtype=None, size: int = 2048, bandwidth_mb: int = 512) -> Peak:
     dtype = dtype or mx.float32
     a = mx.random.uniform(shape=(size, size)).astype(dtype)
     b = mx.random.uniform(shape=(size, size)).astype(dtype)
-    mx.eval(a, b)
-    best = float("inf")
-    for _ in range(4):
-        tic = time.perf_counter()
-        mx.eval(a @ b)
-        best = min(best, time.perf_counter() - tic)
-    tflops = 2 * size ** 3 / best / 1e12
+    tflops = 2 * size ** 3 / _best_time(lambda: a @ b, a, b) / 1e12
     # Bandwidth as decode uses it: a matrix-vector product streams the matrix once.
     rows = (bandwidth_mb << 20) // (4 * 4096)
     w = mx.random.uniform(shape=(rows, 4096))
     v = mx.random.uniform(shape=(4096,))
-    mx.eval(w, v)
-    best = float("inf")
-    for _ in range(4):
-        tic = time.perf_counter()
-        mx.eval(w @ v)
-        best = min(best, time.perf_counter() - tic)
-    bandwidth = w.nbytes / best / 1e9
+    bandwidth = w.nbytes / _best_time(lambda: w @ v, w, v) / 1e9
     return Peak(round(tflops, 3), round(bandwidth, 1),
                 f"calibrated: MLX {size}^2 matmul and a {bandwidth_mb} MB matrix-vector product on "
                 f"{mx.default_device()}")
