@@ -144,8 +144,8 @@ def batch_main(args) -> int:
         turn = session.conv.last_turn
         session.record(question, turn.text, stopped=False)
         if args.json:
-            print(json.dumps(runner.turn_record(turn, session.video.visual, session.video.cache)),
-                  flush=True)
+            print(json.dumps(runner.turn_record(turn, session.video.visual, session.video.cache,
+                                                args.recipe)), flush=True)
         else:
             sys.stdout.write("\n\n")
             sys.stdout.flush()

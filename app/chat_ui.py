@@ -97,7 +97,9 @@ class ChatUI:
                      f"{model_info['size']} · {model_info['dtype']}\n")
         lines.append("input  ", style="bold")
         lines.append(f"{n} frames ({exact}) → {video.visual.embeddings.shape[0]} visual tokens · "
-                     f"cache {video.cache} · ready in {video.open_s:.2f} s")
+                     f"cache {video.cache} · ready in {video.open_s:.2f} s\n")
+        lines.append("recipe ", style="bold")
+        lines.append(recipe_summary(model.config))
         replaced = getattr(clip, "replaced", None)
         if replaced:
             lines.append("\nnote   ", style="bold yellow")
@@ -205,6 +207,25 @@ class _AnswerView:
         if self.stopped:
             return Group(body, Text("[stopped]", style="yellow"))
         return body
+
+
+FAMILY_NAMES = {"sf-llava-1.5": "SF-LLaVA-1.5", "llava-onevision": "LLaVA-OneVision",
+                "llava-video": "LLaVA-Video"}
+
+
+def recipe_summary(config) -> str:
+    """The family and recipe, and plainly when SlowFast is applied training-free."""
+    family = FAMILY_NAMES.get(config.family, config.family)
+    s = config.sampling
+    if s.slow_every > 1:
+        n_slow = len(range(0, s.num_frames, s.slow_every))
+        how = f"SlowFast: {n_slow} slow + {s.num_frames - n_slow} fast frames"
+    else:
+        how = f"{s.num_frames} frames, pooled {s.slow_stride}x{s.slow_stride}"
+    line = f"{family} · {config.recipe} ({how})"
+    if config.training_free:
+        line += f" · training-free: {family} was not trained with SlowFast"
+    return line
 
 
 def model_info(model) -> dict:

@@ -16,6 +16,8 @@ SUBCOMMANDS = [
     ("frames", "app.frames", "show (and save) the frames the model will see"),
     ("bench", "app.bench", "stage-by-stage latency profile"),
     ("export-coreml", "app.export_coreml", "export the vision tower to Core ML"),
+    ("serve", "app.serve", "an OpenAI-compatible local server for video chat"),
+    ("batch", "app.batch", "answer questions about many videos, resumable, over several Macs"),
     ("cache", "app.cache", "list or clear the video cache"),
 ]
 

@@ -1,6 +1,7 @@
 """`sfllava frames`: show (and save) the frames the model will see (SPEC §4).
 
-    sfllava frames VIDEO [--model DIR] [--num-frames 128] [--seek exact|keyframe] [--out DIR] [--json]
+    sfllava frames VIDEO [--model DIR] [--recipe native|slowfast] [--num-frames T]
+                   [--seek exact|keyframe] [--out DIR] [--json]
 
 A table of the sample positions (frame index, timestamp, slow or fast stream); `--out` writes
 each sampled frame as a lossless PNG at the video's own resolution, upright (`NNN.png`, in
@@ -20,8 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sfllava_mlx.config import SamplingConfig
+from sfllava_mlx.config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
+                                SamplingConfig, VisionConfig)
 from sfllava_mlx.errors import UserError
+from sfllava_mlx.pooling import num_visual_tokens
+
+from .options import add_fps_argument, add_recipe_argument
 
 THUMB_WIDTH = 192  # contact sheet: pixels per thumbnail
 SLOW_COLOUR = (255, 140, 0)  # RGB border of slow-stream frames on the contact sheet
@@ -32,7 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None,
                    help="converted model directory: use its sampling settings (default: SPEC §2's)")
     p.add_argument("--num-frames", type=int, default=None,
-                   help="sample positions (default: the model's, 128)")
+                   help="sample positions (default: the recipe's)")
+    add_recipe_argument(p)
+    add_fps_argument(p)
     p.add_argument("--seek", choices=["exact", "keyframe"], default="exact",
                    help="exact frames (default) or the keyframe at or before each position")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -43,14 +50,15 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     from sfllava_mlx.frames import read_frames
 
-    sampling = sampling_config(args.model)
-    if args.num_frames is not None:
-        if args.num_frames < 1:
-            raise UserError(f"--num-frames must be at least 1, not {args.num_frames}")
-        sampling.num_frames = args.num_frames
+    config = model_config(args.model)
+    try:
+        sampling = config.use_recipe(args.recipe, args.num_frames)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     tic = time.perf_counter()
-    clip = read_frames(args.video, num_frames=sampling.num_frames,
-                       slow_every=sampling.slow_every, seek=args.seek)
+    clip = read_frames(args.video, num_frames=sampling.num_frames, slow_every=sampling.slow_every,
+                       seek=args.seek, positions=sampling.frame_positions, fps=args.fps)
+    sampling.num_frames = len(clip.indices)  # --fps: this video's count
     elapsed = time.perf_counter() - tic
     if args.out:
         write_frames(clip, Path(args.out))
@@ -59,26 +67,39 @@ def main(args) -> int:
             "frames": [{"index": i, "timestamp": round(t, 6), "stream": s}
                        for i, t, s in zip(clip.indices, clip.timestamps, clip.streams)],
             "exact": clip.exact,
+            "recipe": args.recipe,
+            "visual_tokens": num_visual_tokens(config.vision.grid, sampling),
             "timings_s": {"frames": round(elapsed, 6)},
         }))
         report_notes(clip, stream=sys.stderr)
     else:
         print_table(clip, elapsed, args.out)
+        print(recipe_line(config, args.recipe))
     return 0
 
 
-def sampling_config(model) -> SamplingConfig:
-    """The model's sampling settings, or SPEC §2's defaults without --model."""
+def model_config(model) -> ModelConfig:
+    """The model's config, or SF-LLaVA-1.5's (SPEC §2's defaults) without --model."""
     if model is None:
-        return SamplingConfig()
-    from sfllava_mlx.config import ModelConfig
-
+        return ModelConfig("default", {}, VisionConfig(), ProjectorConfig(), SamplingConfig(),
+                           PreprocessConfig(), PromptConfig())
     path = Path(model).expanduser()
     if not path.is_dir():
         from sfllava_mlx.model import resolve_model_path  # hub ids (imports MLX)
 
         path = resolve_model_path(model)
-    return ModelConfig.read(path).sampling
+    return ModelConfig.read(path)
+
+
+def recipe_line(config: ModelConfig, recipe: str) -> str:
+    s = config.sampling
+    streams = (f"{len(range(0, s.num_frames, s.slow_every))} slow at stride "
+               f"{s.slow_stride} + fast at stride {s.fast_stride}" if s.slow_every > 1
+               else f"one stream at stride {s.slow_stride}")
+    note = " (SlowFast training-free on this model)" if config.training_free else ""
+    return (f"recipe: {recipe}{note} for {config.family}: {s.num_frames} frames by {s.frame_positions}, "
+            f"{streams}, {s.pool_mode} pooling, newline {s.newline}: "
+            f"{num_visual_tokens(config.vision.grid, s)} visual tokens")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def main(args) -> int:
             print(r.text, end="", flush=True)
     turn = video.conv.last_turn
     if args.json:
-        print(json.dumps(runner.turn_record(turn, visual, cache)), flush=True)
+        print(json.dumps(runner.turn_record(turn, visual, cache, args.recipe)), flush=True)
     else:
         print()
         t = turn.timings_s

@@ -5,30 +5,66 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import mlx.core as mx
 
 from sfllava_mlx import load
+from sfllava_mlx.config import SamplingConfig
 from sfllava_mlx import cache as vcache
 from sfllava_mlx.errors import UserError, VideoError
 # Imported up front: PyAV's import would otherwise land inside the first answer's ttft.
-from sfllava_mlx.frames import iter_frames, read_frames
+from sfllava_mlx.frames import frames_for_rate, iter_frames, probe, read_frames
 from sfllava_mlx.generate import Conversation, VisualTokens, encode_video
+from sfllava_mlx.memory import MemoryPlan, check_plan
+from sfllava_mlx.pooling import num_visual_tokens
 
 # progress(stage, done, total), stage being "frames", "vision" or "prefill"
 Progress = Callable[[str, int, int], None]
 
 
 def load_model(args):
-    """Load --model; --num-frames overrides the model's sample positions."""
+    """Load --model; --recipe picks its recipe, --num-frames overrides the recipe's T."""
     model, tokenizer = load(args.model)
-    if getattr(args, "num_frames", None):
-        if args.num_frames < 1:
-            raise UserError(f"--num-frames must be at least 1, not {args.num_frames}")
-        model.config.sampling.num_frames = args.num_frames
+    configure_sampling(model, getattr(args, "recipe", None), getattr(args, "num_frames", None))
     return model, tokenizer
+
+
+def configure_sampling(model, recipe: Optional[str] = None, num_frames: Optional[int] = None):
+    """Set the sampling that the next videos are opened with (SPEC §2.9-2.10)."""
+    try:
+        return model.config.use_recipe(recipe or "native", num_frames or None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def frame_options(model, args) -> dict:
+    s = model.config.sampling
+    return dict(num_frames=s.num_frames, slow_every=s.slow_every, positions=s.frame_positions,
+                seek=getattr(args, "seek", "exact"), fps=getattr(args, "fps", None))
+
+
+def plan(model, sampling: SamplingConfig, args) -> MemoryPlan:
+    """The memory plan of one video's request; a request that cannot fit is refused."""
+    max_kv_size = getattr(args, "max_kv_size", None)
+    return check_plan(model, sampling, max_tokens=getattr(args, "max_tokens", 512) or 512,
+                      kv_bits=getattr(args, "kv_bits", None), max_kv_size=max_kv_size,
+                      context_limit=min(model.context_length, max_kv_size or model.context_length))
+
+
+def video_sampling(model, path, args) -> SamplingConfig:
+    """The recipe this video is opened with: `--fps` caps its frame count by its duration
+    (SPEC §2.10), as the frame reader does with the same rule."""
+    s = model.config.sampling
+    fps = getattr(args, "fps", None)
+    if fps is None:
+        return s
+    info = probe(path)
+    try:
+        return replace(s, num_frames=frames_for_rate(s.num_frames, info.num_frames, info.fps, fps))
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def vision_backend(model, args):
@@ -42,25 +78,27 @@ def vision_backend(model, args):
 
 def sample_video(model, path, args):
     """All sampled frames at once (SampledFrames, with `timings["frames"]`)."""
-    s = model.config.sampling
     tic = time.perf_counter()
-    clip = read_frames(path, num_frames=s.num_frames, slow_every=s.slow_every,
-                       seek=getattr(args, "seek", "exact"))
+    clip = read_frames(path, **frame_options(model, args))
     clip.timings = {"frames": time.perf_counter() - tic}
     return clip
 
 
 def encode_streaming(model, path, args, progress: Optional[Progress] = None,
-                     vision=None) -> VisualTokens:
+                     vision=None, frames=None) -> VisualTokens:
     """Decode on the frame reader's thread while the tower encodes what has arrived: the
-    `frames` stage counts opening the video and the time the tower waited for frames."""
-    s = model.config.sampling
+    `frames` stage counts opening the video and the time the tower waited for frames.
+    `frames`: a FrameReader-like object already reading this video (batch prefetches the
+    next video's frames: app/batch_prefetch.py), which sets its own `timings`."""
     tic = time.perf_counter()
-    with iter_frames(path, num_frames=s.num_frames, slow_every=s.slow_every,
-                     seek=getattr(args, "seek", "exact")) as reader:
-        reader.timings = {"frames": time.perf_counter() - tic}  # container, index, first frame
+    reader = frames if frames is not None else iter_frames(path, **frame_options(model, args))
+    with reader:
+        if frames is None:
+            reader.timings = {"frames": time.perf_counter() - tic}  # container, index, first frame
+        # The reader knows this video's frame count (--fps makes it per video).
+        sampling = replace(model.config.sampling, num_frames=len(reader.indices))
         return encode_video(
-            model, reader, vision=vision,
+            model, reader, vision=vision, sampling=sampling,
             on_frame=(lambda d, t: progress("frames", d, t)) if progress else None,
             progress=(lambda d, t: progress("vision", d, t)) if progress else None)
 
@@ -152,28 +190,31 @@ def model_name(model) -> str:
 
 
 def open_video(model, tokenizer, path, args, progress: Optional[Progress] = None, *,
-               prefill: bool = False, store: Optional[vcache.VideoCache] = None) -> OpenedVideo:
+               prefill: bool = False, store: Optional[vcache.VideoCache] = None,
+               frames=None) -> OpenedVideo:
     """Video -> OpenedVideo, through the cache unless --no-cache.
 
     prefill=True also prefills the prompt prefix now (with progress), so that the first
     question prefills only its own tokens; otherwise the first `ask` does it and reports
-    it with its timings (generate).
+    it with its timings (generate). `frames`: see `encode_streaming` (MLX tower only;
+    unused on a cache hit, the caller closes it).
     """
     check_video_path(path)
     start = time.perf_counter()
     seek = getattr(args, "seek", "exact")
     backend = getattr(args, "vision_backend", "mlx")
+    sampling = video_sampling(model, path, args)
+    plan(model, sampling, args)  # refused here, before a frame is decoded, if it cannot fit
     opened_store = None
     key = fingerprint = entry = None
     if use_cache(args):
         opened_store = store or vcache.VideoCache()
         fingerprint = vcache.VideoFingerprint.of(path)
-        key = vcache.make_key(fingerprint, model, seek=seek, vision_backend=backend)
-        from sfllava_mlx.pooling import num_visual_tokens
-
+        key = vcache.make_key(fingerprint, model, seek=seek, vision_backend=backend,
+                              sampling=sampling, fps=getattr(args, "fps", None))
         entry = opened_store.lookup(
             key, fingerprint, hidden_size=model.config.projector.hidden_size,
-            num_tokens=num_visual_tokens(model.config.vision.grid, model.config.sampling))
+            num_tokens=num_visual_tokens(model.config.vision.grid, sampling))
 
     hasher, conv = None, None
     if entry is not None:
@@ -184,9 +225,11 @@ def open_video(model, tokenizer, path, args, progress: Optional[Progress] = None
         try:
             if backend == "coreml":  # the tower runs beside MLX: prefill while it encodes
                 conv = new_conversation(model, tokenizer, None, args)
-                visual = conv.prefill_overlapped(sample_video(model, path, args), tower)
+                clip = sample_video(model, path, args)
+                visual = conv.prefill_overlapped(clip, tower, replace(
+                    model.config.sampling, num_frames=len(clip.indices)))
             else:
-                visual = encode_streaming(model, path, args, progress, vision=tower)
+                visual = encode_streaming(model, path, args, progress, vision=tower, frames=frames)
         except ValueError as e:  # bad sampling settings
             raise UserError(str(e)) from None
     conv = conv or new_conversation(model, tokenizer, visual, args)
@@ -215,14 +258,15 @@ def open_video(model, tokenizer, path, args, progress: Optional[Progress] = None
 def new_conversation(model, tokenizer, visual, args) -> Conversation:
     return Conversation(model, tokenizer, visual, system_prompt=getattr(args, "system_prompt", None),
                         max_kv_size=getattr(args, "max_kv_size", None),
-                        kv_bits=getattr(args, "kv_bits", None))
+                        kv_bits=getattr(args, "kv_bits", None),
+                        timestamps=bool(getattr(args, "timestamps", False)))
 
 
 def ask_options(args) -> dict:
     return dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed)
 
 
-def turn_record(turn, visual: VisualTokens, cache: str) -> dict:
+def turn_record(turn, visual: VisualTokens, cache: str, recipe: Optional[str] = None) -> dict:
     """The JSON object of SPEC §4 for one answered question."""
     return {
         "text": turn.text,
@@ -234,6 +278,7 @@ def turn_record(turn, visual: VisualTokens, cache: str) -> dict:
         "peak_memory_gb": round(turn.peak_memory_gb, 4),
         "cache": cache,
         "finish_reason": turn.finish_reason,
+        "recipe": recipe,
     }
 
 

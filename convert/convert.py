@@ -91,8 +91,9 @@ def plan_conversion(hf_path: str, allow_pickle: bool = False):
 
     src = open_checkpoint(resolve_source(hf_path, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
     check_tokenizer(src.path)
-    shapes = {n: t.shape for n, t in src.tensors.items()}
-    layout = layouts.detect_layout(shapes)
+    layout = layouts.detect_layout(src.tensors)
+    aliases = layouts.canonical_names(layout, src.tensors)
+    shapes = {n: src.tensors[real].shape for n, real in aliases.items()}
     cfg = layouts.model_config(layout, src.config, shapes, src.preprocessor)
     n_tok = tokenizer_size(src.path)
     if n_tok is not None and n_tok > cfg.text_config["vocab_size"]:
@@ -100,9 +101,10 @@ def plan_conversion(hf_path: str, allow_pickle: bool = False):
             f"the tokenizer has {n_tok} tokens but the LLM only {cfg.text_config['vocab_size']} "
             "embeddings (vocab_size)")
     model = SFLLaVA(cfg)  # parameters stay lazy: only their shapes are read here
-    p = layouts.plan(layout, shapes, cfg, _param_shapes(model))
+    p = layouts.plan(layout, shapes, cfg, _param_shapes(model), aliases)
     if not p.ok:
-        raise CheckpointError(layouts.summary_line(p), details=layouts.report(p, shapes))
+        raise CheckpointError(layouts.summary_line(p), details=layouts.report(
+            p, {n: t.shape for n, t in src.tensors.items()}))
     return src, cfg, p, model
 
 

@@ -24,16 +24,41 @@ from sfllava_mlx.config import (
     PromptConfig,
     SamplingConfig,
     VisionConfig,
+    family_recipes,
 )
 from sfllava_mlx.errors import CheckpointError
 
 ORYX = "oryx-vit"
 SIGLIP = "llava-siglip"
-LAYOUTS = (ORYX, SIGLIP)
+HF = "llava-hf"  # transformers' LlavaOnevisionForConditionalGeneration
+LAYOUTS = (ORYX, SIGLIP, HF)
 
 TOWER = "model.vision_tower.vision_tower."
 SIGLIP_PREFIX = TOWER + "vision_model."
 ORYX_PREFIX = TOWER
+NEWLINE = "model.image_newline"
+
+# llava-hf names -> the LLaVA names the rules below read (first matching prefix wins), so
+# the three namings of SPEC §3 (2024 hub files, transformers 5's save_pretrained, the
+# model.-prefixed in-memory names) share one table with llava-siglip.
+HF_RENAMES = [
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
+    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    ("model.vision_tower.vision_model.", SIGLIP_PREFIX),
+    ("model.vision_tower.", SIGLIP_PREFIX),
+    ("vision_tower.vision_model.", SIGLIP_PREFIX),
+    ("vision_tower.", SIGLIP_PREFIX),
+    ("model.image_newline", NEWLINE),
+    ("image_newline", NEWLINE),
+]
+HF_MARKERS = ("language_model.", "model.language_model.", "multi_modal_projector.",
+              "model.multi_modal_projector.")
 
 # Hugging Face SigLIP vision_config field names (SPEC §3).
 HF_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -50,8 +75,9 @@ HF_SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_la
                           hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 KNOWN_SIGLIP_TOWERS = {"siglip-so400m-patch14-384": SO400M_384}
 
-DEFAULT_FEATURE_LAYER = {ORYX: -1, SIGLIP: -2}  # oryx: last block; LLaVA's usual -2 for SigLIP
-POS_INTERPOLATION = {ORYX: "bilinear", SIGLIP: "bicubic"}
+# oryx: last block; LLaVA's usual -2 for SigLIP; transformers' LlavaOnevisionConfig default -1
+DEFAULT_FEATURE_LAYER = {ORYX: -1, SIGLIP: -2, HF: -1}
+POS_INTERPOLATION = {ORYX: "bilinear", SIGLIP: "bicubic", HF: "bicubic"}
 GELU_NAMES = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh",
               "gelu_fast": "gelu_pytorch_tanh", "quick_gelu": None}
 
@@ -66,6 +92,8 @@ SEPARATOR = re.compile(r"newline|frame_sep|separator|seperator|sep_token|image_(
 
 def detect_layout(names) -> str:
     names = list(names)
+    if any(n.startswith(HF_MARKERS) for n in names):
+        return HF
     if any(n.startswith(SIGLIP_PREFIX) for n in names):
         return SIGLIP
     if any(n.startswith(tuple(ORYX_PREFIX + k for k in ("patch_embed.", "blocks.", "pos_embed")))
@@ -83,6 +111,23 @@ def detect_layout(names) -> str:
         details="tensor name prefixes found:\n  " + "\n  ".join(prefixes[:40]))
 
 
+def canonical_names(layout: str, names) -> dict:
+    """{name the rules read: name in the checkpoint}; only llava-hf names are renamed."""
+    out: dict = {}
+    for name in names:
+        canon = name
+        if layout == HF:
+            for old, new in HF_RENAMES:
+                if name == old or (old.endswith(".") and name.startswith(old)):
+                    canon = new + name[len(old):]
+                    break
+        if canon in out:
+            raise CheckpointError(f"the checkpoint holds {out[canon]} and {name}: two names for "
+                                  "one tensor")
+        out[canon] = name
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # Configuration
 
@@ -92,6 +137,8 @@ def _vision_fields(layout: str, config: dict) -> dict:
     vc = config.get("vision_config")
     if layout == ORYX:
         base = ORYX_DEFAULTS
+    elif layout == HF:  # transformers fills a partial vision_config from SigLIP's defaults
+        base = HF_SIGLIP_DEFAULTS
     else:
         base = next((v for k, v in KNOWN_SIGLIP_TOWERS.items() if k in tower), None)
         if base is None and not isinstance(vc, dict):
@@ -108,13 +155,21 @@ def _vision_fields(layout: str, config: dict) -> dict:
 
 
 def resolve_feature_layer(layout: str, config: dict, num_layers: int) -> tuple[int, int]:
-    """(raw, resolved): an explicit mm_vision_select_layer wins over the layout's default."""
-    raw = config.get("mm_vision_select_layer")
+    """(raw, resolved): an explicit feature layer wins over the layout's default.
+
+    Negative indices count from the blocks of the tower as named (num_layers), not as
+    stored: LLaVA-NeXT's files hold one block fewer than so400m and say -2 (SPEC §3).
+    """
+    key = "vision_feature_layer" if layout == HF else "mm_vision_select_layer"
+    raw = config.get(key)
+    if isinstance(raw, (list, tuple)):
+        raise CheckpointError(f"{key} {raw} is a list (features of several layers "
+                              "concatenated): not supported, one layer only")
     raw = DEFAULT_FEATURE_LAYER[layout] if raw is None else int(raw)
     k = raw if raw >= 0 else num_layers + 1 + raw  # HF hidden_states: L + 1 entries
     if not 0 <= k <= num_layers:
         raise CheckpointError(
-            f"mm_vision_select_layer {raw} is outside the vision tower's {num_layers} layers")
+            f"{key} {raw} is outside the vision tower's {num_layers} layers")
     return raw, k
 
 
@@ -149,9 +204,16 @@ def vision_config(layout: str, config: dict, shapes: dict) -> tuple[VisionConfig
     return vcfg, raw
 
 
-def text_config(config: dict, names) -> dict:
+def text_config(config: dict, names, layout: str = SIGLIP) -> dict:
     """mlx-lm qwen2 ModelArgs fields from a (transformers 4 or 5) Qwen2 config."""
-    c = {**(config.get("text_config") or {}), **config}  # flat LLaVA fields win
+    inner = config.get("text_config") or {}
+    if layout == HF:  # the LLM's own config wins; tied where either level says so, as transformers
+        c = {**config, **inner}
+        if "tie_word_embeddings" in config or "tie_word_embeddings" in inner:
+            c["tie_word_embeddings"] = bool(config.get("tie_word_embeddings")
+                                            or inner.get("tie_word_embeddings"))
+    else:
+        c = {**inner, **config}  # flat LLaVA fields win
     missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
                            "num_attention_heads", "vocab_size") if k not in c]
     if missing:
@@ -199,26 +261,84 @@ def preprocess_config(vcfg: VisionConfig, preprocessor: Optional[dict]) -> Prepr
     )
 
 
-def model_config(layout: str, config: dict, shapes: dict, preprocessor: Optional[dict]) -> ModelConfig:
+def check_features(layout: str, config: dict) -> None:
+    """Refuse, by name, the feature and projector choices the runtime does not compute."""
+    if layout == HF:
+        strategy = config.get("vision_feature_select_strategy", "full")
+        if strategy != "full":
+            raise CheckpointError(
+                f"vision_feature_select_strategy {strategy!r} is not supported: 'default' drops a "
+                "CLS token that SigLIP does not have (only 'full')")
+        act = config.get("projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise CheckpointError(f"projector_hidden_act {act!r} is not supported (gelu)")
+        if config.get("multimodal_projector_bias") is False:
+            raise CheckpointError("multimodal_projector_bias false is not supported (mlp2x_gelu "
+                                  "has biases)")
+        return
     if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise CheckpointError(
             f"projector type {config['mm_projector_type']!r} is not supported (mlp2x_gelu)")
+    select = config.get("mm_vision_select_feature", "patch")
+    if select != "patch":
+        raise CheckpointError(
+            f"mm_vision_select_feature {select!r} is not supported: SigLIP has no CLS token "
+            "(only 'patch')")
+
+
+def model_config(layout: str, config: dict, shapes: dict, preprocessor: Optional[dict]) -> ModelConfig:
+    check_features(layout, config)
     vcfg, raw_layer = vision_config(layout, config, shapes)
-    text = text_config(config, shapes)
+    text = text_config(config, shapes, layout)
     mm_hidden = config.get("mm_hidden_size", vcfg.hidden_size)
     if mm_hidden != vcfg.hidden_size:
         raise CheckpointError(
             f"mm_hidden_size {mm_hidden} differs from the vision tower's width {vcfg.hidden_size}")
+    has_newline = NEWLINE in shapes
+    family, recipes = model_recipes(layout, config, has_newline)
     return ModelConfig(
         layout=layout,
         text_config=text,
         vision=vcfg,
-        projector=ProjectorConfig(input_size=vcfg.hidden_size, hidden_size=text["hidden_size"]),
-        sampling=SamplingConfig(),
+        projector=ProjectorConfig(input_size=vcfg.hidden_size, hidden_size=text["hidden_size"],
+                                  image_newline=has_newline),
+        sampling=recipes["native"],
         preprocess=preprocess_config(vcfg, preprocessor),
         prompt=PromptConfig(),
-        source={"layout": layout, "mm_vision_select_layer": raw_layer},
+        source={"layout": layout, "feature_layer": raw_layer},
+        family=family,
+        recipes=recipes,
     )
+
+
+# ----------------------------------------------------------------------------------------
+# Recipes (SPEC §2.9): what each family's frames become, written into config.json
+
+NEWLINE_POSITIONS = {"one_token": "one_token", "grid": "grid", "frame": "frame", "no_token": "none"}
+POOL_MODES = ("average", "bilinear")
+
+
+def model_recipes(layout: str, config: dict, has_newline: bool) -> tuple[str, dict]:
+    """(family, {"native", "slowfast"}) from the checkpoint's LLaVA-NeXT fields."""
+    if not has_newline and layout != HF:
+        return "sf-llava-1.5", family_recipes("sf-llava-1.5")
+    if not has_newline:
+        raise CheckpointError("the checkpoint has no image_newline, which LLaVA-OneVision places "
+                              "after the video")
+    position = "one_token" if layout == HF else config.get("mm_newline_position") or "one_token"
+    if position not in NEWLINE_POSITIONS:
+        raise CheckpointError(f"mm_newline_position {position!r} is not supported "
+                              f"({', '.join(NEWLINE_POSITIONS)})")
+    stride = int(config.get("mm_spatial_pool_stride") or 2)
+    if position == "one_token":  # LLaVA-OneVision, exactly as transformers runs it
+        family, pool = "llava-onevision", "bilinear"
+    else:  # LLaVA-Video
+        family = "llava-video"
+        pool = config.get("mm_spatial_pool_mode") or "average"
+        if pool not in POOL_MODES:
+            raise CheckpointError(f"mm_spatial_pool_mode {pool!r} is not supported "
+                                  f"({', '.join(POOL_MODES)})")
+    return family, family_recipes(family, pool, NEWLINE_POSITIONS[position], stride)
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,6 +352,7 @@ SHARED_RULES = [
     (r"language_model\.lm_head\.weight", ["lm_head.weight"], "copy"),
     (r"projector\.linear_1\.(?P<x>weight|bias)", ["model.mm_projector.0.{x}"], "copy"),
     (r"projector\.linear_2\.(?P<x>weight|bias)", ["model.mm_projector.2.{x}"], "copy"),
+    (r"image_newline", [NEWLINE], "copy"),
 ]
 TOWER_RULES = {
     SIGLIP: [
@@ -257,7 +378,8 @@ TOWER_RULES = {
         (r"vision_tower\.blocks\.(?P<rest>\d+\..+)", ["blocks.{rest}"], "copy"),
     ],
 }
-TOWER_PREFIX = {SIGLIP: SIGLIP_PREFIX, ORYX: ORYX_PREFIX}
+TOWER_RULES[HF] = TOWER_RULES[SIGLIP]  # llava-hf names are renamed to LLaVA's first
+TOWER_PREFIX = {SIGLIP: SIGLIP_PREFIX, ORYX: ORYX_PREFIX, HF: SIGLIP_PREFIX}
 
 # Source tensors known to be unused at inference, by layout: (pattern, reason).
 UNUSED = {
@@ -271,10 +393,12 @@ UNUSED = {
         (r"(attn_pool|head)\..+", "pooling head (the feature is the patch grid)"),
     ],
 }
+UNUSED[HF] = UNUSED[SIGLIP]
 SHARED_UNUSED = [
     (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", "rotary frequencies (recomputed)"),
 ]
 BLOCK_INDEX = {SIGLIP: re.compile(r"encoder\.layers\.(\d+)\."), ORYX: re.compile(r"blocks\.(\d+)\.")}
+BLOCK_INDEX[HF] = BLOCK_INDEX[SIGLIP]
 LLM_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -361,8 +485,24 @@ def _leftover_reason(layout: str, name: str, cfg: ModelConfig) -> tuple[str, str
     return "unexpected", ""
 
 
-def plan(layout: str, shapes: dict, cfg: ModelConfig, param_shapes: dict) -> Plan:
-    """Match every MLX parameter to its source tensors and check every shape."""
+def plan(layout: str, shapes: dict, cfg: ModelConfig, param_shapes: dict,
+         aliases: Optional[dict] = None) -> Plan:
+    """Match every MLX parameter to its source tensors and check every shape.
+
+    `shapes` is keyed by the names the rules read; `aliases` maps them to the checkpoint's
+    own names, which the plan then uses (a missing tensor keeps the rules' name)."""
+    p = _plan(layout, shapes, cfg, param_shapes)
+    real = (aliases or {}).get
+    for rule in p.rules:
+        rule.sources = [real(n, n) for n in rule.sources]
+    p.dropped = {real(n, n): v for n, v in p.dropped.items()}
+    p.unexpected = {real(n, n): v for n, v in p.unexpected.items()}
+    p.separators = [real(n, n) for n in p.separators]
+    p.misshaped = [(real(n, n), e, a) for n, e, a in p.misshaped]
+    return p
+
+
+def _plan(layout: str, shapes: dict, cfg: ModelConfig, param_shapes: dict) -> Plan:
     p = Plan()
     used = set()
     for target, shape in param_shapes.items():

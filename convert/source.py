@@ -28,7 +28,8 @@ TOKENIZER_FILES = (
     "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
 )
 # Besides the weights, what conversion reads or copies.
-AUX_FILES = ("config.json", "generation_config.json", "preprocessor_config.json") + TOKENIZER_FILES
+AUX_FILES = ("config.json", "generation_config.json", "preprocessor_config.json",
+             "video_preprocessor_config.json") + TOKENIZER_FILES
 
 
 @dataclass
@@ -202,9 +203,12 @@ def open_checkpoint(path: Path, allow_pickle: bool = False) -> SourceCheckpoint:
             if name in tensors:
                 raise CheckpointError(f"tensor {name} appears in both {tensors[name].file.name} and {f.name}")
             tensors[name] = info
-    pre = path / "preprocessor_config.json"
+    # A video preprocessor's values (llava-hf) win for videos over the image processor's.
+    pre = [_read_json(path / f) for f in ("preprocessor_config.json", "video_preprocessor_config.json")
+           if (path / f).exists()]
     return SourceCheckpoint(path=path, config=config, tensors=tensors, format=fmt,
-                            preprocessor=_read_json(pre) if pre.exists() else None, _loaded=loaded)
+                            preprocessor={k: v for p in pre for k, v in p.items()} if pre else None,
+                            _loaded=loaded)
 
 
 def tokenizer_size(path: Path) -> Optional[int]:

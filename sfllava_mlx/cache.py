@@ -40,6 +40,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .config import SamplingConfig
+
 FORMAT = "v1"
 DEFAULT_MAX_GB = 10.0
 SAMPLE_BLOCKS = 64  # blocks hashed per file for its fingerprint
@@ -173,15 +175,23 @@ class CacheKey:
     seek: str
     dtype: str
     vision_backend: str = "mlx"
+    # The recipe's other fields where they differ from SF-LLaVA-1.5's defaults (SPEC §2.9).
+    recipe: dict = field(default_factory=dict)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
 
 
-def make_key(fingerprint: VideoFingerprint, model, *, seek="exact", vision_backend="mlx") -> CacheKey:
-    s = model.config.sampling
+def make_key(fingerprint: VideoFingerprint, model, *, seek="exact", vision_backend="mlx",
+             sampling: Optional[SamplingConfig] = None, fps: Optional[float] = None) -> CacheKey:
+    """`sampling`: this video's recipe (default the model's); `fps`: the --fps it came from."""
+    s = sampling or model.config.sampling
+    recipe = {k: v for k, v in asdict(s).items()
+              if k not in ("num_frames", "slow_every") and v != getattr(SamplingConfig, k)}
+    if fps is not None:
+        recipe["fps"] = float(fps)
     return CacheKey(fingerprint.size, fingerprint.sampled, model_identity(model), s.num_frames,
-                    s.slow_every, seek, runtime_dtype(model), vision_backend)
+                    s.slow_every, seek, runtime_dtype(model), vision_backend, recipe)
 
 
 def prefix_key(prefix_ids: list, *, kv_bits=None, kv_group_size=64) -> str:

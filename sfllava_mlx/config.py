@@ -7,7 +7,7 @@ model's config.json, so a checkpoint that differs needs a config change, not cod
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,14 +51,50 @@ class ProjectorConfig:
     projector_type: str = "mlp2x_gelu"
     input_size: int = 1152  # vision hidden size (mm_hidden_size)
     hidden_size: int = 1536  # LLM hidden size
+    image_newline: bool = False  # the checkpoint has a learned newline vector (D,)
+
+
+FRAME_POSITIONS = ("midpoint", "linspace")
+POOL_MODES = ("auto", "bilinear", "average")
+NEWLINES = ("none", "one_token", "frame", "grid")
+RECIPES = ("native", "slowfast")
 
 
 @dataclass
 class SamplingConfig:
+    """A recipe (SPEC §2.9): which frames a model sees and how they become tokens."""
+
     num_frames: int = 128
+    frame_positions: str = "midpoint"  # midpoint: floor((i + 0.5) N / T); linspace: lmms-eval's
     slow_every: int = 4  # positions with i % slow_every == 0 form the slow stream
     slow_stride: int = 2
     fast_stride: int = 4
+    pool_mode: str = "auto"  # auto: average, bilinear where the stride does not divide G
+    newline: str = "none"  # where the learned image_newline goes in the token order
+
+    def __post_init__(self):
+        for name, allowed in (("frame_positions", FRAME_POSITIONS), ("pool_mode", POOL_MODES),
+                              ("newline", NEWLINES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"sampling.{name} {getattr(self, name)!r} is not one of {allowed}")
+
+
+# Each family's native frames (SPEC §2.9): LLaVA-OneVision as transformers runs it, LLaVA-Video
+# as its published evaluation runs (lmms-eval's linspace sampling, 32 / 64 frames).
+NATIVE_FRAMES = {"llava-onevision": 32, "llava-video": 64}
+
+
+def family_recipes(family: str, pool_mode: str = "auto", newline: str = "none",
+                   stride: int = 2) -> dict:
+    """{"native", "slowfast"} of a family; slowfast keeps the native pooling and newline,
+    so on a public checkpoint it is SF-LLaVA's training-free SlowFast."""
+    slowfast = SamplingConfig(pool_mode=pool_mode, newline=newline)
+    if family not in NATIVE_FRAMES:  # SF-LLaVA-1.5: native is SlowFast
+        return {"native": slowfast, "slowfast": replace(slowfast)}
+    native = SamplingConfig(num_frames=NATIVE_FRAMES[family], frame_positions="linspace",
+                            slow_every=1, slow_stride=stride, fast_stride=stride,
+                            pool_mode=pool_mode, newline=newline)
+    return {"native": native, "slowfast": slowfast}
 
 
 @dataclass
@@ -76,6 +112,9 @@ class PromptConfig:
 
 @dataclass
 class ModelConfig:
+    """The converted model. `recipes` holds the native and the training-free slowfast
+    recipe; `sampling` is the one in use (native unless `use_recipe` picks another)."""
+
     layout: str
     text_config: dict  # mlx_lm.models.qwen2.ModelArgs fields
     vision: VisionConfig
@@ -86,32 +125,61 @@ class ModelConfig:
     quantization: Optional[dict] = None  # mlx-lm's block: {"group_size", "bits"}
     dtype: str = "float32"
     source: dict = field(default_factory=dict)  # where the weights came from
+    family: str = "sf-llava-1.5"  # sf-llava-1.5 | llava-onevision | llava-video
+    recipes: dict = field(default_factory=dict)  # name -> SamplingConfig
+    recipe: str = "native"  # the name of the recipe in `sampling`
+
+    def __post_init__(self):
+        self.recipes = {"native": self.sampling, "slowfast": self.sampling, **self.recipes}
+
+    def use_recipe(self, name: str, num_frames: Optional[int] = None) -> SamplingConfig:
+        """Select a recipe for what follows (a copy: the stored recipes never change)."""
+        if name not in self.recipes:
+            raise ValueError(f"unknown recipe {name!r}: one of {', '.join(self.recipes)}")
+        self.sampling = replace(self.recipes[name])
+        self.recipe = name
+        if num_frames is not None:
+            if num_frames < 1:
+                raise ValueError(f"--num-frames must be at least 1, not {num_frames}")
+            self.sampling.num_frames = num_frames
+        return self.sampling
+
+    @property
+    def training_free(self) -> bool:
+        """SlowFast on a model not trained with it (SF-LLaVA's original, training-free idea)."""
+        return self.recipes["slowfast"] != self.recipes["native"] and self.recipe == "slowfast"
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         if d.get("model_type") != "sfllava":
             raise ValueError("config.json is not an sfllava model (model_type != 'sfllava')")
+        sampling = _from_dict(SamplingConfig, d.get("sampling"))
+        recipes = {k: _from_dict(SamplingConfig, v) for k, v in (d.get("recipes") or {}).items()}
         return cls(
             layout=d["layout"],
             text_config=d["text_config"],
             vision=_from_dict(VisionConfig, d.get("vision_config")),
             projector=_from_dict(ProjectorConfig, d.get("projector_config")),
-            sampling=_from_dict(SamplingConfig, d.get("sampling")),
+            sampling=recipes.get("native", sampling),
             preprocess=_from_dict(PreprocessConfig, d.get("preprocess")),
             prompt=_from_dict(PromptConfig, d.get("prompt")),
             quantization=d.get("quantization"),
             dtype=d.get("dtype", "float32"),
             source=d.get("source", {}),
+            family=d.get("family", "sf-llava-1.5"),
+            recipes=recipes,
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = {
             "model_type": "sfllava",
+            "family": self.family,
             "layout": self.layout,
             "text_config": self.text_config,
             "vision_config": asdict(self.vision),
             "projector_config": asdict(self.projector),
-            "sampling": asdict(self.sampling),
+            "sampling": asdict(self.recipes["native"]),
+            "recipes": {k: asdict(v) for k, v in self.recipes.items()},
             "preprocess": asdict(self.preprocess),
             "prompt": asdict(self.prompt),
             "dtype": self.dtype,

@@ -301,7 +301,8 @@ def prefill_while_encoding(
 
 def overlapped_prefill(model, cache: list, prefix_ids: list, images: list,
                        encode: Callable[[np.ndarray], np.ndarray], batch_size: int, *,
-                       prefill_step_size: int = 2048, kv_options: Optional[dict] = None):
+                       prefill_step_size: int = 2048, kv_options: Optional[dict] = None,
+                       sampling=None):
     """Prefill the prompt's text before `<image>` and the video into `cache`, slow first,
     while `encode` (e.g. `CoreMLVisionTower.encode`) works in a worker thread.
 
@@ -312,17 +313,18 @@ def overlapped_prefill(model, cache: list, prefix_ids: list, images: list,
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from .pooling import concat_streams, is_slow, pool_frames
+    from .pooling import concat_streams, is_slow, pool_frames, stride_of, with_newlines
     from .preprocess import preprocess
 
     cfg = model.config
+    sampling = sampling or cfg.sampling
     g = cfg.vision.grid
     lm = model.language_model
     feature_dtype = model.projector.linear_1.weight.dtype
     embed_dtype = lm.model.norm.weight.dtype
 
     def pixels(slow: bool) -> np.ndarray:
-        chosen = [im for p, im in enumerate(images) if is_slow(p, cfg.sampling) == slow]
+        chosen = [im for p, im in enumerate(images) if is_slow(p, sampling) == slow]
         if not chosen:
             return np.zeros((0, cfg.vision.image_size, cfg.vision.image_size, 3), np.float32)
         return np.asarray(preprocess(chosen, cfg.preprocess))
@@ -330,22 +332,29 @@ def overlapped_prefill(model, cache: list, prefix_ids: list, images: list,
     pooled = {"slow": [], "fast": []}
     text = [model.embed_tokens(prefix_ids).astype(embed_dtype)]  # goes in with the slow block
 
-    def prefill(features, stream: str):
-        stride = cfg.sampling.slow_stride if stream == "slow" else cfg.sampling.fast_stride
-        grid = model.projector(features.astype(feature_dtype)).reshape(features.shape[0], g, g, -1)
-        tokens = pool_frames(grid, stride)
-        pooled[stream].append(tokens)
-        embeds = mx.concatenate(text + [tokens.reshape(-1, tokens.shape[-1]).astype(embed_dtype)])
-        text.clear()
+    def run(embeds):
         placeholder = mx.zeros((embeds.shape[0],), dtype=mx.int32)
         for _ in generate_step(placeholder, lm, max_tokens=0, prompt_cache=cache,
                                input_embeddings=embeds, prefill_step_size=prefill_step_size,
                                **(kv_options or {})):
             pass
+
+    def prefill(features, stream: str):
+        grid = model.projector(features.astype(feature_dtype)).reshape(features.shape[0], g, g, -1)
+        tokens = pool_frames(grid, stride_of(stream == "slow", sampling), sampling.pool_mode)
+        pooled[stream].append(tokens)
+        # Row and frame newlines belong to each frame, so a chunk carries its own.
+        chunk = with_newlines(tokens, sampling, model.newline).astype(embed_dtype)
+        run(mx.concatenate(text + [chunk]))
+        text.clear()
         mx.eval([c.state for c in cache] + pooled[stream][-1:])
 
     # Position 0 is always slow, so the first prefill call carries the text.
     timeline = prefill_while_encoding(encode, pixels(True), pixels(False), prefill, batch_size)
+    if sampling.newline == "one_token":  # after the whole video
+        run(model.newline.astype(embed_dtype)[None])
+        mx.eval([c.state for c in cache])
     tokens = concat_streams(mx.concatenate(pooled["slow"]) if pooled["slow"] else None,
-                            mx.concatenate(pooled["fast"]) if pooled["fast"] else None)
+                            mx.concatenate(pooled["fast"]) if pooled["fast"] else None,
+                            sampling=sampling, newline=model.newline)
     return tokens, timeline

@@ -38,6 +38,7 @@ PyAV, the same FFmpeg underneath:
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import queue
 import threading
@@ -86,11 +87,37 @@ class SampledFrames:
     info: VideoInfo
 
 
-def sample_positions(n_frames: int, num_frames: int = 128) -> list[int]:
-    """SPEC §2.1: position i takes frame floor((i + 0.5) * N / T), in integers."""
+def sample_positions(n_frames: int, num_frames: int = 128, rule: str = "midpoint") -> list[int]:
+    """SPEC §2.1 / §2.9: the frame index each of the T positions takes.
+
+    midpoint: floor((i + 0.5) * N / T), in integers. linspace: numpy.linspace(0, N-1, T)
+    truncated to int, as lmms-eval samples (0 when T = 1).
+    """
     if n_frames < 1 or num_frames < 1:
         raise ValueError("need at least one frame and one position")
+    if rule == "linspace":
+        return [int(i) for i in np.linspace(0, n_frames - 1, num_frames).astype(int)]
+    if rule != "midpoint":
+        raise ValueError(f"unknown frame_positions rule {rule!r}")
     return [(2 * i + 1) * n_frames // (2 * num_frames) for i in range(num_frames)]
+
+
+def video_duration(n_frames: int, average_rate: float) -> float:
+    """D of SPEC §2.10: the frame count over the average frame rate (as LLaVA-Video and decord)."""
+    return n_frames / average_rate if average_rate else 0.0
+
+
+def frames_for_rate(num_frames: int, n_frames: int, average_rate: float,
+                    fps: Optional[float]) -> int:
+    """T under `--fps F` (Apollo's fps sampling): min(T, max(1, ceil(D * F)))."""
+    if fps is None:
+        return num_frames
+    if not fps > 0:
+        raise ValueError(f"--fps must be positive, not {fps}")
+    duration = video_duration(n_frames, average_rate)
+    if not duration:  # no frame rate to go by: every frame counts as one second apart
+        duration = float(n_frames)
+    return min(num_frames, max(1, math.ceil(duration * fps)))
 
 
 def stream_names(num_frames: int, slow_every: int = 4) -> list[str]:
@@ -489,7 +516,8 @@ class FrameReader:
     """
 
     def __init__(self, path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
-                 prefetch: int = PREFETCH, hold_all: bool = False):
+                 prefetch: int = PREFETCH, hold_all: bool = False, positions: str = "midpoint",
+                 fps: Optional[float] = None):
         if seek not in SEEK_MODES:
             raise ValueError(f"seek must be one of {SEEK_MODES}, not {seek!r}")
         if num_frames < 1 or slow_every < 1:
@@ -503,7 +531,8 @@ class FrameReader:
                 self._decoder.close()
                 self._decoder = _Decoder(_Video(path, index.read_packets), keyframes_only=False)
             self.info = video.info(first)
-            wanted = sample_positions(index.n, num_frames)
+            num_frames = frames_for_rate(num_frames, self.info.num_frames, self.info.fps, fps)
+            wanted = sample_positions(index.n, num_frames, positions)
             if not self.exact:
                 wanted = [index.keyframes[index.keyframe_before(i)] for i in wanted]
             self.indices = list(wanted)
@@ -612,16 +641,19 @@ class FrameReader:
 
 
 def iter_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
-                prefetch: int = PREFETCH) -> FrameReader:
+                prefetch: int = PREFETCH, positions: str = "midpoint",
+                fps: Optional[float] = None) -> FrameReader:
     """Open the video (errors are raised here) and start decoding on a worker thread."""
-    return FrameReader(path, num_frames, slow_every, seek, prefetch)
+    return FrameReader(path, num_frames, slow_every, seek, prefetch, positions=positions, fps=fps)
 
 
 def read_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
-                on_frame: Optional[Callable[[int, np.ndarray], None]] = None) -> SampledFrames:
+                on_frame: Optional[Callable[[int, np.ndarray], None]] = None,
+                positions: str = "midpoint", fps: Optional[float] = None) -> SampledFrames:
     """All sampled frames at once. on_frame(position, image) is called as each arrives."""
-    with FrameReader(path, num_frames, slow_every, seek, hold_all=True) as reader:
-        images = [None] * num_frames
+    with FrameReader(path, num_frames, slow_every, seek, hold_all=True,
+                     positions=positions, fps=fps) as reader:
+        images = [None] * len(reader.indices)
         for position, image in reader:
             images[position] = image
             if on_frame is not None:

@@ -17,7 +17,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import prompt as chatml
 from .errors import ContextOverflowError
-from .pooling import concat_streams, is_slow, num_visual_tokens, pool_frames
+from .pooling import concat_streams, is_slow, num_visual_tokens, pool_frames, stride_of
 from .preprocess import preprocess
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class _Stopwatch:
 
 def encode_frames(model, frames, *, vision=None, batch_size=VISION_BATCH,
                   progress: Optional[Callable[[int, int], None]] = None,
-                  timings: Optional[dict] = None) -> mx.array:
+                  timings: Optional[dict] = None, sampling=None) -> mx.array:
     """Frames in position order (an iterable of RGB uint8 images) -> pooled visual tokens.
 
     Each batch goes through tower and projector and is pooled right away (pooling is per
@@ -60,12 +60,13 @@ def encode_frames(model, frames, *, vision=None, batch_size=VISION_BATCH,
     and `vision` (tower, projector, pooling).
     """
     cfg = model.config
+    sampling = sampling or cfg.sampling
     vision = vision or model.vision_tower
     timings = timings if timings is not None else {}
     before = {k: timings.get(k, 0.0) for k in ("decode", "preprocess")}
     watch = _Stopwatch(timings)
     slow, fast, batch, done = [], [], [], 0
-    total = cfg.sampling.num_frames
+    total = sampling.num_frames
 
     def flush():
         nonlocal done
@@ -75,11 +76,11 @@ def encode_frames(model, frames, *, vision=None, batch_size=VISION_BATCH,
         g = cfg.vision.grid
         grid = grid.reshape(len(batch), g, g, -1)
         pos = [p for p, _ in batch]
-        for stream, stride, out in ((True, cfg.sampling.slow_stride, slow),
-                                    (False, cfg.sampling.fast_stride, fast)):
-            rows = [j for j, p in enumerate(pos) if is_slow(p, cfg.sampling) == stream]
+        for stream, out in ((True, slow), (False, fast)):
+            rows = [j for j, p in enumerate(pos) if is_slow(p, sampling) == stream]
             if rows:
-                out.append(pool_frames(grid[mx.array(rows)], stride))
+                out.append(pool_frames(grid[mx.array(rows)], stride_of(stream, sampling),
+                                       sampling.pool_mode))
         mx.eval(slow, fast)
         done += len(batch)
         batch.clear()
@@ -96,7 +97,8 @@ def encode_frames(model, frames, *, vision=None, batch_size=VISION_BATCH,
     if batch:
         flush()
     tokens = concat_streams(mx.concatenate(slow) if slow else None,
-                            mx.concatenate(fast) if fast else None)
+                            mx.concatenate(fast) if fast else None,
+                            sampling=sampling, newline=model.newline)
     mx.eval(tokens)
     watch.lap("vision")
     timings["frames"] = timings.get("frames", 0.0) + sum(
@@ -105,17 +107,20 @@ def encode_frames(model, frames, *, vision=None, batch_size=VISION_BATCH,
 
 
 def encode_video(model, clip, *, vision=None, batch_size=VISION_BATCH, progress=None,
-                 on_frame: Optional[Callable[[int, int], None]] = None) -> VisualTokens:
+                 on_frame: Optional[Callable[[int, int], None]] = None,
+                 sampling=None) -> VisualTokens:
     """Sampled frames -> VisualTokens. `vision` swaps the tower (e.g. a Core ML backend).
 
     `clip` is a SampledFrames (frames in memory) or a `frames.FrameReader`, whose frames
     decode on a worker thread while the tower encodes the ones already there.
     `progress(done, total)` follows the tower, `on_frame(done, total)` the frames.
+    `sampling` is this video's recipe (default: the model's; `--fps` makes one per video).
     """
     timings = {"frames": float((getattr(clip, "timings", None) or {}).get("frames", 0.0)),
                "vision": 0.0}
     streaming = not hasattr(clip, "images")
-    total = model.config.sampling.num_frames
+    sampling = sampling or model.config.sampling
+    total = sampling.num_frames
 
     def images():
         for done, item in enumerate(clip if streaming else clip.images, 1):
@@ -124,8 +129,8 @@ def encode_video(model, clip, *, vision=None, batch_size=VISION_BATCH, progress=
             yield item[1] if streaming else item
 
     tokens = encode_frames(model, images(), vision=vision, batch_size=batch_size,
-                           progress=progress, timings=timings)
-    expected = num_visual_tokens(model.config.vision.grid, model.config.sampling)
+                           progress=progress, timings=timings, sampling=sampling)
+    expected = num_visual_tokens(model.config.vision.grid, sampling)
     assert tokens.shape[0] == expected, (tokens.shape, expected)
     return VisualTokens(tokens, frames_of(clip) if streaming else clip, timings)
 
@@ -155,10 +160,11 @@ class Conversation:
 
     def __init__(self, model, tokenizer, visual: VisualTokens, *, system_prompt=None,
                  max_kv_size=None, kv_bits=None, kv_group_size=64,
-                 prefill_step_size=PREFILL_STEP):
+                 prefill_step_size=PREFILL_STEP, timestamps: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.visual = visual
+        self.timestamps = timestamps  # LLaVA-Video's time instruction before the first question
         self.system_prompt = system_prompt or model.config.prompt.system_prompt
         self.max_kv_size = max_kv_size
         self.kv_options = dict(kv_bits=kv_bits, kv_group_size=kv_group_size)
@@ -225,14 +231,15 @@ class Conversation:
             raise
         return self._prefix_filled(time.perf_counter() - tic)
 
-    def prefill_overlapped(self, clip, tower) -> VisualTokens:
+    def prefill_overlapped(self, clip, tower, sampling=None) -> VisualTokens:
         """Encode the video on another unit (a Core ML tower) while MLX prefills what is
         ready, slow frames first; sets and returns the visual tokens."""
         from .coreml_vision import overlapped_prefill
 
         tokens, timeline = overlapped_prefill(
             self.model, self.cache, self.prefix_tokens(), clip.images, tower.encode,
-            tower.batch_size, prefill_step_size=self.prefill_step_size, kv_options=self.kv_options)
+            tower.batch_size, prefill_step_size=self.prefill_step_size, kv_options=self.kv_options,
+            sampling=sampling)
         shares = timeline.critical_path()
         frames = float((getattr(clip, "timings", None) or {}).get("frames", 0.0))
         self.visual = VisualTokens(tokens, clip, {"frames": frames, "vision": shares["vision"],
@@ -267,9 +274,21 @@ class Conversation:
 
     def question_tokens(self, question: str) -> list:
         if not self.turns:
+            if self.timestamps:
+                question = f"{self.time_instruction()}\n{question}"
             _, after = chatml.first_turn(self.system_prompt, question)
             return chatml.encode(self.tokenizer, after)
         return chatml.encode(self.tokenizer, chatml.next_turn(question))
+
+    def time_instruction(self) -> str:
+        """SPEC §2.10's text from the sampled frames' timestamps (also for a cached video)."""
+        clip = self.visual.clip
+        info = clip.info
+        n = info["num_frames"] if isinstance(info, dict) else info.num_frames
+        fps = info["fps"] if isinstance(info, dict) else info.fps
+        from .frames import video_duration
+
+        return chatml.time_instruction(video_duration(n, fps), clip.timestamps)
 
     # -- a turn --------------------------------------------------------------
     def ask(self, question: str, *, max_tokens=512, temp=0.0, top_p=1.0, seed=None,

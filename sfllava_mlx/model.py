@@ -30,6 +30,12 @@ class SFLLaVA(nn.Module):
         self.vision_tower = VisionTower(config.vision)
         self.projector = Projector(config.projector)
         self.language_model = qwen2.Model(qwen2.ModelArgs.from_dict(config.text_config))
+        if config.projector.image_newline:  # LLaVA-OneVision / LLaVA-Video: placed by the recipe
+            self.image_newline = mx.zeros((config.projector.hidden_size,))
+
+    @property
+    def newline(self):
+        return getattr(self, "image_newline", None)
 
     def embed_tokens(self, ids) -> mx.array:
         return self.language_model.model.embed_tokens(mx.array(ids, dtype=mx.int32))

@@ -1,4 +1,9 @@
-"""SlowFast pooling (SPEC §2.5-2.6) on the projected grid, in MLX on the default device."""
+"""SlowFast pooling and the token order (SPEC §2.5-2.6, §2.9), in MLX on the default device.
+
+A recipe's `pool_mode` says how a frame's projected grid shrinks by a stride, its `newline`
+where the learned `image_newline` vector goes. Both are config fields, so every model
+family runs this one code path.
+"""
 
 import mlx.core as mx
 
@@ -6,40 +11,78 @@ from .config import SamplingConfig
 from .resize import pooled_size, resize_grid
 
 
-def pool_frames(x: mx.array, stride: int) -> mx.array:
-    """(T, G, G, D) -> (T, g, g, D): average pool with kernel = stride, no padding.
+def pool_frames(x: mx.array, stride: int, mode: str = "auto") -> mx.array:
+    """(T, G, G, D) -> (T, g, g, D).
 
-    A grid the stride does not divide is resized bilinearly straight to ceil(G/stride).
+    auto: average pool with kernel = stride, no padding; a grid the stride does not divide
+    is resized bilinearly straight to ceil(G/stride). bilinear: always that resize.
+    average: kernel = stride, remainder rows and columns dropped (F.avg_pool2d).
     """
     T, G, _, D = x.shape
-    if G % stride:
+    if mode == "bilinear" or (mode == "auto" and G % stride):
         return resize_grid(x, pooled_size(G, stride), "bilinear")
     g = G // stride
+    x = x[:, : g * stride, : g * stride]
     return x.reshape(T, g, stride, g, stride, D).mean(axis=(2, 4))
+
+
+def pooled_grid(grid: int, stride: int, mode: str) -> int:
+    """The side of a pooled grid."""
+    if mode == "average":
+        return grid // stride
+    return pooled_size(grid, stride)
 
 
 def is_slow(position: int, sampling: SamplingConfig) -> bool:
     return position % sampling.slow_every == 0
 
 
-def slowfast_pool(grid: mx.array, sampling: SamplingConfig) -> mx.array:
+def stride_of(slow: bool, sampling: SamplingConfig) -> int:
+    return sampling.slow_stride if slow else sampling.fast_stride
+
+
+def slowfast_pool(grid: mx.array, sampling: SamplingConfig, newline=None) -> mx.array:
     """(T, G, G, D) projected tokens in position order -> (Nv, D): slow block, then fast."""
-    slow = [t for t in range(grid.shape[0]) if is_slow(t, sampling)]
-    fast = [t for t in range(grid.shape[0]) if not is_slow(t, sampling)]
-    return concat_streams(
-        pool_frames(grid[mx.array(slow)], sampling.slow_stride) if slow else None,
-        pool_frames(grid[mx.array(fast)], sampling.fast_stride) if fast else None,
-    )
+    blocks = []
+    for slow in (True, False):
+        rows = [t for t in range(grid.shape[0]) if is_slow(t, sampling) == slow]
+        blocks.append(pool_frames(grid[mx.array(rows)], stride_of(slow, sampling),
+                                  sampling.pool_mode) if rows else None)
+    return concat_streams(*blocks, sampling=sampling, newline=newline)
 
 
-def concat_streams(slow, fast) -> mx.array:
-    """Token order: slow block then fast block; in each, frame-major then row-major."""
-    parts = [p.reshape(-1, p.shape[-1]) for p in (slow, fast) if p is not None]
+def with_newlines(block: mx.array, sampling: SamplingConfig, newline) -> mx.array:
+    """(T, g, g, D) pooled frames -> (tokens, D), `newline` after each row or frame as the
+    recipe says (the one_token newline comes after the whole video: `concat_streams`)."""
+    rule = sampling.newline
+    if rule != "none" and newline is None:
+        raise ValueError(f"the recipe places an image newline ({rule}) but the model has none")
+    T, g, _, D = block.shape
+    if rule == "grid":
+        nl = mx.broadcast_to(newline.astype(block.dtype), (T, g, 1, D))
+        block = mx.concatenate([block, nl], axis=2)
+    elif rule == "frame":
+        nl = mx.broadcast_to(newline.astype(block.dtype), (T, 1, D))
+        return mx.concatenate([block.reshape(T, g * g, D), nl], axis=1).reshape(-1, D)
+    return block.reshape(-1, D)
+
+
+def concat_streams(slow, fast, *, sampling: SamplingConfig = None, newline=None) -> mx.array:
+    """Token order: slow block then fast block; in each, frame-major then row-major, with
+    the recipe's newline rule applied over the slow block, then the fast block."""
+    sampling = sampling or SamplingConfig(newline="none")
+    parts = [with_newlines(p, sampling, newline) for p in (slow, fast) if p is not None]
+    if sampling.newline == "one_token":
+        parts.append(newline.astype(parts[0].dtype)[None])
     return mx.concatenate(parts, axis=0)
 
 
 def num_visual_tokens(grid: int, sampling: SamplingConfig) -> int:
+    total = 0
     n_slow = len(range(0, sampling.num_frames, sampling.slow_every))
-    n_fast = sampling.num_frames - n_slow
-    return (n_slow * pooled_size(grid, sampling.slow_stride) ** 2
-            + n_fast * pooled_size(grid, sampling.fast_stride) ** 2)
+    for frames, stride in ((n_slow, sampling.slow_stride),
+                           (sampling.num_frames - n_slow, sampling.fast_stride)):
+        g = pooled_grid(grid, stride, sampling.pool_mode)
+        per_frame = {"grid": g * (g + 1), "frame": g * g + 1}.get(sampling.newline, g * g)
+        total += frames * per_frame
+    return total + (1 if sampling.newline == "one_token" else 0)

@@ -15,6 +15,15 @@ def first_turn(system_prompt: str, question: str) -> tuple[str, str]:
     return before, after
 
 
+def time_instruction(duration: float, timestamps) -> str:
+    """LLaVA-Video's time instruction (SPEC §2.10), placed between the video and the question.
+    The missing space before "Please" is LLaVA-Video's own."""
+    times = ",".join(f"{t:.2f}s" for t in timestamps)
+    return (f"The video lasts for {duration:.2f} seconds, and {len(timestamps)} frames are "
+            f"uniformly sampled from it. These frames are located at {times}."
+            "Please answer the following questions related to this video.")
+
+
 def next_turn(question: str) -> str:
     """Appended after the previous answer's tokens (its end token excluded)."""
     return f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"

@@ -370,8 +370,8 @@ def test_unknown_tensor(tmp_path, capsys):
 
 def test_learned_separator_is_named_not_dropped(tmp_path, capsys):
     src = write_source_checkpoint(tmp_path / "src", "llava-siglip",
-                                  extra_tensors={"model.image_newline": (64,)})
-    err = assert_refused(tmp_path, capsys, src, tmp_path / "mlx", "model.image_newline")
+                                  extra_tensors={"model.frame_separator": (64,)})
+    err = assert_refused(tmp_path, capsys, src, tmp_path / "mlx", "model.frame_separator")
     assert "separator" in err.splitlines()[0]
 
 

@@ -328,7 +328,9 @@ def test_frames_command_json_and_out(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["frames", str(path), "--num-frames", "12", "--json", "--out", str(out)]) == 0
     doc = json.loads(capsys.readouterr().out)  # stdout carries only the JSON
-    assert set(doc) == {"frames", "exact", "timings_s"} and doc["exact"] is True
+    assert set(doc) == {"frames", "exact", "timings_s", "recipe", "visual_tokens"} and doc["exact"] is True
+    # SPEC §2.5 without --model: 3 slow frames x 12 x 12 + 9 fast x 6 x 6
+    assert doc["recipe"] == "native" and doc["visual_tokens"] == 3 * 144 + 9 * 36
     assert [f["index"] for f in doc["frames"]] == spec_indices(90, 12)
     assert [f["stream"] for f in doc["frames"]] == F.stream_names(12, 4)
     probe = ffprobe_frames(path)
