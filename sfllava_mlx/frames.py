@@ -103,7 +103,8 @@ def sample_positions(n_frames: int, num_frames: int = 128, rule: str = "midpoint
 
 
 def video_duration(n_frames: int, average_rate: float) -> float:
-    """D of SPEC §2.10: the frame count over the average frame rate (as LLaVA-Video and decord)."""
+    """D of SPEC §2.10: the frame count over the average frame rate, the rate averaged over the
+    frames' own timestamps (a container's nominal rate can lie: an mkv keeps its writer's)."""
     return n_frames / average_rate if average_rate else 0.0
 
 

@@ -26,6 +26,7 @@ from .pooling import num_visual_tokens
 GB = 1e9
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
 PROMPT_TEXT_TOKENS = 64  # system prompt, chat markup and a question, beside the video
+MIN_TEXT_TOKENS = 16  # the ChatML markup around the video and one answer token, at least
 VISION_BATCH = 8  # frames a tower call takes (generate.VISION_BATCH)
 PREFILL_STEP = 512  # tokens a prefill chunk takes (generate.PREFILL_STEP)
 
@@ -113,7 +114,7 @@ def plan_memory(model, sampling: SamplingConfig, *, max_tokens: int = 512,
     return MemoryPlan(
         weights=weight_bytes(model),
         kv_cache=int(kv_bytes_per_token(config, size, kv_bits, kv_group_size) * held),
-        vision=vision_bytes(config, size),
+        vision=vision_bytes(config, size, min(VISION_BATCH, sampling.num_frames)),
         prefill=prefill_bytes(config, size, visual + PROMPT_TEXT_TOKENS),
         context_tokens=context,
     )
@@ -175,14 +176,20 @@ def largest_fitting_frames(model, sampling: SamplingConfig, limit: int, context_
     """The most frames (same recipe) that fit both the memory and the context; 0 if none."""
     def fits(t: int) -> bool:
         s = SamplingConfig(**{**sampling.__dict__, "num_frames": t})
-        p = plan_memory(model, s, **options)
-        return p.total <= limit and p.context_tokens <= context_limit
+        return (plan_memory(model, s, **options).total <= limit
+                and least_context(model, s) <= context_limit)
 
     lo, hi = 0, sampling.num_frames
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     return lo
+
+
+def least_context(model, sampling: SamplingConfig) -> int:
+    """Tokens any answer about this video needs: the video, the chat markup, one token.
+    (A longer answer is cut to the context, as mlx-lm does; memory counts --max-tokens.)"""
+    return num_visual_tokens(model.config.vision.grid, sampling) + MIN_TEXT_TOKENS
 
 
 def check_plan(model, sampling: SamplingConfig, *, context_limit: int, max_tokens: int = 512,
@@ -193,7 +200,7 @@ def check_plan(model, sampling: SamplingConfig, *, context_limit: int, max_token
                    max_kv_size=max_kv_size)
     p = plan_memory(model, sampling, **options)
     limit, source = memory_limit()
-    over_context = p.context_tokens > context_limit
+    over_context = least_context(model, sampling) > context_limit
     over_memory = bool(limit) and p.total > limit
     if not (over_context or over_memory):
         return p
@@ -205,11 +212,13 @@ def check_plan(model, sampling: SamplingConfig, *, context_limit: int, max_token
     frames = largest_fitting_frames(model, sampling, limit or p.total, context_limit, **options)
     if frames:
         fixes.append(f"--num-frames {frames} (or --fps)")
-    fixes.append("a smaller model" if over_memory else "fewer --max-tokens")
+    if over_memory:
+        fixes.append("a smaller model")
     fix = "; it would fit with " + ", or ".join(fixes)
     if over_context:
+        visual = num_visual_tokens(model.config.vision.grid, sampling)
         raise ContextOverflowError(
-            f"this request's {p.context_tokens} tokens ({num_visual_tokens(model.config.vision.grid, sampling)}"
-            f" for {sampling.num_frames} frames) pass the context of {context_limit}" + fix)
+            f"this video's {visual} visual tokens ({sampling.num_frames} frames) and the prompt "
+            f"pass the context of {context_limit} tokens" + fix)
     raise MemoryPlanError(f"this request needs about {p.describe()}, more than the "
                           f"{_gb(limit)} of {source}" + fix)
