@@ -1,4 +1,7 @@
-"""`sfllava chat FILE --model DIR`: chat about a video in the terminal (SPEC §4).
+"""`sfllava chat FILE --model DIR`: chat about a video or a picture in the terminal (SPEC §4).
+
+FILE is a picture when its content is one (JPEG, PNG, WebP, HEIC: SPEC §2.11), a video
+otherwise; `/image FILE` and `/video FILE` switch to another.
 
 In a terminal: a header, progress while the video is opened, answers streamed as they
 are written (Markdown once done), a status line per answer, commands (/help) and
@@ -25,11 +28,12 @@ from sfllava_mlx.errors import ContextOverflowError, UserError
 from . import runner
 from .options import add_generation_arguments
 
-COMMANDS = ("/help", "/reset", "/frames", "/stats", "/save", "/video", "/quit")
+COMMANDS = ("/help", "/reset", "/frames", "/stats", "/save", "/video", "/image", "/quit")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("file", metavar="FILE", help="the video file")
+    p.add_argument("file", metavar="FILE",
+                   help="the video, or a picture (recognised by its content: JPEG, PNG, WebP, HEIC)")
     p.add_argument("--model", required=True, help="converted model directory or hub repo id")
     add_generation_arguments(p)
 
@@ -70,14 +74,14 @@ class Session:
 
     def markdown(self) -> str:
         lines = ["# sfllava chat", ""]
-        lines.append(f"- video: `{self.video.path}`")
+        lines.append(f"- {media_word(self.video)}: `{self.video.path}`")
         lines.append(f"- model: `{runner.model_name(self.model)}`")
         lines.append(f"- saved: {time.strftime('%Y-%m-%d %H:%M:%S')}")
         for ex in self.transcript:
             if ex.reset_before:
                 lines += ["", "---", "", "*(new conversation)*"]
             if isinstance(ex, VideoSwitch):
-                lines += ["", "---", "", f"*(video: `{ex.path}`)*"]
+                lines += ["", "---", "", f"*({ex.media}: `{ex.path}`)*"]
                 continue
             lines += ["", f"**You:** {ex.question}", "", ex.answer.strip() or "*(no answer)*"]
             if ex.stopped:
@@ -89,6 +93,11 @@ class Session:
 class VideoSwitch:
     path: str
     reset_before: bool = False
+    media: str = "video"  # or "picture"
+
+
+def media_word(opened) -> str:
+    return "picture" if getattr(opened, "media", "video") == "image" else "video"
 
 
 def write_atomic(path: str, text: str) -> Path:
@@ -120,7 +129,9 @@ def main(args) -> int:
 
 def batch_main(args) -> int:
     model, tokenizer = runner.load_model(args)
-    video = runner.open_video(model, tokenizer, args.file, args)
+    video = runner.open_media(model, tokenizer, args.file, args)
+    if video.media == "image" and runner.picture_note(args):
+        print(runner.picture_note(args), file=sys.stderr)
     session = Session(model, tokenizer, args, video)
     for line in sys.stdin:
         question = line.rstrip("\r\n")
@@ -145,7 +156,7 @@ def batch_main(args) -> int:
         session.record(question, turn.text, stopped=False)
         if args.json:
             print(json.dumps(runner.turn_record(turn, session.video.visual, session.video.cache,
-                                                args.recipe)), flush=True)
+                                                runner.media_recipe(session.video, args))), flush=True)
         else:
             sys.stdout.write("\n\n")
             sys.stdout.flush()
@@ -163,19 +174,22 @@ def batch_command(session: Session, line: str) -> Optional[str]:
         session.reset()
     elif cmd == "/save" and rest:
         write_atomic(rest, session.markdown())
-    elif cmd == "/video" and rest:
-        switch_video(session, rest, progress=None)
+    elif cmd in ("/video", "/image") and rest:
+        switch_video(session, rest, progress=None, picture=cmd == "/image")
     else:
         print(f"note: {cmd} is ignored when reading questions from a pipe", file=sys.stderr)
     return None
 
 
-def switch_video(session: Session, path: str, progress) -> None:
+def switch_video(session: Session, path: str, progress, picture: bool = False) -> None:
+    """/video and /image: open FILE (a picture or a video, by its content; /image insists on
+    a picture) and go on about it; the old one stays as it was if FILE cannot be opened."""
     session.video.save()
-    video = runner.open_video(session.model, session.tokenizer, path, session.args, progress,
-                              prefill=progress is not None)
+    opener = runner.open_image if picture else runner.open_media
+    video = opener(session.model, session.tokenizer, path, session.args, progress,
+                   prefill=progress is not None)
     session.video = video
-    session.transcript.append(VideoSwitch(path))
+    session.transcript.append(VideoSwitch(path, media=media_word(video)))
     session.video.save()
 
 
@@ -190,11 +204,13 @@ def interactive_main(args) -> int:
     with ui.console.status(f"loading model {args.model}…"):
         model, tokenizer = runner.load_model(args)
     with ui.opening(args.file) as progress:
-        video = runner.open_video(model, tokenizer, args.file, args, progress, prefill=True)
+        video = runner.open_media(model, tokenizer, args.file, args, progress, prefill=True)
     video.save()
     session = Session(model, tokenizer, args, video)
     info = model_info(model)
     ui.header(video, model, info)
+    if video.media == "image" and runner.picture_note(args):
+        ui.note(runner.picture_note(args))
     prompt = make_prompt()
     while True:
         try:
@@ -284,9 +300,12 @@ def run_command(session: Session, ui, line: str, info: dict) -> Optional[str]:
     elif cmd == "/reset":
         session.reset()
         ui.note(f"new conversation about {Path(session.video.path).name} "
-                f"(video kept: {session.conv.offset} tokens in the cache)")
+                f"({media_word(session.video)} kept: {session.conv.offset} tokens in the cache)")
     elif cmd == "/frames":
-        ui.frames(session.video.clip)
+        if session.video.media == "image":
+            ui.note("a picture has no frames: " + image_line(session.video))
+        else:
+            ui.frames(session.video.clip)
     elif cmd == "/stats":
         ui.stats(stats_rows(session, info))
     elif cmd == "/save":
@@ -294,12 +313,12 @@ def run_command(session: Session, ui, line: str, info: dict) -> Optional[str]:
             raise UserError("usage: /save FILE")
         path = write_atomic(rest, session.markdown())
         ui.note(f"saved {len(session.transcript)} entries to {path}")
-    elif cmd == "/video":
+    elif cmd in ("/video", "/image"):
         if not rest:
-            raise UserError("usage: /video FILE")
+            raise UserError(f"usage: {cmd} FILE")
         try:
             with ui.opening(rest) as progress:
-                switch_video(session, os.path.expanduser(rest), progress)
+                switch_video(session, os.path.expanduser(rest), progress, picture=cmd == "/image")
         except KeyboardInterrupt:
             ui.note("opening stopped: still on " + Path(session.video.path).name)
             return None
@@ -311,15 +330,18 @@ def stats_rows(session: Session, info: dict) -> list:
     from .chat_ui import clock, video_summary
 
     video, conv = session.video, session.conv
-    rows = [("video", video_summary(video.path, video.clip)),
+    rows = [(media_word(video), video_summary(video.path, video.clip)),
             ("model", f"{info['name']} · {info['params']} parameters · {info['dtype']}"),
             ("visual tokens", str(video.visual.embeddings.shape[0])),
             ("cache", f"{video.cache} (opened in {video.open_s:.2f} s)"),
             ("context", f"{conv.offset} / {session.model.context_length} tokens"),
             ("turns", f"{len(conv.turns)} in this conversation, {session.turns_total} in all")]
     vt = video.visual.timings
+    if video.media == "image":
+        rows.append(("picture input", image_line(video)))
     if video.cache != "hit":
-        rows.append(("video work", f"frames {vt.get('frames', 0):.2f} s · vision {vt.get('vision', 0):.2f} s"))
+        rows.append((f"{media_word(video)} work", f"frames {vt.get('frames', 0):.2f} s · "
+                                                  f"vision {vt.get('vision', 0):.2f} s"))
     turn = conv.last_turn
     if turn is not None:
         t = turn.timings_s
@@ -331,3 +353,9 @@ def stats_rows(session: Session, info: dict) -> list:
         rows.append(("frames", f"{len(clip.timestamps)} from {clock(clip.timestamps[0])} "
                                f"to {clock(clip.timestamps[-1])}"))
     return rows
+
+
+def image_line(opened) -> str:
+    from sfllava_mlx.image import describe
+
+    return f"{describe(opened.visual.clip)} → {opened.visual.embeddings.shape[0]} visual tokens"

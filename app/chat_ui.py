@@ -17,19 +17,21 @@ from rich.table import Table
 from rich.text import Text
 
 HELP = """\
-Ask anything about the video; the conversation keeps its context.
+Ask anything about the video or picture; the conversation keeps its context.
 
   /help          this help
-  /reset         new conversation about the same video (no re-encoding)
+  /reset         new conversation about the same video or picture (no re-encoding)
   /frames        the frames the model sees, with timestamps
   /stats         timings, memory, context and cache
   /save FILE     write the conversation as Markdown
-  /video FILE    switch to another video
+  /video FILE    switch to another video (or picture)
+  /image FILE    switch to a picture (JPEG, PNG, WebP, HEIC)
   /quit          leave (Ctrl-D and Ctrl-C at the prompt leave too)
 
 Ctrl-C while an answer is written stops it and keeps the conversation."""
 
 STAGES = {"frames": "decoding frames", "vision": "encoding frames", "prefill": "prefilling prompt"}
+PICTURE_STAGES = {"vision": "encoding tiles", "prefill": "prefilling prompt"}
 
 
 def clock(seconds: float) -> str:
@@ -74,6 +76,8 @@ def video_summary(path: str, clip) -> str:
     w, h = info_get(info, "width"), info_get(info, "height")
     if w and h:
         parts.append(f"{w}×{h}")
+    if info_get(info, "kind") == "image" and info_get(info, "format"):
+        parts.append(str(info_get(info, "format")))
     fps = info_get(info, "fps")
     if fps:
         parts.append(f"{fps:.3g} fps")
@@ -86,6 +90,8 @@ class ChatUI:
 
     # -- header ----------------------------------------------------------------------------
     def header(self, video, model, model_info: dict) -> None:
+        if getattr(video, "media", "video") == "image":
+            return self.picture_header(video, model, model_info)
         clip = video.clip
         n = len(getattr(clip, "indices", []) or [])
         exact = "exact" if getattr(clip, "exact", True) else "keyframes: approximate"
@@ -108,6 +114,24 @@ class ChatUI:
         self.console.print(Panel(lines, title="sfllava chat", subtitle="/help for commands",
                                  expand=False))
 
+    def picture_header(self, opened, model, model_info: dict) -> None:
+        from sfllava_mlx.image import describe
+
+        lines = Text()
+        lines.append("picture ", style="bold")
+        lines.append(video_summary(opened.path, opened.clip) + "\n")
+        lines.append("model   ", style="bold")
+        lines.append(f"{model_info['name']} · {model_info['params']} parameters · "
+                     f"{model_info['size']} · {model_info['dtype']}\n")
+        lines.append("input   ", style="bold")
+        lines.append(f"{describe(opened.clip)} → {opened.visual.embeddings.shape[0]} visual "
+                     f"tokens · cache {opened.cache} · ready in {opened.open_s:.2f} s\n")
+        lines.append("recipe  ", style="bold")
+        family = FAMILY_NAMES.get(model.config.family, model.config.family)
+        lines.append(f"{family} · image {model.config.image.mode}")
+        self.console.print(Panel(lines, title="sfllava chat", subtitle="/help for commands",
+                                 expand=False))
+
     # -- progress while opening a video ----------------------------------------------------
     @contextmanager
     def opening(self, path: str):
@@ -116,10 +140,13 @@ class ChatUI:
                             MofNCompleteColumn(), TimeElapsedColumn(), console=self.console,
                             transient=True)
         tasks: dict = {}
+        from sfllava_mlx.image import is_picture
+
+        labels = PICTURE_STAGES if is_picture(os.path.expanduser(path)) else STAGES
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = progress.add_task(STAGES.get(stage, stage), total=total)
+                tasks[stage] = progress.add_task(labels.get(stage, stage), total=total)
             progress.update(tasks[stage], completed=done, total=total)
 
         self.console.print(f"[dim]opening {Path(path).name}…[/dim]")

@@ -1,4 +1,4 @@
-"""`sfllava generate`: answer one question about a video (SPEC §4)."""
+"""`sfllava generate`: answer one question about a video or a picture (SPEC §4, §2.11)."""
 
 import json
 import sys
@@ -10,24 +10,37 @@ from .options import add_generation_arguments
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="converted model directory or hub repo id")
-    p.add_argument("--video", required=True, help="the video file")
+    media = p.add_mutually_exclusive_group(required=True)
+    media.add_argument("--video", help="the video file")
+    media.add_argument("--image", help="a picture (JPEG, PNG, WebP, HEIC): the image recipe of "
+                                       "the model's config, not a one-frame video")
     p.add_argument("--prompt", required=True, help="the question")
     add_generation_arguments(p)
 
 
 def main(args) -> int:
+    if args.image is not None:
+        from sfllava_mlx.image import probe
+
+        probe(args.image)  # not a picture, empty or huge: refused before the model loads
     model, tokenizer = runner.load_model(args)
     start = time.perf_counter()  # ttft counts from here: after the model is loaded
-    video = runner.open_video(model, tokenizer, args.video, args)
+    if args.image is not None:
+        video = runner.open_image(model, tokenizer, args.image, args)
+    else:
+        video = runner.open_video(model, tokenizer, args.video, args)
     visual, cache = video.visual, video.cache
-    if not args.json:
+    if not args.json and video.media == "video":
         report_sampling(visual.clip)
+    if video.media == "image" and runner.picture_note(args):
+        print(runner.picture_note(args), file=sys.stderr)
     for r in video.ask(args.prompt, start_time=start, **runner.ask_options(args)):
         if not args.json:
             print(r.text, end="", flush=True)
     turn = video.conv.last_turn
     if args.json:
-        print(json.dumps(runner.turn_record(turn, visual, cache, args.recipe)), flush=True)
+        print(json.dumps(runner.turn_record(turn, visual, cache, runner.media_recipe(video, args))),
+              flush=True)
     else:
         print()
         t = turn.timings_s

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import mlx.core as mx
 
@@ -17,6 +17,7 @@ from sfllava_mlx.errors import UserError, VideoError
 # Imported up front: PyAV's import would otherwise land inside the first answer's ttft.
 from sfllava_mlx.frames import frames_for_rate, iter_frames, probe, read_frames
 from sfllava_mlx.generate import Conversation, VisualTokens, encode_video
+from sfllava_mlx import image
 from sfllava_mlx.memory import MemoryPlan, check_plan
 from sfllava_mlx.pooling import num_visual_tokens
 
@@ -34,7 +35,7 @@ def load_model(args):
 def configure_sampling(model, recipe: Optional[str] = None, num_frames: Optional[int] = None):
     """Set the sampling that the next videos are opened with (SPEC §2.9-2.10)."""
     try:
-        return model.config.use_recipe(recipe or "native", num_frames or None)
+        return model.config.use_recipe(recipe or "native", num_frames)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -48,9 +49,11 @@ def frame_options(model, args) -> dict:
 def plan(model, sampling: SamplingConfig, args) -> MemoryPlan:
     """The memory plan of one video's request; a request that cannot fit is refused."""
     max_kv_size = getattr(args, "max_kv_size", None)
+    limit = min(model.context_length, max_kv_size or model.context_length)
     return check_plan(model, sampling, max_tokens=getattr(args, "max_tokens", 512) or 512,
                       kv_bits=getattr(args, "kv_bits", None), max_kv_size=max_kv_size,
-                      context_limit=min(model.context_length, max_kv_size or model.context_length))
+                      context_limit=limit, context_name="--max-kv-size" if limit < model.context_length
+                      else "the model's context")
 
 
 def video_sampling(model, path, args) -> SamplingConfig:
@@ -123,6 +126,8 @@ class OpenedVideo:
     (computed, to be saved) or "off". `save()` writes what the cache lacks; call it when
     nobody waits for a token (after an answer), it is a no-op once all is saved.
     """
+
+    media: ClassVar[str] = "video"  # OpenedImage: "image"
 
     path: str
     visual: VisualTokens
@@ -285,3 +290,143 @@ def turn_record(turn, visual: VisualTokens, cache: str, recipe: Optional[str] = 
 def reset_peak_memory() -> None:
     if hasattr(mx, "reset_peak_memory"):
         mx.reset_peak_memory()
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures (SPEC §2.11)
+
+
+@dataclass
+class OpenedImage(OpenedVideo):
+    """A picture ready for questions: what `OpenedVideo` is for a video (the same `ask`,
+    `prefill`, `save`, `conv`, `visual`, `cache`). `clip` is an `image.PictureClip`."""
+
+    media: ClassVar[str] = "image"
+
+    @property
+    def info(self) -> dict:
+        return self.visual.clip.info
+
+
+def image_plan(model, num_tokens: int, num_inputs: int, args) -> None:
+    """The memory plan of one picture's request: refused before decoding if it cannot fit."""
+    from sfllava_mlx import memory as mem
+
+    max_kv_size = getattr(args, "max_kv_size", None)
+    limit_ctx = min(model.context_length, max_kv_size or model.context_length)
+    if num_tokens + mem.MIN_TEXT_TOKENS > limit_ctx:
+        from sfllava_mlx.errors import ContextOverflowError
+
+        raise ContextOverflowError(f"this picture's {num_tokens} visual tokens and the prompt "
+                                   f"pass the context of {limit_ctx} tokens")
+    cfg, size = model.config, mem.compute_dtype_size(model)
+    max_tokens = getattr(args, "max_tokens", 512) or 512
+    context = num_tokens + mem.PROMPT_TEXT_TOKENS + max_tokens
+    held = min(context, max_kv_size) if max_kv_size else context
+    held = -(-held // mem.KV_STEP) * mem.KV_STEP
+    kv = int(mem.kv_bytes_per_token(cfg, size, getattr(args, "kv_bits", None)) * held)
+    working = max(mem.vision_bytes(cfg, size, min(image.VISION_BATCH, num_inputs)),
+                  mem.prefill_bytes(cfg, size, num_tokens + mem.PROMPT_TEXT_TOKENS))
+    total = mem.weight_bytes(model) + kv + working
+    limit, source = mem.memory_limit()
+    if limit and total > limit:
+        raise mem.MemoryPlanError(f"this picture needs about {total / 1e9:.2f} GB, more than the "
+                                  f"{limit / 1e9:.2f} GB of {source}; a smaller model would fit")
+
+
+def open_image(model, tokenizer, path, args, progress: Optional[Progress] = None, *,
+               prefill: bool = False, store: Optional[vcache.VideoCache] = None) -> OpenedImage:
+    """Picture -> OpenedImage, through the cache unless --no-cache (keyed by the picture's
+    content, the model and its image recipe). The header is read first: a file that is not
+    a picture, a huge one or an empty one is refused before decoding. progress(stage, done,
+    total) gets "vision" per batch of tiles (and "prefill" with prefill=True)."""
+    start = time.perf_counter()
+    info = image.probe(path)  # ImageError (a VideoError: exit 2) for what cannot be used
+    n_tokens = image.num_image_tokens(model.config, info.size)
+    n_inputs = (image.anyres.plan(info.size, model.config.image, model.config.vision.image_size,
+                                  model.config.vision.grid).num_tiles
+                if model.config.image.anyres else 1)
+    image_plan(model, n_tokens, n_inputs, args)
+    opened_store = key = fingerprint = entry = None
+    if use_cache(args):
+        opened_store = store or vcache.VideoCache()
+        fingerprint = vcache.VideoFingerprint.of(path)
+        key = vcache.make_image_key(fingerprint, model)
+        entry = opened_store.lookup(key, fingerprint, num_tokens=n_tokens,
+                                    hidden_size=model.config.projector.hidden_size)
+    hasher = None
+    if entry is not None:
+        visual = VisualTokens(entry.visual, image.PictureClip.from_cached(entry.clip),
+                              {"frames": 0.0, "vision": 0.0})
+    else:
+        hasher = vcache.ContentHasher(path) if opened_store is not None else None
+        picture = image.read_image(path, info)
+        visual = image.encode_image(
+            model, picture, progress=(lambda d, t: progress("vision", d, t)) if progress else None)
+    conv = Conversation(model, tokenizer, visual, system_prompt=getattr(args, "system_prompt", None),
+                        max_kv_size=getattr(args, "max_kv_size", None),
+                        kv_bits=getattr(args, "kv_bits", None))  # no frames: no time instruction
+    kv_key = vcache.prefix_key(conv.prefix_tokens(), kv_bits=getattr(args, "kv_bits", None))
+    prefix_from_cache = False
+    if entry is not None and not getattr(args, "max_kv_size", None):
+        cache = opened_store.load_prefix(entry, kv_key, length=conv.prefix_length(),
+                                         num_layers=len(model.language_model.layers))
+        if cache is not None:
+            conv.restore_prefix(cache)
+            prefix_from_cache = True
+    load_s = time.perf_counter() - start if entry is not None else 0.0
+    status = "off" if opened_store is None else ("hit" if entry is not None else "miss")
+    opened = OpenedImage(str(path), visual, conv, status, time.perf_counter() - start, start,
+                         load_s=load_s, prefix_from_cache=prefix_from_cache, _store=opened_store,
+                         _key=key, _fingerprint=fingerprint, _hasher=hasher,
+                         _entry=entry.path if entry is not None else None, _kv_key=kv_key,
+                         _kv_saved=prefix_from_cache or bool(getattr(args, "max_kv_size", None)),
+                         _model_name=model_name(model))
+    if prefill:
+        opened.prefill(progress)
+        opened.open_s = time.perf_counter() - start
+    return opened
+
+
+def open_media(model, tokenizer, path, args, progress: Optional[Progress] = None, **kwargs):
+    """A picture (recognised by its content, never its name: JPEG, PNG, WebP, HEIC, AVIF) ->
+    open_image; any other file -> open_video (a file named like a picture that is neither is
+    refused as a picture). `kwargs` (prefill, store, frames) go to the one called; `frames`
+    only to open_video. Returns an OpenedImage or an OpenedVideo (`.media` tells which)."""
+    path = str(path)
+    if image.is_picture(path):
+        kwargs.pop("frames", None)
+        return open_image(model, tokenizer, path, args, progress, **kwargs)
+    try:
+        return open_video(model, tokenizer, path, args, progress, **kwargs)
+    except VideoError:
+        if os.path.isfile(path) and image.named_like_picture(path):
+            raise image.ImageError(f"{path} is not a picture (its content is not JPEG, PNG, WebP, "
+                                   "HEIC or AVIF) nor a video") from None
+        raise
+
+
+def media_recipe(opened, args) -> Optional[str]:
+    """The `recipe` of a turn record: the video's --recipe, or a picture's image mode."""
+    if getattr(opened, "media", "video") == "image":
+        return opened.visual.clip.info.get("mode") or opened.conv.model.config.image.mode
+    return getattr(args, "recipe", None)
+
+
+def video_only_options(args) -> list:
+    """The flags given that only mean something for a video (a picture ignores them)."""
+    given = [("--fps", getattr(args, "fps", None) is not None),
+             ("--timestamps", bool(getattr(args, "timestamps", False))),
+             ("--num-frames", bool(getattr(args, "num_frames", None))),
+             ("--recipe", getattr(args, "recipe", "native") not in (None, "native")),
+             ("--seek", getattr(args, "seek", "exact") not in (None, "exact")),
+             ("--vision-backend", getattr(args, "vision_backend", "mlx") not in (None, "mlx"))]
+    return [flag for flag, on in given if on]
+
+
+def picture_note(args) -> Optional[str]:
+    flags = video_only_options(args)
+    if not flags:
+        return None
+    return (f"note: ignored for a picture (videos only): {', '.join(flags)}; a picture follows "
+            "the model's image recipe, on the MLX vision tower")

@@ -94,7 +94,8 @@ def plan_conversion(hf_path: str, allow_pickle: bool = False):
     layout = layouts.detect_layout(src.tensors)
     aliases = layouts.canonical_names(layout, src.tensors)
     shapes = {n: src.tensors[real].shape for n, real in aliases.items()}
-    cfg = layouts.model_config(layout, src.config, shapes, src.preprocessor)
+    cfg = layouts.model_config(layout, src.config, shapes, src.preprocessor,
+                               image_preprocessor=src.image_preprocessor)
     n_tok = tokenizer_size(src.path)
     if n_tok is not None and n_tok > cfg.text_config["vocab_size"]:
         raise CheckpointError(

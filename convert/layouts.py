@@ -18,6 +18,8 @@ from typing import Optional
 import mlx.core as mx
 
 from sfllava_mlx.config import (
+    ONEVISION_PINPOINTS,
+    ImageConfig,
     ModelConfig,
     PreprocessConfig,
     ProjectorConfig,
@@ -286,7 +288,8 @@ def check_features(layout: str, config: dict) -> None:
             "(only 'patch')")
 
 
-def model_config(layout: str, config: dict, shapes: dict, preprocessor: Optional[dict]) -> ModelConfig:
+def model_config(layout: str, config: dict, shapes: dict, preprocessor: Optional[dict],
+                 image_preprocessor: Optional[dict] = None) -> ModelConfig:
     check_features(layout, config)
     vcfg, raw_layer = vision_config(layout, config, shapes)
     text = text_config(config, shapes, layout)
@@ -296,6 +299,7 @@ def model_config(layout: str, config: dict, shapes: dict, preprocessor: Optional
             f"mm_hidden_size {mm_hidden} differs from the vision tower's width {vcfg.hidden_size}")
     has_newline = NEWLINE in shapes
     family, recipes = model_recipes(layout, config, has_newline)
+    preprocess = preprocess_config(vcfg, preprocessor)
     return ModelConfig(
         layout=layout,
         text_config=text,
@@ -303,12 +307,75 @@ def model_config(layout: str, config: dict, shapes: dict, preprocessor: Optional
         projector=ProjectorConfig(input_size=vcfg.hidden_size, hidden_size=text["hidden_size"],
                                   image_newline=has_newline),
         sampling=recipes["native"],
-        preprocess=preprocess_config(vcfg, preprocessor),
+        preprocess=preprocess,
         prompt=PromptConfig(),
         source={"layout": layout, "feature_layer": raw_layer},
         family=family,
         recipes=recipes,
+        image=image_config(layout, config, family, vcfg, preprocess, image_preprocessor),
     )
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures (SPEC §2.11): the `image` section of config.json
+
+PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # Pillow's resample ids
+ANYRES_MAX = re.compile(r"anyres_max_(\d+)")
+
+
+def _pinpoints(value, tile: int) -> list:
+    """[[h, w], ...] pixels from a list, or LLaVA-NeXT's "(1x1),...,(6x6)" range in tiles."""
+    if isinstance(value, str):
+        found = re.findall(r"\((\d+)x(\d+)\)", value)
+        if not found:
+            raise CheckpointError(f"image_grid_pinpoints {value!r} is neither a list nor "
+                                  "a (AxB),...,(CxD) range")
+        (h0, w0), (h1, w1) = map(int, found[0]), map(int, found[-1])
+        return [[i * tile, j * tile] for i in range(h0, h1 + 1) for j in range(w0, w1 + 1)]
+    try:
+        return [[int(h), int(w)] for h, w in value]
+    except (TypeError, ValueError):
+        raise CheckpointError(f"image_grid_pinpoints {value!r} is not a list of [height, width]") from None
+
+
+def image_config(layout: str, config: dict, family: str, vcfg: VisionConfig,
+                 preprocess: PreprocessConfig, image_pre: Optional[dict]) -> ImageConfig:
+    """SF-LLaVA-1.5: `single` (its image recipe is unpublished). LLaVA-OneVision and
+    LLaVA-Video: the any-resolution recipe their config names (`vision_aspect_ratio` of
+    transformers' config, default anyres_max_9; `image_aspect_ratio` of LLaVA-NeXT's), with
+    the image processor's grid, filter and normalization, as transformers computes it."""
+    pre = image_pre or {}
+
+    def triple(v):
+        return [float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v]
+
+    # the image processor's normalization (preprocessor_config.json), not the video's
+    mean = triple(pre.get("image_mean", preprocess.image_mean))
+    std = triple(pre.get("image_std", preprocess.image_std))
+    if family == "sf-llava-1.5":
+        return ImageConfig("single", image_mean=list(preprocess.image_mean),
+                           image_std=list(preprocess.image_std))
+    aspect = (config.get("vision_aspect_ratio") or "anyres_max_9" if layout == HF
+              else config.get("image_aspect_ratio") or "")
+    m = ANYRES_MAX.fullmatch(str(aspect))
+    if not m:  # e.g. "pad" or plain "anyres": not computed; the whole grid as SF-LLaVA does
+        return ImageConfig("single", image_mean=mean, image_std=std)
+    tile = vcfg.image_size
+    raw = config.get("image_grid_pinpoints") or pre.get("image_grid_pinpoints")
+    pinpoints = _pinpoints(raw, tile) if raw else [list(p) for p in ONEVISION_PINPOINTS]
+    # A grid that does not tile the tower's frames cannot be computed as transformers does;
+    # pictures then take the whole-grid path, and the video path (what most use) converts.
+    bad = [p for p in pinpoints if p[0] <= 0 or p[1] <= 0 or p[0] % tile or p[1] % tile]
+    size = pre.get("size") or {}
+    side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+    if bad or (side and int(side) != tile):
+        return ImageConfig("single", image_mean=mean, image_std=std)
+    resample = PIL_FILTERS.get(pre.get("resample", 3))
+    if resample is None:
+        raise CheckpointError(f"the image processor's resample {pre.get('resample')!r} is not "
+                              f"supported ({', '.join(f'{k} {v}' for k, v in PIL_FILTERS.items())})")
+    return ImageConfig(f"anyres_max_{m.group(1)}", grid_pinpoints=pinpoints, resample=resample,
+                       image_mean=mean, image_std=std)
 
 
 # ----------------------------------------------------------------------------------------

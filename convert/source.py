@@ -46,6 +46,7 @@ class SourceCheckpoint:
     tensors: dict  # name -> TensorInfo
     format: str  # "safetensors" or "pickle"
     preprocessor: Optional[dict] = None
+    image_preprocessor: Optional[dict] = None  # preprocessor_config.json alone (pictures)
     _loaded: dict = field(default_factory=dict, repr=False)  # file -> {name: mx.array}
 
     @property
@@ -208,6 +209,8 @@ def open_checkpoint(path: Path, allow_pickle: bool = False) -> SourceCheckpoint:
            if (path / f).exists()]
     return SourceCheckpoint(path=path, config=config, tensors=tensors, format=fmt,
                             preprocessor={k: v for p in pre for k, v in p.items()} if pre else None,
+                            image_preprocessor=(_read_json(path / "preprocessor_config.json")
+                                                if (path / "preprocessor_config.json").exists() else None),
                             _loaded=loaded)
 
 

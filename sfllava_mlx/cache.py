@@ -194,6 +194,14 @@ def make_key(fingerprint: VideoFingerprint, model, *, seek="exact", vision_backe
                     s.slow_every, seek, runtime_dtype(model), vision_backend, recipe)
 
 
+def make_image_key(fingerprint: VideoFingerprint, model) -> CacheKey:
+    """A picture's key: its content, the model, the image recipe (SPEC §2.11) and the dtype.
+    No frames (num_frames 0, seek "image"); the recipe is the config's `image` section."""
+    image = asdict(model.config.image)
+    return CacheKey(fingerprint.size, fingerprint.sampled, model_identity(model), 0, 0, "image",
+                    runtime_dtype(model), "mlx", {"image": image})
+
+
 def prefix_key(prefix_ids: list, *, kv_bits=None, kv_group_size=64) -> str:
     """The KV cache of the prefix depends on the system prompt's tokens and the KV format."""
     material = json.dumps({"prefix": list(map(int, prefix_ids)), "kv_bits": kv_bits,

@@ -104,6 +104,50 @@ class PreprocessConfig:
     image_std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
 
+IMAGE_MODES = ("single", "anyres_max_N")
+# LLaVA-OneVision's any-resolution grid (transformers' LlavaOnevisionConfig default and the
+# llava-hf / lmms-lab checkpoints): (height, width) in multiples of the 384 px tile, 1..6 each.
+ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+
+
+@dataclass
+class ImageConfig:
+    """How one picture becomes tokens (SPEC §2.11), the `image` section of config.json.
+
+    single: resized to S x S as a frame is (SPEC §2.2), the tower's whole grid, no pooling,
+    no newline. anyres_max_N (LLaVA-OneVision's anyres_max_9): a base image at S x S plus
+    the tiles of the best `grid_pinpoints` resolution (Pillow resize with `resample`, zero
+    padding), unpadded, bilinearly downsampled where the grid holds more than about N
+    tiles' worth of tokens, an image newline after each row (transformers' exact rules).
+    """
+
+    mode: str = "single"
+    grid_pinpoints: list = field(default_factory=list)  # [[height, width], ...] pixels (anyres)
+    resample: str = "bicubic"  # Pillow filter of the anyres resizes
+    image_mean: Optional[list] = None  # None: the preprocess section's (frames')
+    image_std: Optional[list] = None
+
+    def __post_init__(self):
+        if self.mode != "single" and not (self.mode.startswith("anyres_max_")
+                                          and self.mode[len("anyres_max_"):].isdigit()
+                                          and int(self.mode[len("anyres_max_"):]) > 0):
+            raise ValueError(f"image.mode {self.mode!r} is not 'single' or 'anyres_max_N'")
+        if self.resample not in ("bicubic", "bilinear", "lanczos", "nearest"):
+            raise ValueError(f"image.resample {self.resample!r} is not a Pillow filter name")
+        self.grid_pinpoints = [[int(h), int(w)] for h, w in self.grid_pinpoints]
+        if self.anyres and not self.grid_pinpoints:
+            raise ValueError(f"image.mode {self.mode} needs image.grid_pinpoints")
+
+    @property
+    def anyres(self) -> bool:
+        return self.mode != "single"
+
+    @property
+    def max_tiles(self) -> int:
+        """N of anyres_max_N: the token budget of the tiles, in tiles."""
+        return int(self.mode[len("anyres_max_"):]) if self.anyres else 1
+
+
 @dataclass
 class PromptConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -128,6 +172,7 @@ class ModelConfig:
     family: str = "sf-llava-1.5"  # sf-llava-1.5 | llava-onevision | llava-video
     recipes: dict = field(default_factory=dict)  # name -> SamplingConfig
     recipe: str = "native"  # the name of the recipe in `sampling`
+    image: ImageConfig = field(default_factory=ImageConfig)  # pictures (SPEC §2.11)
 
     def __post_init__(self):
         self.recipes = {"native": self.sampling, "slowfast": self.sampling, **self.recipes}
@@ -168,6 +213,7 @@ class ModelConfig:
             source=d.get("source", {}),
             family=d.get("family", "sf-llava-1.5"),
             recipes=recipes,
+            image=_from_dict(ImageConfig, d.get("image")),  # absent (older configs): single
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +228,7 @@ class ModelConfig:
             "recipes": {k: asdict(v) for k, v in self.recipes.items()},
             "preprocess": asdict(self.preprocess),
             "prompt": asdict(self.prompt),
+            "image": asdict(self.image),
             "dtype": self.dtype,
             "source": self.source,
         }

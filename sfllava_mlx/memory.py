@@ -138,6 +138,8 @@ def memory_limit() -> tuple[int, str]:
     working_set = info.get("max_recommended_working_set_size")
     if working_set:
         return int(working_set), "Metal's recommended working set"
+    if mx.default_device() == mx.gpu and info.get("total_memory"):  # a discrete GPU (CUDA)
+        return int(info["total_memory"]), f"{info.get('device_name', 'the GPU')}'s memory"
     available = available_memory()
     if available:
         return available + mx.get_active_memory(), "available memory"
@@ -194,7 +196,7 @@ def least_context(model, sampling: SamplingConfig) -> int:
 
 def check_plan(model, sampling: SamplingConfig, *, context_limit: int, max_tokens: int = 512,
                kv_bits: Optional[int] = None, kv_group_size: int = 64,
-               max_kv_size: Optional[int] = None) -> MemoryPlan:
+               max_kv_size: Optional[int] = None, context_name: str = "the context") -> MemoryPlan:
     """The plan, or a one-line refusal that says the estimate, the limit and the fix."""
     options = dict(max_tokens=max_tokens, kv_bits=kv_bits, kv_group_size=kv_group_size,
                    max_kv_size=max_kv_size)
@@ -219,6 +221,6 @@ def check_plan(model, sampling: SamplingConfig, *, context_limit: int, max_token
         visual = num_visual_tokens(model.config.vision.grid, sampling)
         raise ContextOverflowError(
             f"this video's {visual} visual tokens ({sampling.num_frames} frames) and the prompt "
-            f"pass the context of {context_limit} tokens" + fix)
+            f"pass {context_name} of {context_limit} tokens" + fix)
     raise MemoryPlanError(f"this request needs about {p.describe()}, more than the "
                           f"{_gb(limit)} of {source}" + fix)

@@ -197,7 +197,7 @@ def test_a_video_past_the_context_is_refused_before_decoding(tmp_path, converted
                  QUESTION, "--max-kv-size", 200, "--max-tokens", 4], tmp_path)
     assert r.returncode == 2
     first = r.stderr.splitlines()[0]
-    assert "pass the context of 200" in first and "--num-frames" in first
+    assert "pass --max-kv-size of 200" in first and "--num-frames" in first
     assert not list((tmp_path / "xdg-cache").rglob("visual.safetensors"))
 
 

@@ -1,0 +1,358 @@
+"""One picture to visual tokens (SPEC §2.11): decoding, and the config's image recipe.
+
+A picture is recognised by its content (JPEG, PNG, WebP, HEIC/HEIF where pillow-heif is
+installed, AVIF where Pillow decodes it), never by its name. Decoding is Pillow's: EXIF
+orientation applied, RGB (transparency composited onto white, as transformers does), and a
+picture whose header announces more than `MAX_PIXELS` pixels, or none, is refused before
+anything is decoded.
+
+The converted config's `image` section picks the recipe:
+- `single`: resized to S x S as a frame is (SPEC §2.2), the tower's whole grid, no pooling,
+  no newline (SF-LLaVA-1.5's default while its image recipe is unpublished);
+- `anyres_max_N` (LLaVA-OneVision): transformers' `LlavaOnevisionImageProcessorPil` pixel
+  math with Pillow (the same resize filter, zero padding, S x S tiles) and
+  `LlavaOnevisionModel.pack_image_features` as MLX ops (`anyres.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from . import anyres
+from .config import ImageConfig, ModelConfig
+from .errors import VideoError
+
+# Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, about 179 megapixels:
+# a 200 MP phone photo's 16384 x 12288 fits, a 30000 x 30000 scan does not).
+MAX_PIXELS = 2 * 89_478_485
+VISION_BATCH = 8  # tiles per tower call (generate.VISION_BATCH)
+PICTURE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".heic", ".heif", ".hif",
+                      ".avif")
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs",
+               b"mif1", b"msf1"}
+AVIF_BRANDS = {b"avif", b"avis"}
+ORIENTATION = 0x0112  # EXIF tag
+SWAPS_SIDES = (5, 6, 7, 8)  # orientations that turn the picture a quarter
+
+
+class ImageError(VideoError):
+    """The picture is missing, unreadable, too large or not a picture (exit 2)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Recognising and opening a picture
+
+
+def sniff(path) -> Optional[str]:
+    """The picture format the file's first bytes announce, or None (not a picture we read).
+
+    Reads 64 bytes: JPEG, PNG, WebP, and ISO-BMFF files whose major brand is a HEIF or AVIF
+    image brand (a video's mp4/mov brands are not)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in HEIF_BRANDS:
+            return "HEIF"
+        if brand in AVIF_BRANDS:
+            return "AVIF"
+    return None
+
+
+def is_picture(path) -> bool:
+    return os.path.isfile(path) and sniff(path) is not None
+
+
+def named_like_picture(path) -> bool:
+    return str(path).lower().endswith(PICTURE_EXTENSIONS)
+
+
+_heif_registered = False
+_NO_BOMB_CHECK = threading.Lock()
+
+
+def _heif_opener() -> bool:
+    """Register pillow-heif's opener once; False where it is not installed."""
+    global _heif_registered
+    if not _heif_registered:
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            return False
+        register_heif_opener()
+        _heif_registered = True
+    return True
+
+
+@dataclass
+class PictureInfo:
+    """What the header says, before any pixel is decoded."""
+
+    path: str
+    format: str  # JPEG, PNG, WEBP, HEIF, AVIF
+    width: int  # upright (EXIF orientation applied)
+    height: int
+    orientation: int = 1  # the EXIF tag (1 = upright)
+    mode: str = ""  # Pillow's mode as stored (RGB, RGBA, L, P, CMYK, ...)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width), upright: transformers' order."""
+        return self.height, self.width
+
+
+def _open(path, fmt: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if fmt == "HEIF" and not _heif_opener():
+        raise ImageError(f"cannot decode {path}: HEIC/HEIF pictures need pillow-heif "
+                         "(pip install pillow-heif)")
+    if fmt == "AVIF":
+        from PIL import features
+
+        if not features.check("avif"):
+            raise ImageError(f"cannot decode {path}: this Pillow has no AVIF support")
+    try:
+        # Pillow's own bomb check would refuse without the size; `check_size` refuses at
+        # the same limit, with it, before anything is decoded.
+        with _NO_BOMB_CHECK:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return Image.open(path, formats=[fmt])
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+    except (UnidentifiedImageError, SyntaxError, ValueError, OSError, EOFError) as e:
+        dims = _png_dims(path) if fmt == "PNG" else None
+        if dims is not None and 0 in dims:  # Pillow does not identify an empty PNG
+            check_size(path, *dims)
+        raise ImageError(f"cannot read the picture {path}: {_reason(e)}") from None
+
+
+def _png_dims(path) -> Optional[tuple[int, int]]:
+    """(width, height) from a PNG's IHDR chunk, or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:200]
+
+
+def probe(path) -> PictureInfo:
+    """Header only: format, upright size, orientation. Refuses a file that is not a
+    picture, a picture with no pixels, and one past MAX_PIXELS, before decoding it."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise ImageError(f"picture not found: {path}")
+    if os.path.isdir(path):
+        raise ImageError(f"{path} is a directory, not a picture")
+    fmt = sniff(path)
+    if fmt is None:
+        raise ImageError(f"{path} is not a picture: its content is not JPEG, PNG, WebP, HEIC "
+                         "or AVIF")
+    im = _open(path, fmt)
+    try:
+        w, h = im.size
+        try:
+            orientation = int(im.getexif().get(ORIENTATION, 1) or 1)
+        except Exception:  # noqa: BLE001  a broken EXIF block: decoding will say more
+            orientation = 1
+        mode = im.mode
+    finally:
+        im.close()
+    check_size(path, w, h)
+    if orientation in SWAPS_SIDES:
+        w, h = h, w
+    return PictureInfo(path, fmt, w, h, orientation, mode)
+
+
+def check_size(path, width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{path} has no pixels ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{path} is too large a picture ({width}x{height}, "
+                         f"{width * height / 1e6:.0f} megapixels; at most "
+                         f"{MAX_PIXELS / 1e6:.0f})")
+
+
+@dataclass
+class Picture:
+    info: PictureInfo
+    image: object  # PIL.Image.Image, RGB, upright
+    decode_s: float = 0.0
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return np.asarray(self.image)
+
+
+def to_rgb(image):
+    """RGB as transformers' `convert_to_rgb` makes it: transparency over white."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def upright(image):
+    """EXIF orientation applied (Pillow's ImageOps.exif_transpose)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
+def read_image(path, info: Optional[PictureInfo] = None) -> Picture:
+    """Decode a picture: RGB, upright. Broken files are refused with one line."""
+    tic = time.perf_counter()
+    info = info or probe(path)
+    im = _open(str(path), info.format)
+    try:
+        try:
+            im.load()  # a truncated file fails here (Pillow's LOAD_TRUNCATED_IMAGES is off)
+            rgb = to_rgb(upright(im))
+        except (SyntaxError, ValueError, OSError, EOFError) as e:
+            raise ImageError(f"cannot decode the picture {path}: {_reason(e)}") from None
+    finally:
+        im.close()
+    if (rgb.height, rgb.width) != info.size:  # EXIF said one thing, the pixels another
+        check_size(path, rgb.width, rgb.height)
+        info = PictureInfo(info.path, info.format, rgb.width, rgb.height, info.orientation, info.mode)
+    return Picture(info, rgb, time.perf_counter() - tic)
+
+
+# ----------------------------------------------------------------------------------------
+# What a picture stands for in a conversation (in place of a video's sampled frames)
+
+
+@dataclass
+class PictureClip:
+    """The `clip` of a picture's VisualTokens: no frames; what the picture is in `info`.
+
+    Has the fields the video cache and the app read from a clip (indices, timestamps,
+    streams: empty), so a picture goes through the same cache entries."""
+
+    info: dict
+    indices: list = field(default_factory=list)
+    timestamps: list = field(default_factory=list)
+    streams: list = field(default_factory=list)
+    exact: bool = True
+    replaced: list = field(default_factory=list)
+    images: Optional[list] = None
+    timings: dict = field(default_factory=lambda: {"frames": 0.0})
+    kind: str = "image"
+
+    @classmethod
+    def of(cls, info: PictureInfo, config: ModelConfig) -> "PictureClip":
+        d = {"kind": "image", "format": info.format, "width": info.width, "height": info.height,
+             "orientation": info.orientation, "mode": config.image.mode}
+        if config.image.anyres:
+            p = anyres.plan(info.size, config.image, config.vision.image_size, config.vision.grid)
+            d.update(tiles=list(p.tiles), grid=list(p.final))
+        return cls(d)
+
+    @classmethod
+    def from_cached(cls, cached) -> "PictureClip":
+        return cls(dict(getattr(cached, "info", None) or {}))
+
+
+def num_image_tokens(config: ModelConfig, size: tuple[int, int]) -> int:
+    """Visual tokens of a (height, width) picture under the config's image recipe."""
+    if config.image.anyres:
+        return anyres.plan(size, config.image, config.vision.image_size, config.vision.grid).num_tokens
+    return config.vision.num_patches
+
+
+def describe(clip: PictureClip) -> str:
+    """One line: 'anyres_max_9: 3x5 tiles + base, grid 60x108' or 'single: 384x384'."""
+    info = clip.info
+    if info.get("tiles"):
+        t, g = info["tiles"], info["grid"]
+        return f"{info['mode']}: base + {t[0]}x{t[1]} tiles, grid {g[0]}x{g[1]}"
+    return f"{info.get('mode', 'single')}: the whole picture at the tower's size"
+
+
+# ----------------------------------------------------------------------------------------
+# Pixels and tokens
+
+
+def _normalize(pixels: np.ndarray, image: ImageConfig, config: ModelConfig) -> mx.array:
+    """(N, S, S, 3) uint8 -> float32 (x / 255 - mean) / std, on the default device."""
+    mean = image.image_mean or config.preprocess.image_mean
+    std = image.image_std or config.preprocess.image_std
+    x = mx.array(pixels).astype(mx.float32) / 255.0
+    return (x - mx.array(mean, dtype=mx.float32)) / mx.array(std, dtype=mx.float32)
+
+
+def image_pixels(picture: Picture, config: ModelConfig) -> np.ndarray:
+    """The picture's uint8 (N, S, S, 3) tower inputs: one S x S image (single), or the base
+    image then the tiles in row-major order (anyres)."""
+    S = config.vision.image_size
+    if config.image.anyres:
+        p = anyres.plan(picture.info.size, config.image, S, config.vision.grid)
+        return anyres.tile_pixels(picture.image, p, config.image.resample)
+    from .preprocess import resize_frame
+
+    return resize_frame(picture.pixels, S)[None]
+
+
+def encode_image(model, picture: Picture, *, batch_size: int = VISION_BATCH,
+                 progress: Optional[Callable[[int, int], None]] = None):
+    """A decoded picture -> VisualTokens: the tower on its tiles in batches, the projector,
+    then (anyres) unpadding, downsampling and newlines as MLX ops. `timings`: `frames`
+    (decode, resize, tiles, normalize) and `vision` (tower, projector, packing)."""
+    from .generate import VisualTokens
+
+    config = model.config
+    tic = time.perf_counter()
+    pixels = image_pixels(picture, config)
+    x = _normalize(pixels, config.image, config)
+    mx.eval(x)
+    frames_s = picture.decode_s + time.perf_counter() - tic
+    tic = time.perf_counter()
+    feats = []
+    for i in range(0, x.shape[0], batch_size):
+        f = model.projector(model.vision_tower(x[i:i + batch_size]))
+        mx.eval(f)
+        feats.append(f)
+        if progress:
+            progress(min(i + batch_size, x.shape[0]), x.shape[0])
+    feats = mx.concatenate(feats) if len(feats) > 1 else feats[0]  # (N, G*G, D)
+    if config.image.anyres:
+        p = anyres.plan(picture.info.size, config.image, config.vision.image_size, config.vision.grid)
+        if model.newline is None:
+            raise ImageError(f"image.mode {config.image.mode} places an image newline but the "
+                             "model has none")
+        tokens = anyres.pack(feats, p, model.newline)
+    else:
+        tokens = feats[0]
+    mx.eval(tokens)
+    clip = PictureClip.of(picture.info, config)
+    expected = num_image_tokens(config, picture.info.size)
+    assert tokens.shape[0] == expected, (tokens.shape, expected)
+    return VisualTokens(tokens, clip, {"frames": frames_s, "vision": time.perf_counter() - tic})
