@@ -1,6 +1,7 @@
 """`sfllava bench`: where the time goes, and how far each stage is from the machine's limit.
 
     sfllava bench --random-weights 1.5b [--frames 32,64,128] [-q] [--q-bits 4,8] [--runs 3]
+    sfllava bench --random-weights ov-0.5b --recipe native,slowfast
     sfllava bench --model DIR [--video FILE] [--json]
     sfllava bench --sizes 1.5b,3b,7b --q-bits 4
 
@@ -12,10 +13,11 @@ time to first token, and a cached reopen (the video cache read back, then the fi
 The frame stages add up to what the runtime reports as `frames` + `vision`; with prefill
 they add up to the time to first token.
 
-Each configuration (model size x bits x frames) is one row: median, min and max per
-stage, peak memory split into weights, KV cache and working sets, the work each stage
-does (FLOP or bytes per token, app/hardware.py) and the share of the machine's peak that
-the measurement reaches.
+Each configuration (model size x bits x recipe x frames) is one row, named by the model's
+family and recipe: median, min and max per stage, peak memory split into weights, KV cache
+and working sets, the work each stage does (FLOP or bytes per token, app/hardware.py:
+the tower's FLOP per frame at the model's real grid, times the recipe's frames) and the
+share of the machine's peak that the measurement reaches.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -63,13 +65,19 @@ STAGE_KEYS = [k for k, _, _ in STAGES]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="converted model directory or hub repo id")
-    src.add_argument("--random-weights", choices=["1.5b", "3b", "7b"],
-                     help="SF-LLaVA-1.5's exact shapes with random weights (no download)")
-    src.add_argument("--sizes", type=_list(str), metavar="1.5b,3b,7b",
+    from sfllava_mlx.random_weights import SIZES
+
+    src.add_argument("--random-weights", choices=SIZES,
+                     help="a model's exact shapes with random weights (no download): SF-LLaVA-1.5 "
+                          "1.5b/3b/7b, LLaVA-OneVision ov-0.5b/ov-7b (llava-onevision-qwen2-*-ov)")
+    src.add_argument("--sizes", type=_list(str), metavar="1.5b,ov-0.5b,...",
                      help="sweep random-weight model sizes")
     p.add_argument("--video", help="video to profile on (default: a generated 10 s clip)")
+    p.add_argument("--recipe", type=_list(str), metavar="native,slowfast",
+                   help="frame recipes, a sweep when several (default: native): the model's own, "
+                        "or SlowFast (32 slow + 96 fast frames)")
     p.add_argument("--frames", type=_list(int), metavar="N[,N...]",
-                   help="sample positions per video, a sweep when several (default: the model's)")
+                   help="sample positions per video, a sweep when several (default: the recipe's)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="compute dtype (default: float32 on MLX's CPU backend, else float16 for "
                         "random weights, the model's own for --model)")
@@ -125,16 +133,23 @@ class Config:
     q_bits: Optional[int]
     num_frames: Optional[int]
     backend: str = "mlx"  # "mlx" or "coreml:UNITS"
+    recipe: str = "native"
+    family: Optional[str] = None  # the model's (known once it is built)
 
     def label(self) -> str:
-        name = f"SF-LLaVA-1.5 {self.size} (random weights)" if self.size else self.model
+        from sfllava_mlx.random_weights import display_name
+
+        name = f"{display_name(self.size)} (random weights)" if self.size else self.model
+        if self.family and not self.size:
+            name = f"{name} [{self.family}]"
         bits = f"{self.q_bits}-bit LLM" if self.q_bits else "unquantized"
-        return f"{name}, {self.dtype}, {bits}, {self.num_frames} frames, vision {self.backend}"
+        return (f"{name}, {self.dtype}, {bits}, recipe {self.recipe}, {self.num_frames} frames, "
+                f"vision {self.backend}")
 
 
 def configurations(args) -> list[Config]:
     if not (args.model or args.random_weights or args.sizes):
-        raise UserError("bench needs --model DIR, --random-weights 1.5b|3b|7b or --sizes")
+        raise UserError("bench needs --model DIR, --random-weights SIZE or --sizes")
     for name in ("runs", "max_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -156,10 +171,16 @@ def configurations(args) -> list[Config]:
     for f in frames:
         if f is not None and f < 1:
             raise UserError(f"--frames {f}: need at least one frame")
+    recipes = args.recipe or ["native"]
+    from sfllava_mlx.config import RECIPES
+
+    for r in recipes:
+        if r not in RECIPES:
+            raise UserError(f"--recipe {r}: choose from {', '.join(RECIPES)}")
     backends = [parse_backend(b) for b in args.vision_backend]
     model = args.model or "random"
-    return [Config(model if s is None else f"random:{s}", s, args.dtype, b, f, v)
-            for s in sizes for b in bits for f in frames for v in backends]
+    return [Config(model if s is None else f"random:{s}", s, args.dtype, b, f, v, r)
+            for s in sizes for b in bits for r in recipes for f in frames for v in backends]
 
 
 def parse_backend(text: str) -> str:
@@ -185,17 +206,31 @@ def backend_options(opts, backend: str):
 # Models
 
 
-def build_model(cfg: Config, args, max_frames: Optional[int]):
-    """(model, tokenizer) for a configuration; the machine is checked before allocating."""
+def context_tokens(config, rows: list[Config]) -> int:
+    """The longest video the rows will prefill, plus 512 tokens: what the KV cache must hold."""
+    from sfllava_mlx.pooling import num_visual_tokens
+
+    longest = 0
+    for row in rows:
+        recipe = config.recipes[row.recipe]
+        sampling = replace(recipe, num_frames=row.num_frames or recipe.num_frames)
+        longest = max(longest, num_visual_tokens(config.vision.grid, sampling))
+    return longest + 512
+
+
+def build_model(cfg: Config, args, rows: Optional[list] = None):
+    """(model, tokenizer) for a configuration; the machine is checked before allocating,
+    for the longest video of `rows` (the configurations that will share the model)."""
     import mlx.core as mx
 
     from sfllava_mlx import random_weights as rw
 
+    rows = rows or [cfg]
     if cfg.size:
         dtype = rw.as_dtype(cfg.dtype)
-        model, tokenizer = rw.random_model(cfg.size, dtype, q_bits=cfg.q_bits,
-                                           q_group_size=args.q_group_size,
-                                           num_frames=max_frames or 128)
+        model, tokenizer = rw.random_model(
+            cfg.size, dtype, q_bits=cfg.q_bits, q_group_size=args.q_group_size,
+            context_tokens=context_tokens(rw.model_config(cfg.size), rows))
     else:
         from sfllava_mlx.model import default_dtype, load
 
@@ -206,11 +241,7 @@ def build_model(cfg: Config, args, max_frames: Optional[int]):
                 raise UserError(f"{cfg.model} is already quantized "
                                 f"({model.config.quantization.get('bits')} bits): drop --q-bits")
             rw.quantize_language_model(model, cfg.q_bits, args.q_group_size)
-        if max_frames:
-            model.config.sampling.num_frames = max_frames
-        from sfllava_mlx.pooling import num_visual_tokens
-
-        tokens = num_visual_tokens(model.config.vision.grid, model.config.sampling) + 512
+        tokens = context_tokens(model.config, rows)
         rw.check_fits(rw.estimate_memory(model, tokens), str(cfg.model))
         mx.eval(model.parameters())
     cfg.dtype = rw.dtype_name(model.language_model.model.norm.weight.dtype)
@@ -412,7 +443,9 @@ def work_and_shares(model, runs: list[Run], stats: dict, peak: hardware.Peak,
     work = {
         "vision_tower": {"flops": frames * hardware.vision_flops_per_frame(cfg.vision)},
         "projector_pooling": {"flops": frames * hardware.projector_flops_per_frame(cfg.vision,
-                                                                                   cfg.projector)},
+                                                                                   cfg.projector)
+                              + hardware.pooling_flops(cfg.vision, cfg.projector.hidden_size,
+                                                       cfg.sampling)},
         "prefill": {"flops": hardware.prefill_flops(tc, c["prompt"])},
         "decode": {"bytes_per_token": hardware.decode_bytes_per_token(
             tc, weight_bytes, kvpt, mean_context, embed_bytes), "mean_context": mean_context},
@@ -483,7 +516,8 @@ def bench_row(cfg: Config, model, tokenizer, path, args, peak, progress=None) ->
     ttfts = [r.stages["ttft"] for r in runs]
     c = runs[0].counts
     return {
-        "config": {"model": cfg.model, "size": cfg.size, "dtype": cfg.dtype, "q_bits": cfg.q_bits,
+        "config": {"model": cfg.model, "size": cfg.size, "family": model.config.family,
+                   "recipe": cfg.recipe, "dtype": cfg.dtype, "q_bits": cfg.q_bits,
                    "q_group_size": args.q_group_size if cfg.q_bits else None,
                    "num_frames": model.config.sampling.num_frames, "kv_bits": args.kv_bits,
                    "vision_backend": cfg.backend,
@@ -573,16 +607,20 @@ def main(args) -> int:
         for cfg in configs:
             groups.setdefault((cfg.size, cfg.q_bits), []).append(cfg)
         for group in groups.values():
-            frames = [c.num_frames for c in group if c.num_frames]
             if console:
-                name = group[0].size and f"SF-LLaVA-1.5 {group[0].size}, random weights"
+                from sfllava_mlx.random_weights import display_name
+
+                name = group[0].size and f"{display_name(group[0].size)}, random weights"
                 console.print(f"[dim]loading {name or group[0].model} ...[/dim]")
-            model, tokenizer = build_model(group[0], args, max(frames) if frames else None)
-            default_frames = model.config.sampling.num_frames
+            model, tokenizer = build_model(group[0], args, group)
             for cfg in group:
                 cfg.dtype, cfg.q_bits = group[0].dtype, group[0].q_bits
-                cfg.num_frames = cfg.num_frames or default_frames
-                model.config.sampling.num_frames = cfg.num_frames
+                cfg.family = model.config.family
+                try:
+                    sampling = model.config.use_recipe(cfg.recipe, cfg.num_frames)
+                except ValueError as e:
+                    raise UserError(str(e)) from None
+                cfg.num_frames = sampling.num_frames
                 row = bench_row(cfg, model, tokenizer, path, args, peak,
                                 progress=_progress(console))
                 report["rows"].append(row)

@@ -190,9 +190,32 @@ def vision_flops_per_frame(vision) -> int:
 
 
 def projector_flops_per_frame(vision, projector) -> int:
-    """mlp2x_gelu on the frame's N tokens: 2·N·(Dv·D + D·D). Pooling (adds) is not counted."""
+    """mlp2x_gelu on the frame's N tokens (the whole grid: pooling comes after the projector):
+    2·N·(Dv·D + D·D). Pooling is `pooling_flops`."""
     n = vision.num_patches
     return 2 * n * (projector.input_size * projector.hidden_size + projector.hidden_size ** 2)
+
+
+def pooling_flops(vision, hidden_size: int, sampling) -> int:
+    """The recipe's pooling of the projected (G, G, D) grids of all its frames.
+
+    A bilinear resize to g = ceil(G/stride) is two matrix products per frame, g·G·G·D and
+    then g·g·G·D multiply-adds; average pooling adds each of the G·G·D values once. Slow
+    frames pool with the slow stride, fast frames with the fast one (SPEC §2.5, §2.9)."""
+    from sfllava_mlx.pooling import pooled_grid
+
+    G, d = vision.grid, hidden_size
+    n_slow = len(range(0, sampling.num_frames, sampling.slow_every))
+    total = 0
+    for frames, stride in ((n_slow, sampling.slow_stride),
+                           (sampling.num_frames - n_slow, sampling.fast_stride)):
+        g = pooled_grid(G, stride, sampling.pool_mode)
+        if sampling.pool_mode == "bilinear" or (sampling.pool_mode == "auto" and G % stride):
+            per_frame = 2 * g * G * G * d + 2 * g * g * G * d
+        else:
+            per_frame = G * G * d
+        total += frames * per_frame
+    return total
 
 
 def _text(tc: dict):

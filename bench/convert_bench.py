@@ -1,12 +1,22 @@
-"""Time `sfllava convert` on a checkpoint with the real SF-LLaVA-1.5-1.5B shapes.
+"""Time `sfllava convert` on a checkpoint with real shapes and random weights.
 
-Writes a random bfloat16 source checkpoint (Qwen2.5-1.5B + Oryx-ViT + projector, ~4 GB)
-under --work (default /tmp, never the repository), converts it with the real command
-line for each variant, and reports wall time, the converter process's peak RSS and
-the converted size on disk. Everything it wrote is deleted unless --keep.
+Writes a random bfloat16 source checkpoint under --work (default /tmp, never the
+repository), converts it with the real command line for each variant, and reports wall
+time, the converter process's peak RSS and the converted size on disk. Everything it wrote
+is deleted unless --keep. Shapes (--shapes):
+
+- `sfllava-1.5b`: SF-LLaVA-1.5-1B (Qwen2.5-1.5B + Oryx-ViT + projector, ~4 GB, layout oryx-vit);
+- `ov-7b`: llava-onevision-qwen2-7b-ov as transformers' `save_pretrained` writes it (layout
+  llava-hf: Qwen2-7B, untied, + SigLIP so400m with 26 blocks + projector + image_newline,
+  ~16 GB in shards), written tensor by tensor (never the whole model in memory).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
-        python bench/convert_bench.py [--variants bf16,q8,q4] [--keep]
+        python bench/convert_bench.py [--shapes ov-7b] [--variants bf16,q8,q4] [--keep]
+
+--drop-source-tensors runs the converter with one change (docs/performance.md, "LLaVA-OneVision"):
+once the lazy MLX weights are built, the source's per-file dicts of lazily loaded tensors
+(`SourceCheckpoint._loaded`) are dropped, so a source tensor is freed as soon as the shard
+that needs it is written, instead of every tensor read staying in memory to the end.
 """
 
 from __future__ import annotations
@@ -23,7 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from convert.tiny import write_source_checkpoint  # noqa: E402
+from convert.tiny import (SIGLIP_PREFIX, _split_shards, _write_json, llm_shapes,  # noqa: E402
+                          make_tensor, siglip_shapes, write_safetensors, write_source_checkpoint,
+                          write_tokenizer)
 
 # SF-LLaVA-1.5-1B: Qwen2.5-1.5B, Oryx-ViT (SPEC §3), mlp2x_gelu projector 1152 -> 1536.
 SHAPES_1_5B = dict(
@@ -31,12 +43,98 @@ SHAPES_1_5B = dict(
     vision_hidden=1152, vision_layers=27, vision_heads=16, vision_mlp=4304, patch_size=16,
     image_size=384, pos_grid=128,
 )
+# llava-onevision-qwen2-7b-ov (llava-hf): Qwen2-7B, SigLIP so400m (26 blocks stored, patch 14,
+# 384 px), projector 1152 -> 3584 -> 3584, image_newline (3584,).
+SHAPES_OV_7B = dict(
+    hidden=3584, llm_layers=28, heads=28, kv_heads=4, intermediate=18944, vocab_size=152064,
+    tied=False, vision_hidden=1152, vision_layers=26, vision_heads=16, vision_mlp=4304,
+    patch_size=14, image_size=384, pos_grid=27,
+)
+SHAPES = {"sfllava-1.5b": SHAPES_1_5B, "ov-7b": SHAPES_OV_7B}
+
 VARIANTS = {
     "bf16": ["--dtype", "bfloat16"],
     "q8": ["--dtype", "bfloat16", "-q", "--q-bits", "8"],
     "q4": ["--dtype", "bfloat16", "-q", "--q-bits", "4"],
     "f32": ["--dtype", "float32"],  # what the CPU backend picks by default
 }
+
+
+def write_llava_hf_checkpoint(path: Path, *, dtype: str = "bfloat16", shards: int = 4, seed: int = 0,
+                              std: float = 0.02, hidden, llm_layers, heads, kv_heads, intermediate,
+                              vocab_size, tied, vision_hidden, vision_layers, vision_heads,
+                              vision_mlp, patch_size, image_size, pos_grid) -> Path:
+    """A LlavaOnevisionForConditionalGeneration checkpoint with the names transformers 5's
+    save_pretrained writes (`language_model.model.*`, `language_model.lm_head.weight`,
+    `multi_modal_projector.linear_{1,2}.*`, `vision_tower.{embeddings,encoder,post_layernorm}.*`,
+    `image_newline`), random weights, one tensor in memory at a time."""
+    path.mkdir(parents=True, exist_ok=True)
+    n_tok = write_tokenizer(path)
+    names = {}
+    for name, shape in llm_shapes(hidden=hidden, llm_layers=llm_layers, heads=heads,
+                                  kv_heads=kv_heads, intermediate=intermediate, vocab=vocab_size,
+                                  tied=tied).items():
+        names["language_model." + name] = shape  # model.* and lm_head.* under language_model.
+    for name, shape in siglip_shapes(vision_hidden=vision_hidden, vision_layers=vision_layers,
+                                     vision_mlp=vision_mlp, patch_size=patch_size,
+                                     pos_grid=pos_grid).items():
+        names["vision_tower." + name[len(SIGLIP_PREFIX):]] = shape
+    for i, (out_dim, in_dim) in ((1, (hidden, vision_hidden)), (2, (hidden, hidden))):
+        names[f"multi_modal_projector.linear_{i}.weight"] = (out_dim, in_dim)
+        names[f"multi_modal_projector.linear_{i}.bias"] = (out_dim,)
+    names["image_newline"] = (hidden,)
+
+    def make(name, shape):
+        return make_tensor(seed, name, shape, std)
+
+    weight_map, total = {}, 0
+    groups = _split_shards(names, shards)
+    for i, group in enumerate(groups, 1):
+        fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        total += write_safetensors(path / fname, group, make, dtype)
+        weight_map.update({name: fname for name in group})
+    _write_json(path / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    ids = {t: n_tok - 3 + i for i, t in enumerate(("<|endoftext|>", "<|im_start|>", "<|im_end|>"))}
+    text = {"model_type": "qwen2", "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": llm_layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "vocab_size": vocab_size, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 32768, "tie_word_embeddings": tied,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": vision_hidden,
+              "intermediate_size": vision_mlp, "num_hidden_layers": vision_layers,
+              "num_attention_heads": vision_heads, "image_size": image_size,
+              "patch_size": patch_size, "hidden_act": "gelu_pytorch_tanh",
+              "layer_norm_eps": 1e-6, "vision_use_head": False}
+    _write_json(path / "config.json", {
+        "architectures": ["LlavaOnevisionForConditionalGeneration"],
+        "model_type": "llava_onevision", "dtype": dtype, "text_config": text,
+        "vision_config": vision, "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9",
+        "image_token_index": n_tok, "video_token_index": n_tok + 1,
+        "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+        "tie_word_embeddings": tied, "use_image_newline_parameter": True})
+    _write_json(path / "preprocessor_config.json", {
+        "image_processor_type": "LlavaOnevisionImageProcessor", "do_resize": True,
+        "size": {"height": image_size, "width": image_size}, "resample": 3, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3})
+    return path
+
+
+# `sfllava convert`, except that SourceCheckpoint._loaded is cleared after _build_weights.
+DROP_SOURCE_TENSORS = """
+import convert.convert as c
+_build = c._build_weights
+def _build_and_drop(src, p, dtype):
+    out = _build(src, p, dtype)
+    src._loaded.clear()
+    return out
+c._build_weights = _build_and_drop
+from app.cli import entry
+entry()
+"""
 
 
 def dir_size(path: Path) -> int:
@@ -53,15 +151,22 @@ def run_measured(cmd: list, env: dict) -> tuple[float, int, str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=None, help="scratch directory (default: a new one in /tmp)")
+    ap.add_argument("--shapes", choices=list(SHAPES), default="sfllava-1.5b",
+                    help="the source checkpoint's model and layout")
     ap.add_argument("--variants", default="bf16,q8,q4", help=f"comma list of {','.join(VARIANTS)}")
-    ap.add_argument("--shards", type=int, default=2, help="source safetensors shards")
+    ap.add_argument("--shards", type=int, default=None,
+                    help="source safetensors shards (default: 2, or 4 for ov-7b)")
     ap.add_argument("--llm-layers", type=int, default=None, help="fewer LLM layers (a quick check)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument("--drop-source-tensors", action="store_true",
+                    help="convert with the source's loaded tensors dropped once the lazy weights "
+                         "are built (the streaming fix this bench measures)")
     args = ap.parse_args(argv)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="sfllava-convert-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    shapes = dict(SHAPES_1_5B)
+    shapes = dict(SHAPES[args.shapes])
+    shards = args.shards or (4 if args.shapes == "ov-7b" else 2)
     if args.llm_layers:
         shapes["llm_layers"] = args.llm_layers
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -70,15 +175,21 @@ def main(argv=None) -> int:
         env["LD_PRELOAD"] = openblas
     exe = Path(sys.executable).parent / "sfllava"
     sfllava = [str(exe)] if exe.exists() else [sys.executable, "-c", "from app.cli import entry; entry()"]
+    if args.drop_source_tensors:
+        sfllava = [sys.executable, "-c", DROP_SOURCE_TENSORS]
     # GNU time prints the child's peak RSS (KB) as the last line of stderr
     timer = ["/usr/bin/time", "-f", "%M"] if Path("/usr/bin/time").exists() else []
 
     try:
         src = work / "src"
         t = time.perf_counter()
-        write_source_checkpoint(src, "oryx-vit", dtype="bfloat16", shards=args.shards, seed=0, **shapes)
-        print(f"source checkpoint: {dir_size(src) / 1e9:.2f} GB bfloat16 in {args.shards} shards, "
-              f"written in {time.perf_counter() - t:.0f} s", flush=True)
+        if args.shapes == "ov-7b":
+            write_llava_hf_checkpoint(src, dtype="bfloat16", shards=shards, seed=0, **shapes)
+        else:
+            write_source_checkpoint(src, "oryx-vit", dtype="bfloat16", shards=shards, seed=0,
+                                    **shapes)
+        print(f"source checkpoint ({args.shapes}): {dir_size(src) / 1e9:.2f} GB bfloat16 in "
+              f"{shards} shards, written in {time.perf_counter() - t:.0f} s", flush=True)
 
         rows = []
         for name in args.variants.split(","):
@@ -86,10 +197,15 @@ def main(argv=None) -> int:
             cmd = timer + sfllava + ["convert", "--hf-path", str(src), "--mlx-path", str(dst),
                                      "--force", *VARIANTS[name]]
             wall, rc, output = run_measured(cmd, env)
-            if rc != 0:
-                print(output)
-                raise SystemExit(f"{name}: sfllava convert failed ({rc})")
-            peak_kb = int(output.strip().splitlines()[-1]) if timer else 0  # time -f %M: KB
+            last = output.strip().splitlines()[-1] if output.strip() else ""
+            peak_kb = int(last) if timer and last.isdigit() else 0  # time -f %M: KB
+            if rc != 0:  # e.g. killed for memory: the peak it reached still tells why
+                print(output[-4000:])
+                print(f"{name}: sfllava convert failed (exit status {rc}) after {wall:.1f} s, "
+                      f"peak RSS {peak_kb / 2**20:.2f} GiB", flush=True)
+                rows.append((name, wall, peak_kb * 1024, None))
+                shutil.rmtree(dst, ignore_errors=True)
+                continue
             rows.append((name, wall, peak_kb * 1024, dir_size(dst)))
             print(f"{name}: {wall:.1f} s, peak RSS {peak_kb / 2**20:.2f} GiB, "
                   f"{dir_size(dst) / 1e9:.2f} GB on disk", flush=True)
@@ -98,7 +214,8 @@ def main(argv=None) -> int:
         print("\n| variant | wall (s) | peak RSS (GiB) | size on disk (GB) |")
         print("|---|---|---|---|")
         for name, wall, rss, size in rows:
-            print(f"| {name} ({' '.join(VARIANTS[name])}) | {wall:.1f} | {rss / 2**30:.2f} | {size / 1e9:.2f} |")
+            on_disk = f"{size / 1e9:.2f}" if size is not None else "failed"
+            print(f"| {name} ({' '.join(VARIANTS[name])}) | {wall:.1f} | {rss / 2**30:.2f} | {on_disk} |")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -480,17 +480,9 @@ def _open_video(path, keyframes_only: bool):
 
 def _available_memory() -> int:
     """Bytes of memory this process may still use (Linux: MemAvailable; else physical memory)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
+    from .memory import available_memory, physical_memory
+
+    return available_memory() or physical_memory() or 1 << 62
 
 
 def _check_memory(info: VideoInfo, held_frames: int) -> None:

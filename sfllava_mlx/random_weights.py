@@ -1,13 +1,23 @@
-"""SF-LLaVA-1.5 at its real shapes with random weights: profiling without a download.
+"""SF-LLaVA-1.5 and LLaVA-OneVision at their real shapes with random weights: profiling
+without a download.
 
     from sfllava_mlx.random_weights import random_model
     model, tokenizer = random_model("1.5b", dtype=mx.float32, q_bits=4)
+    model, tokenizer = random_model("ov-0.5b")   # LLaVA-OneVision, native and slowfast recipes
 
-The model is the runtime's own `SFLLaVA` (Oryx-ViT tower: 27 blocks, 1152 wide, patch 16,
-384 px; `mlp2x_gelu` projector; the Qwen2.5 LLM of the chosen size), so every matmul has the
-shape and width a converted checkpoint would have. MLX initialises parameters randomly and
-lazily: the size of the model is known from the lazy parameters before any memory is taken,
-and a machine too small for it is told so (`UserError`) before allocating.
+The model is the runtime's own `SFLLaVA` with the config a converted checkpoint of that
+family has, so every matmul has the shape and width a real one would have:
+- SF-LLaVA-1.5 (`1.5b`, `3b`, `7b`): Oryx-ViT tower (27 blocks, 1152 wide, patch 16, 384 px),
+  `mlp2x_gelu` projector, the Qwen2.5 LLM of the chosen size; one recipe (SlowFast, 128 frames).
+- LLaVA-OneVision (`ov-0.5b`, `ov-7b`: llava-onevision-qwen2-*-ov): layout `llava-hf`, SigLIP
+  so400m with the 26 blocks the checkpoints store (1152 wide, 16 heads, MLP 4304, patch 14 at
+  384 px: grid 27 = the position table, tanh GELU, feature = last stored block, no
+  post-LayerNorm), `mlp2x_gelu` projector, a learned `image_newline`, the Qwen2 LLM of the
+  size; recipes native (32 linspace frames, bilinear pool to 14 x 14, one newline: 6,273
+  tokens) and slowfast (32 x 14 x 14 + 96 x 7 x 7 + 1 = 10,977), as the converter writes them.
+MLX initialises parameters randomly and lazily: the size of the model is known from the lazy
+parameters before any memory is taken, and a machine too small for it is told so
+(`UserError`) before allocating.
 
 The tokenizer is the small Qwen2-style BPE of `convert.tiny`; the random LLM can emit ids
 that vocabulary lacks and has no meaningful end token, so the returned tokenizer decodes
@@ -29,10 +39,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
-                     SamplingConfig, VisionConfig)
+                     SamplingConfig, VisionConfig, family_recipes)
 from .errors import UserError
 from .model import SFLLaVA, cast_model
 
+# One table a family: size -> the LLM's shape (mlx-lm qwen2 ModelArgs fields).
 # Qwen2.5 LLMs of SF-LLaVA-1.5 (SPEC §1): 1B = Qwen2.5-1.5B, 3B, 7B.
 QWEN25 = {
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
@@ -45,30 +56,76 @@ QWEN25 = {
                num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
                tie_word_embeddings=False),
 }
-SIZES = tuple(QWEN25)
+# Qwen2 LLMs of LLaVA-OneVision (llava-onevision-qwen2-0.5b-ov / -7b-ov, as the llava-hf
+# repos' text_config holds them).
+ONEVISION = {
+    "ov-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                    tie_word_embeddings=True),
+    "ov-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                  tie_word_embeddings=False),
+}
 QWEN25_COMMON = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0,
                      max_position_embeddings=32768)
+# size -> (family, its table, the name a report gives it)
+FAMILIES = {**{s: ("sf-llava-1.5", QWEN25, f"SF-LLaVA-1.5 {s}") for s in QWEN25},
+            **{s: ("llava-onevision", ONEVISION, f"LLaVA-OneVision {s[3:]}") for s in ONEVISION}}
+SIZES = tuple(FAMILIES)
+
+# SigLIP so400m as LLaVA-OneVision's checkpoints hold it (llava-hf vision_config): 26 of its
+# 27 blocks stored, feature = the last stored block's output, no post-LayerNorm.
+ONEVISION_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                        num_attention_heads=16, image_size=384, patch_size=14,
+                        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, pos_grid=27,
+                        pos_interpolation="bicubic", feature_layer=26)
+
+
+def family_of(size: str) -> str:
+    return FAMILIES[size][0]
+
+
+def display_name(size: str) -> str:
+    """How a report names a random-weight size, e.g. "LLaVA-OneVision 0.5b"."""
+    return FAMILIES[size][2]
+
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 WORKING_SET_BYTES = 1 << 30  # vision batch + prefill chunk: the issue's "+ 1 GB"
 
 
-def model_config(size: str = "1.5b", num_frames: int = 128, dtype: str = "float32") -> ModelConfig:
-    """The converted-model config of SF-LLaVA-1.5 at `size` (Oryx-ViT layout defaults)."""
-    if size not in QWEN25:
+def model_config(size: str = "1.5b", num_frames: Optional[int] = None,
+                 dtype: str = "float32") -> ModelConfig:
+    """The converted-model config of `size` (its family's layout, tower and recipes).
+
+    num_frames: replaces the native recipe's T (default: the family's, 128 / 32)."""
+    if size not in FAMILIES:
         raise UserError(f"unknown model size {size!r}: choose one of {', '.join(SIZES)}")
-    text = {**QWEN25_COMMON, **QWEN25[size]}
-    vision = VisionConfig()  # the defaults are Oryx-ViT's: 1152 wide, 27 blocks, patch 16, 384 px
+    family, table, _ = FAMILIES[size]
+    text = {**QWEN25_COMMON, **table[size]}
+    if family == "llava-onevision":
+        layout = "llava-hf"
+        vision = VisionConfig(**ONEVISION_VISION)
+        recipes = family_recipes(family, "bilinear", "one_token")
+    else:
+        layout = "oryx-vit"
+        vision = VisionConfig()  # Oryx-ViT's defaults: 1152 wide, 27 blocks, patch 16, 384 px
+        recipes = family_recipes(family)
+    if num_frames is not None:
+        recipes["native"].num_frames = num_frames
     return ModelConfig(
-        layout="oryx-vit",
+        layout=layout,
         text_config=text,
         vision=vision,
-        projector=ProjectorConfig(input_size=vision.hidden_size, hidden_size=text["hidden_size"]),
-        sampling=SamplingConfig(num_frames=num_frames),
+        projector=ProjectorConfig(input_size=vision.hidden_size, hidden_size=text["hidden_size"],
+                                  image_newline=family != "sf-llava-1.5"),
+        sampling=recipes["native"],
         preprocess=PreprocessConfig(image_size=vision.image_size),
         prompt=PromptConfig(),
         dtype=dtype,
         source={"random_weights": size},
+        family=family,
+        recipes=recipes,
     )
 
 
@@ -145,17 +202,18 @@ def estimate_memory(model: SFLLaVA, context_tokens: int) -> int:
 
 
 def random_model(size: str = "1.5b", dtype=mx.float32, q_bits: Optional[int] = None,
-                 q_group_size: int = 64, num_frames: int = 128, seed: int = 0,
+                 q_group_size: int = 64, num_frames: Optional[int] = None, seed: int = 0,
                  context_tokens: Optional[int] = None):
-    """SF-LLaVA-1.5 with the real shapes of `size` and random weights -> (model, tokenizer).
+    """A model of `size` (SIZES) with its real shapes and random weights -> (model, tokenizer).
 
     dtype: float32 / float16 / bfloat16 (or an mx.Dtype); q_bits quantizes the LLM only.
-    context_tokens: KV cache length to budget for (default: the video plus 512 tokens).
-    Raises UserError before allocating when the machine is too small.
+    num_frames: the native recipe's T (default: the family's).
+    context_tokens: KV cache length to budget for (default: the longest recipe's video
+    plus 512 tokens). Raises UserError before allocating when the machine is too small.
     """
     dtype = as_dtype(dtype)
     config = model_config(size, num_frames=num_frames, dtype=dtype_name(dtype))
-    label = f"SF-LLaVA-1.5 {size} ({dtype_name(dtype)}{f', {q_bits}-bit LLM' if q_bits else ''})"
+    label = f"{display_name(size)} ({dtype_name(dtype)}{f', {q_bits}-bit LLM' if q_bits else ''})"
     model = build_random(config, dtype, q_bits, q_group_size, seed, context_tokens, label)
     return model, random_tokenizer()
 
@@ -173,12 +231,13 @@ def build_random(config: ModelConfig, dtype=mx.float32, q_bits: Optional[int] = 
     if q_bits:
         quantize_language_model(model, q_bits, q_group_size)
     if context_tokens is None:
-        context_tokens = num_visual_tokens(config.vision.grid, config.sampling) + 512
+        context_tokens = max(num_visual_tokens(config.vision.grid, r)
+                             for r in config.recipes.values()) + 512
     check_fits(estimate_memory(model, context_tokens), label)
     materialize(model)
     model.eval()
     model.path = None  # no files: the video cache keys on `identity` instead
-    model.identity = (f"random:{json.dumps(config.text_config, sort_keys=True)}:"
+    model.identity = (f"random:{config.family}:{json.dumps(config.text_config, sort_keys=True)}:"
                       f"{dtype_name(dtype)}:q{q_bits or 0}/{q_group_size}:seed{seed}")
     return model
 

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from app import bench, hardware
 from app.cli import main as cli_main
 from sfllava_mlx.config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
-                                SamplingConfig, VisionConfig)
+                                SamplingConfig, VisionConfig, family_recipes)
 from sfllava_mlx.errors import UserError
 from sfllava_mlx.model import SFLLaVA, cast_model
 from sfllava_mlx import random_weights as rw
@@ -77,7 +77,7 @@ def test_non_embedding_parameters_match_qwen(size, non_embedding):
     assert abs(count - non_embedding) / non_embedding < 0.005
 
 
-@pytest.mark.parametrize("size", ["1.5b", "7b"])
+@pytest.mark.parametrize("size", ["1.5b", "7b", "ov-0.5b", "ov-7b"])
 @pytest.mark.parametrize("q_bits", [None, 4, 8])
 def test_weight_bytes_match_mlx(size, q_bits):
     """The formula against the bytes MLX allocates (lazy model: nothing is allocated)."""
@@ -88,6 +88,51 @@ def test_weight_bytes_match_mlx(size, q_bits):
         rw.quantize_language_model(model, q_bits)
     assert rw.parameter_bytes(model.language_model) == hardware.llm_weight_bytes(
         config.text_config, 2, q_bits)
+
+
+def test_onevision_shapes_and_recipes():
+    """LLaVA-OneVision at llava-onevision-qwen2-*-ov shapes: SigLIP so400m with 26 stored
+    blocks at 384 px, patch 14 (grid 27 = the position table), and the recipes' token counts."""
+    for size in ("ov-0.5b", "ov-7b"):
+        c = rw.model_config(size)
+        assert (c.family, c.layout, c.projector.image_newline) == ("llava-onevision", "llava-hf", True)
+        v = c.vision
+        assert (v.grid, v.num_patches, v.pos_grid, v.feature_layer, v.num_hidden_layers) == (
+            27, 729, 27, 26, 26)
+        assert (v.hidden_act, v.pos_interpolation) == ("gelu_pytorch_tanh", "bicubic")
+        assert c.recipes == family_recipes("llava-onevision", "bilinear", "one_token")
+        from sfllava_mlx.pooling import num_visual_tokens
+
+        # native: 32 x 14 x 14 + 1; slowfast: 32 x 14 x 14 + 96 x 7 x 7 + 1 (SPEC §2.9)
+        assert num_visual_tokens(27, c.recipes["native"]) == 6273
+        assert num_visual_tokens(27, c.recipes["slowfast"]) == 10977
+    # NOTES.md: the so400m-class tower at 729 tokens costs ~0.67 TFLOP a frame with 27 blocks;
+    # OneVision runs 26
+    flops = hardware.vision_flops_per_frame(rw.model_config("ov-0.5b").vision)
+    assert flops == pytest.approx(0.67e12 * 26 / 27, rel=0.02)
+    assert rw.display_name("ov-0.5b") == "LLaVA-OneVision 0.5b" and rw.family_of("1.5b") == "sf-llava-1.5"
+
+
+@pytest.mark.parametrize("size,total,non_embedding", [("ov-0.5b", 0.49e9, 0.36e9),
+                                                      ("ov-7b", 7.61e9, 6.53e9)])
+def test_onevision_llm_matches_qwen(size, total, non_embedding):
+    # Qwen2.5 model cards (the same shapes as Qwen2-0.5B / Qwen2-7B): 0.49B / 7.61B
+    # parameters, 0.36B / 6.53B of them non-embedding (two significant figures)
+    config = rw.model_config(size)
+    count = hardware.llm_matmul_params(config.text_config)
+    assert count == pytest.approx(non_embedding, rel=0.01)
+    llm = SFLLaVA(config).language_model  # lazy: nothing is allocated
+    assert sum(v.size for _, v in tree_flatten(llm.parameters())) == pytest.approx(total, rel=0.01)
+
+
+def test_pooling_flops_by_hand():
+    vc = VisionConfig(image_size=40, patch_size=8)  # grid 5
+    # bilinear, stride 2 -> 3x3: (3*5*5 + 3*3*5) multiply-adds per channel, 2 FLOP each
+    s = SamplingConfig(num_frames=2, slow_every=1, pool_mode="bilinear")
+    assert hardware.pooling_flops(vc, 4, s) == 2 * 2 * (75 + 45) * 4
+    # average, strides 2 / 4 on 1 slow + 3 fast frames: every value added once
+    s = SamplingConfig(num_frames=4, pool_mode="average")
+    assert hardware.pooling_flops(vc, 4, s) == 4 * 25 * 4
 
 
 def test_kv_bytes_match_notes():
@@ -128,6 +173,8 @@ def test_random_model_refuses_a_machine_too_small(monkeypatch):
     monkeypatch.setattr(rw, "memory_limit_bytes", lambda: (2 * 10**9, "test"))
     with pytest.raises(UserError, match="needs about"):
         rw.random_model("7b", mx.float16)
+    with pytest.raises(UserError, match="LLaVA-OneVision 7b .* needs about"):
+        rw.random_model("ov-7b", mx.float16)
     assert cli_main(["bench", "--random-weights", "7b", "--dtype", "float16"]) == 2
 
 
@@ -286,3 +333,77 @@ def test_coreml_row_shows_the_overlap(tiny_model, video, capsys, monkeypatch):
     assert run["overlap"] >= 0 and run["vision_tower"] > 0 and run["prefill"] > 0
     assert run["frame_decode"] + run["vision_tower"] + run["prefill"] <= run["ttft"] + 1e-6
     assert coreml_row["config"]["visual_tokens"] == mlx_row["config"]["visual_tokens"]
+
+
+# ---------------------------------------------------------------------------------------
+# LLaVA-OneVision: the recipe axis
+
+
+def test_recipe_sweep_axis():
+    """--recipe is a sweep axis beside --q-bits and --frames; rows name family and recipe."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--random-weights", "ov-0.5b", "--recipe", "native,slowfast",
+                         "--q-bits", "none,4"])
+    rows = bench.configurations(args)
+    assert [(c.q_bits, c.recipe) for c in rows] == [
+        (None, "native"), (None, "slowfast"), (4, "native"), (4, "slowfast")]
+    rows[1].dtype, rows[1].num_frames = "float32", 128
+    assert rows[1].label().startswith("LLaVA-OneVision 0.5b (random weights), float32, "
+                                      "unquantized, recipe slowfast, 128 frames")
+    # the KV cache is budgeted for the longest recipe: slowfast's 10,977 tokens
+    assert bench.context_tokens(rw.model_config("ov-0.5b"), rows) == 10977 + 512
+    args = p.parse_args(["--random-weights", "ov-0.5b", "--recipe", "fast"])
+    with pytest.raises(UserError, match="--recipe fast"):
+        bench.configurations(args)
+
+
+def tiny_onevision_config() -> ModelConfig:
+    """A tiny llava-hf model: grid 5 (bilinear pooling to 3, or 2 for the fast stream),
+    a learned newline, the family's two recipes."""
+    config = tiny_config()
+    recipes = family_recipes("llava-onevision", "bilinear", "one_token")
+    config.vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, image_size=40, patch_size=8, pos_grid=5,
+                                 feature_layer=2, hidden_act="gelu_pytorch_tanh",
+                                 pos_interpolation="bicubic")
+    config.preprocess = PreprocessConfig(image_size=40)
+    config.projector = ProjectorConfig(input_size=64, hidden_size=64, image_newline=True)
+    return ModelConfig(layout="llava-hf", text_config=config.text_config, vision=config.vision,
+                       projector=config.projector, sampling=recipes["native"],
+                       preprocess=config.preprocess, prompt=config.prompt,
+                       family="llava-onevision", recipes=recipes)
+
+
+def test_onevision_bench_rows(tmp_path, video, capsys, monkeypatch):
+    """A converted OneVision model benched over both recipes: each row names family and
+    recipe, counts the recipe's tokens (newline included) and the work of its frames."""
+    from convert.tiny import write_tokenizer
+
+    write_tokenizer(tmp_path)
+    config = tiny_onevision_config()
+    model = rw.build_random(config)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config.save(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    report = run_json(capsys, "--model", str(tmp_path), "--video", str(video), "--frames", "8",
+                      "--recipe", "native,slowfast", "--runs", "1", "--warmup", "0",
+                      "--max-tokens", "2", "--peak-tflops", "1", "--peak-bandwidth-gbs", "100")
+    native, slowfast = report["rows"]
+    assert [(r["config"]["family"], r["config"]["recipe"]) for r in (native, slowfast)] == [
+        ("llava-onevision", "native"), ("llava-onevision", "slowfast")]
+    assert "recipe slowfast" in slowfast["config"]["label"] and "llava-onevision" in slowfast["config"]["label"]
+    # native: 8 frames x 3 x 3 + 1 newline; slowfast: 2 slow x 3 x 3 + 6 fast x 2 x 2 + 1
+    assert native["config"]["visual_tokens"] == 73
+    assert slowfast["config"]["visual_tokens"] == 18 + 24 + 1
+    per_frame = hardware.vision_flops_per_frame(config.vision)
+    for row in (native, slowfast):
+        assert row["config"]["num_frames"] == 8
+        assert row["work"]["vision_tower"]["flops"] == 8 * per_frame
+        assert row["stages"]["cached_reopen"] is not None, row["notes"]
+    pooled = {name: hardware.pooling_flops(config.vision, 64, config.use_recipe(name, 8))
+              for name in ("native", "slowfast")}
+    assert (native["work"]["projector_pooling"]["flops"]
+            - slowfast["work"]["projector_pooling"]["flops"]) == pooled["native"] - pooled["slowfast"]
