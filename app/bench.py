@@ -466,10 +466,13 @@ def work_and_shares(model, runs: list[Run], stats: dict, peak: hardware.Peak,
     return work, shares
 
 
-def memory_report(model, runs: list[Run]) -> dict:
-    """Peak memory split into weights, KV cache and the two working sets (GB)."""
+def memory_report(model, runs: list[Run], max_tokens: int = 512, kv_bits=None) -> dict:
+    """Peak memory split into weights, KV cache and the two working sets (GB), beside the
+    memory plan's estimate (what `generate` checks before it starts)."""
+    from sfllava_mlx.memory import plan_memory
     from sfllava_mlx.random_weights import parameter_bytes
 
+    plan = plan_memory(model, model.config.sampling, max_tokens=max_tokens, kv_bits=kv_bits)
     weights = parameter_bytes(model)
     peak_vision = max(r.memory["peak_vision"] for r in runs)
     peak_llm = max(r.memory["peak_llm"] for r in runs)
@@ -482,6 +485,7 @@ def memory_report(model, runs: list[Run]) -> dict:
         "vision_working_set": gb(max(peak_vision - weights, 0)),
         "prefill_working_set": gb(max(peak_llm - weights - kv, 0)),
         "budget_weights_kv_plus_1gb": gb(weights + kv + 1e9),
+        "plan_estimate": gb(plan.total),
     }
 
 
@@ -529,7 +533,7 @@ def bench_row(cfg: Config, model, tokenizer, path, args, peak, progress=None) ->
         "runs": [{k: r.stages[k] for k in STAGE_KEYS} for r in runs],
         "work": work,
         "share_of_peak": shares,
-        "memory_gb": memory_report(model, runs),
+        "memory_gb": memory_report(model, runs, args.max_tokens, getattr(args, "kv_bits", None)),
         "accounting": {"stage_sum_s": statistics.median(stage_sums),
                        "ttft_s": statistics.median(ttfts),
                        "unaccounted_s": statistics.median(t - s for t, s in zip(ttfts, stage_sums))},
@@ -710,7 +714,8 @@ def print_row(console, row: dict) -> None:
     console.print(f"peak memory {m['peak']:.2f} GB = weights {m['weights']:.2f} + KV cache "
                   f"{m['kv_cache']:.2f} + working set (vision {m['vision_working_set']:.2f}, "
                   f"prefill {m['prefill_working_set']:.2f}) GB; budget weights + KV + 1 GB = "
-                  f"{m['budget_weights_kv_plus_1gb']:.2f} GB")
+                  f"{m['budget_weights_kv_plus_1gb']:.2f} GB; memory plan's estimate "
+                  f"{m['plan_estimate']:.2f} GB")
     c = row["config"]
     console.print(f"{c['visual_tokens']} visual tokens, {c['prompt_tokens']} prompt tokens, "
                   f"{c['generated_tokens']} generated; stages sum to {a['stage_sum_s']:.3f} s of "

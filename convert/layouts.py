@@ -24,7 +24,6 @@ from sfllava_mlx.config import (
     PreprocessConfig,
     ProjectorConfig,
     PromptConfig,
-    SamplingConfig,
     VisionConfig,
     family_recipes,
 )

@@ -28,9 +28,6 @@ benchmark wants.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from typing import Optional, Union
 
@@ -39,7 +36,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
-                     SamplingConfig, VisionConfig, family_recipes)
+                     VisionConfig, family_recipes)
 from .errors import UserError
 from .model import SFLLaVA, cast_model
 
@@ -166,24 +163,10 @@ def _kv_bytes_per_token(config: ModelConfig, kv_dtype_size: int) -> int:
 
 
 def memory_limit_bytes() -> tuple[int, str]:
-    """What this machine lets MLX use, and where the figure comes from."""
-    info = mx.device_info() if hasattr(mx, "device_info") else {}
-    ws = info.get("max_recommended_working_set_size")
-    if ws:  # Metal: the GPU's recommended working set (about 3/4 of the unified memory)
-        return int(ws), "Metal's recommended working set"
-    return physical_memory_bytes(), "physical memory"
+    """What this machine lets MLX use, and where the figure comes from (the memory plan's)."""
+    from .memory import memory_limit
 
-
-def physical_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
-    if sys.platform == "darwin":
-        out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip().isdigit():
-            return int(out.stdout.strip())
-    return 0
+    return memory_limit()
 
 
 def check_fits(needed: int, what: str) -> None:
