@@ -65,6 +65,10 @@ class SourceCheckpoint:
                 counts[t.dtype] = counts.get(t.dtype, 0) + n
         return max(counts, key=counts.get) if counts else "float32"
 
+    def release(self) -> None:
+        """Forget the loaded files (arrays still in use elsewhere stay alive)."""
+        self._loaded.clear()
+
     def load(self, name: str) -> mx.array:
         file = self.tensors[name].file
         if file not in self._loaded:
