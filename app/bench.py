@@ -423,7 +423,8 @@ def work_and_shares(model, runs: list[Run], stats: dict, peak: hardware.Peak,
                     kv_bits: Optional[int] = None) -> tuple[dict, dict]:
     """Per stage: the work it does (FLOP or bytes) and the share of the peak it reaches at
     its median time."""
-    from sfllava_mlx.random_weights import parameter_bytes
+    from sfllava_mlx.memory import kv_bytes_per_token
+    from sfllava_mlx.memory import weight_bytes as parameter_bytes
 
     cfg = model.config
     tc = cfg.text_config
@@ -435,10 +436,7 @@ def work_and_shares(model, runs: list[Run], stats: dict, peak: hardware.Peak,
     weight_bytes = parameter_bytes(llm)
     untied = getattr(llm.args, "tie_word_embeddings", True) is False
     embed_bytes = parameter_bytes(llm.model.embed_tokens) if untied else 0
-    kv_value = llm.model.norm.weight.dtype.size  # KV values at the compute dtype, or
-    if kv_bits:  # quantized: packed ints + a scale and a bias per group of 64
-        kv_value = kv_bits / 8 + 2 * kv_value / 64
-    kvpt = hardware.kv_bytes_per_token(tc, kv_value)
+    kvpt = kv_bytes_per_token(cfg, llm.model.norm.weight.dtype.size, kv_bits)
     mean_context = c["prompt"] + c["generated"] / 2
     work = {
         "vision_tower": {"flops": frames * hardware.vision_flops_per_frame(cfg.vision)},
@@ -470,7 +468,7 @@ def memory_report(model, runs: list[Run], max_tokens: int = 512, kv_bits=None) -
     """Peak memory split into weights, KV cache and the two working sets (GB), beside the
     memory plan's estimate (what `generate` checks before it starts)."""
     from sfllava_mlx.memory import plan_memory
-    from sfllava_mlx.random_weights import parameter_bytes
+    from sfllava_mlx.memory import weight_bytes as parameter_bytes
 
     plan = plan_memory(model, model.config.sampling, max_tokens=max_tokens, kv_bits=kv_bits)
     weights = parameter_bytes(model)

@@ -238,22 +238,32 @@ def open_video(model, tokenizer, path, args, progress: Optional[Progress] = None
         except ValueError as e:  # bad sampling settings
             raise UserError(str(e)) from None
     conv = conv or new_conversation(model, tokenizer, visual, args)
+    return _opened(OpenedVideo, path, visual, conv, args, start, store=opened_store, entry=entry,
+                   key=key, fingerprint=fingerprint, hasher=hasher, prefill=prefill,
+                   progress=progress)
+
+
+def _opened(cls, path, visual, conv, args, start, *, store, entry, key, fingerprint, hasher,
+            prefill, progress):
+    """What opening a video or a picture ends with: the prefix KV read back on a cache hit,
+    the cache state, and the prefix prefilled now when asked (prefill=True)."""
+    model = conv.model
     kv_key = vcache.prefix_key(conv.prefix_tokens(), kv_bits=getattr(args, "kv_bits", None))
     prefix_from_cache = False
     if entry is not None and not getattr(args, "max_kv_size", None):
-        cache = opened_store.load_prefix(entry, kv_key, length=conv.prefix_length(),
-                                         num_layers=len(model.language_model.layers))
+        cache = store.load_prefix(entry, kv_key, length=conv.prefix_length(),
+                                  num_layers=len(model.language_model.layers))
         if cache is not None:
             conv.restore_prefix(cache)
             prefix_from_cache = True
     load_s = time.perf_counter() - start if entry is not None else 0.0
-    status = "off" if opened_store is None else ("hit" if entry is not None else "miss")
-    opened = OpenedVideo(path, visual, conv, status, time.perf_counter() - start, start,
-                         load_s=load_s, prefix_from_cache=prefix_from_cache, _store=opened_store,
-                         _key=key, _fingerprint=fingerprint, _hasher=hasher,
-                         _entry=entry.path if entry is not None else None, _kv_key=kv_key,
-                         _kv_saved=prefix_from_cache or bool(getattr(args, "max_kv_size", None)),
-                         _model_name=model_name(model))
+    status = "off" if store is None else ("hit" if entry is not None else "miss")
+    opened = cls(str(path), visual, conv, status, time.perf_counter() - start, start,
+                 load_s=load_s, prefix_from_cache=prefix_from_cache, _store=store,
+                 _key=key, _fingerprint=fingerprint, _hasher=hasher,
+                 _entry=entry.path if entry is not None else None, _kv_key=kv_key,
+                 _kv_saved=prefix_from_cache or bool(getattr(args, "max_kv_size", None)),
+                 _model_name=model_name(model))
     if prefill:
         opened.prefill(progress)
         opened.open_s = time.perf_counter() - start
@@ -319,15 +329,9 @@ def image_plan(model, num_tokens: int, num_inputs: int, args) -> None:
 
         raise ContextOverflowError(f"this picture's {num_tokens} visual tokens and the prompt "
                                    f"pass the context of {limit_ctx} tokens")
-    cfg, size = model.config, mem.compute_dtype_size(model)
-    max_tokens = getattr(args, "max_tokens", 512) or 512
-    context = num_tokens + mem.PROMPT_TEXT_TOKENS + max_tokens
-    held = min(context, max_kv_size) if max_kv_size else context
-    held = -(-held // mem.KV_STEP) * mem.KV_STEP
-    kv = int(mem.kv_bytes_per_token(cfg, size, getattr(args, "kv_bits", None)) * held)
-    working = max(mem.vision_bytes(cfg, size, min(image.VISION_BATCH, num_inputs)),
-                  mem.prefill_bytes(cfg, size, num_tokens + mem.PROMPT_TEXT_TOKENS))
-    total = mem.weight_bytes(model) + kv + working
+    total = mem.plan_tokens(model, num_tokens, num_inputs,
+                            max_tokens=getattr(args, "max_tokens", 512) or 512,
+                            kv_bits=getattr(args, "kv_bits", None), max_kv_size=max_kv_size).total
     limit, source = mem.memory_limit()
     if limit and total > limit:
         raise mem.MemoryPlanError(f"this picture needs about {total / 1e9:.2f} GB, more than the "
@@ -366,26 +370,9 @@ def open_image(model, tokenizer, path, args, progress: Optional[Progress] = None
     conv = Conversation(model, tokenizer, visual, system_prompt=getattr(args, "system_prompt", None),
                         max_kv_size=getattr(args, "max_kv_size", None),
                         kv_bits=getattr(args, "kv_bits", None))  # no frames: no time instruction
-    kv_key = vcache.prefix_key(conv.prefix_tokens(), kv_bits=getattr(args, "kv_bits", None))
-    prefix_from_cache = False
-    if entry is not None and not getattr(args, "max_kv_size", None):
-        cache = opened_store.load_prefix(entry, kv_key, length=conv.prefix_length(),
-                                         num_layers=len(model.language_model.layers))
-        if cache is not None:
-            conv.restore_prefix(cache)
-            prefix_from_cache = True
-    load_s = time.perf_counter() - start if entry is not None else 0.0
-    status = "off" if opened_store is None else ("hit" if entry is not None else "miss")
-    opened = OpenedImage(str(path), visual, conv, status, time.perf_counter() - start, start,
-                         load_s=load_s, prefix_from_cache=prefix_from_cache, _store=opened_store,
-                         _key=key, _fingerprint=fingerprint, _hasher=hasher,
-                         _entry=entry.path if entry is not None else None, _kv_key=kv_key,
-                         _kv_saved=prefix_from_cache or bool(getattr(args, "max_kv_size", None)),
-                         _model_name=model_name(model))
-    if prefill:
-        opened.prefill(progress)
-        opened.open_s = time.perf_counter() - start
-    return opened
+    return _opened(OpenedImage, path, visual, conv, args, start, store=opened_store, entry=entry,
+                   key=key, fingerprint=fingerprint, hasher=hasher, prefill=prefill,
+                   progress=progress)
 
 
 def open_media(model, tokenizer, path, args, progress: Optional[Progress] = None, **kwargs):

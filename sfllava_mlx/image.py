@@ -28,11 +28,11 @@ import numpy as np
 from . import anyres
 from .config import ImageConfig, ModelConfig
 from .errors import VideoError
+from .generate import VISION_BATCH  # tiles per tower call, as frames
 
 # Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, about 179 megapixels:
 # a 200 MP phone photo's 16384 x 12288 fits, a 30000 x 30000 scan does not).
 MAX_PIXELS = 2 * 89_478_485
-VISION_BATCH = 8  # tiles per tower call (generate.VISION_BATCH)
 PICTURE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".heic", ".heif", ".hif",
                       ".avif")
 HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs",

@@ -21,14 +21,13 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig, SamplingConfig
 from .errors import ContextOverflowError, UserError
+from .generate import PREFILL_STEP, VISION_BATCH  # what one tower call / prefill chunk takes
 from .pooling import num_visual_tokens
 
 GB = 1e9
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
 PROMPT_TEXT_TOKENS = 64  # system prompt, chat markup and a question, beside the video
 MIN_TEXT_TOKENS = 16  # the ChatML markup around the video and one answer token, at least
-VISION_BATCH = 8  # frames a tower call takes (generate.VISION_BATCH)
-PREFILL_STEP = 512  # tokens a prefill chunk takes (generate.PREFILL_STEP)
 
 
 class MemoryPlanError(UserError):
@@ -102,19 +101,25 @@ def prefill_bytes(config: ModelConfig, dtype_size: int, context: int,
     return chunk * per_token + scores
 
 
-def plan_memory(model, sampling: SamplingConfig, *, max_tokens: int = 512,
+def plan_memory(model, sampling: SamplingConfig, **options) -> MemoryPlan:
+    """The plan of a video's request: its recipe's visual tokens and frames."""
+    return plan_tokens(model, num_visual_tokens(model.config.vision.grid, sampling),
+                       sampling.num_frames, **options)
+
+
+def plan_tokens(model, visual: int, tower_inputs: int, *, max_tokens: int = 512,
                 kv_bits: Optional[int] = None, kv_group_size: int = 64,
                 max_kv_size: Optional[int] = None) -> MemoryPlan:
+    """The plan of `visual` tokens made from `tower_inputs` tower images (frames or tiles)."""
     config = model.config
     size = compute_dtype_size(model)
-    visual = num_visual_tokens(config.vision.grid, sampling)
     context = visual + PROMPT_TEXT_TOKENS + max_tokens
     held = min(context, max_kv_size) if max_kv_size else context
     held = math.ceil(held / KV_STEP) * KV_STEP
     return MemoryPlan(
         weights=weight_bytes(model),
         kv_cache=int(kv_bytes_per_token(config, size, kv_bits, kv_group_size) * held),
-        vision=vision_bytes(config, size, min(VISION_BATCH, sampling.num_frames)),
+        vision=vision_bytes(config, size, min(VISION_BATCH, tower_inputs)),
         prefill=prefill_bytes(config, size, visual + PROMPT_TEXT_TOKENS),
         context_tokens=context,
     )

@@ -33,11 +33,12 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_map_with_path
 
 from .config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
                      VisionConfig, family_recipes)
 from .errors import UserError
+from .memory import kv_bytes_per_token, weight_bytes
 from .model import SFLLaVA, cast_model
 
 # One table a family: size -> the LLM's shape (mlx-lm qwen2 ModelArgs fields).
@@ -150,18 +151,6 @@ def quantize_language_model(model: SFLLaVA, bits: int, group_size: int = 64) -> 
     model.config.quantization = {"group_size": group_size, "bits": bits}
 
 
-def parameter_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters as stored (packed ints and scales included). Works on lazy
-    arrays: nothing is allocated."""
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
-
-
-def _kv_bytes_per_token(config: ModelConfig, kv_dtype_size: int) -> int:
-    t = config.text_config
-    head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
-    return 2 * t["num_hidden_layers"] * t["num_key_value_heads"] * head_dim * kv_dtype_size
-
-
 def memory_limit_bytes() -> tuple[int, str]:
     """What this machine lets MLX use, and where the figure comes from (the memory plan's)."""
     from .memory import memory_limit
@@ -180,8 +169,8 @@ def check_fits(needed: int, what: str) -> None:
 def estimate_memory(model: SFLLaVA, context_tokens: int) -> int:
     """Weights + KV cache at `context_tokens` + the bounded working set, in bytes."""
     dtype = model.language_model.model.norm.weight.dtype
-    kv = _kv_bytes_per_token(model.config, dtype.size) * context_tokens
-    return parameter_bytes(model) + kv + WORKING_SET_BYTES
+    kv = kv_bytes_per_token(model.config, dtype.size) * context_tokens
+    return weight_bytes(model) + int(kv) + WORKING_SET_BYTES
 
 
 def random_model(size: str = "1.5b", dtype=mx.float32, q_bits: Optional[int] = None,

@@ -20,6 +20,7 @@ from app.cli import main as cli_main
 from sfllava_mlx.config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
                                 SamplingConfig, VisionConfig, family_recipes)
 from sfllava_mlx.errors import UserError
+from sfllava_mlx.memory import weight_bytes
 from sfllava_mlx.model import SFLLaVA, cast_model
 from sfllava_mlx import random_weights as rw
 
@@ -86,7 +87,7 @@ def test_weight_bytes_match_mlx(size, q_bits):
     cast_model(model, mx.float16)
     if q_bits:
         rw.quantize_language_model(model, q_bits)
-    assert rw.parameter_bytes(model.language_model) == hardware.llm_weight_bytes(
+    assert weight_bytes(model.language_model) == hardware.llm_weight_bytes(
         config.text_config, 2, q_bits)
 
 
