@@ -43,7 +43,7 @@ else
 endif
 
 demo: setup
-	$(RUN_ENV) $(BIN)/python -m app.demo
+	$(RUN_ENV) $(BIN)/python -m sfllava_app.demo
 
 test: setup
 	$(RUN_ENV) $(BIN)/python -m pytest -q tests

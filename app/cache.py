@@ -29,7 +29,7 @@ def main(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .chat_ui import human_bytes
+    from .fmt import human_bytes
 
     console = Console(highlight=False)
     if not entries:

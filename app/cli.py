@@ -1,4 +1,4 @@
-"""The `sfllava` command (SPEC §4): one subcommand a module of `app/`."""
+"""The `sfllava` command (SPEC §4): one subcommand a module (or package) of `app/`."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from sfllava_mlx import __version__
 from sfllava_mlx.errors import UserError
 
 SUBCOMMANDS = [
-    ("convert", "app.convert", "convert an SF-LLaVA-1.5 checkpoint to an MLX model directory"),
-    ("generate", "app.generate", "answer one question about a video"),
-    ("chat", "app.chat", "chat about a video in the terminal"),
-    ("frames", "app.frames", "show (and save) the frames the model will see"),
-    ("bench", "app.bench", "stage-by-stage latency profile"),
-    ("export-coreml", "app.export_coreml", "export the vision tower to Core ML"),
-    ("serve", "app.serve", "an OpenAI-compatible local server for video chat"),
-    ("batch", "app.batch", "answer questions about many videos, resumable, over several Macs"),
-    ("cache", "app.cache", "list or clear the video cache"),
+    ("convert", ".convert", "convert an SF-LLaVA-1.5 checkpoint to an MLX model directory"),
+    ("generate", ".generate", "answer one question about a video"),
+    ("chat", ".chat", "chat about a video in the terminal"),
+    ("frames", ".frames", "show (and save) the frames the model will see"),
+    ("bench", ".bench", "stage-by-stage latency profile"),
+    ("export-coreml", ".export_coreml", "export the vision tower to Core ML"),
+    ("serve", ".serve", "an OpenAI-compatible local server for video chat"),
+    ("batch", ".batch", "answer questions about many videos, resumable, over several Macs"),
+    ("cache", ".cache", "list or clear the video cache"),
 ]
 
 
@@ -32,7 +32,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     for name, module_name, help_text in SUBCOMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(module_name, __package__)
             module.add_arguments(p)
             p.set_defaults(run=module.main)
     return parser

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
-from sfllava_mlx.errors import UserError
+from .fmt import human_bytes, human_count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,30 +23,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also export the vision tower to Core ML")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-
-
-def _params(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else str(n)
-
-
 def print_summary(r) -> None:
     q = r.quantization
     quant = f"{q['bits']}-bit, group {q['group_size']} (LLM only)" if q else "none"
     print(f"converted {r.source} -> {r.output}")
     print(f"  layout        {r.layout}")
-    print(f"  parameters    {_params(r.parameters)}")
+    print(f"  parameters    {human_count(r.parameters)}")
     print(f"  dtype         {r.dtype} (checkpoint: {r.source_dtype})")
     print(f"  quantization  {quant}")
     print(f"  vision tower  {r.feature_layer} of {r.vision_blocks} blocks (feature layer {r.feature_layer})")
-    print(f"  size on disk  {_size(r.bytes_on_disk)}")
+    print(f"  size on disk  {human_bytes(r.bytes_on_disk)}")
     print(f"  time          {r.seconds:.1f} s")
     if r.dropped:
-        from convert.layouts import group_dropped
+        from sfllava_convert.layouts import group_dropped
 
         print(f"  dropped {len(r.dropped)} unused tensor(s):")
         for pattern, count, reason in group_dropped(r.dropped):
@@ -55,13 +43,13 @@ def print_summary(r) -> None:
 
 
 def main(args) -> int:
-    from convert.convert import convert
+    from sfllava_convert.convert import convert
 
     coreml = None
-    if args.coreml:  # checked first: no half-done work when the exporter is absent
-        if importlib.util.find_spec("convert.coreml") is None:
-            raise UserError("--coreml: the Core ML exporter (convert.coreml) is not installed")
-        coreml = importlib.import_module("convert.coreml")
+    if args.coreml:  # the exporter's needs checked first: no half-done work without them
+        from sfllava_convert import coreml
+
+        coreml.require()
     report = convert(
         args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize,
         q_bits=args.q_bits, q_group_size=args.q_group_size, force=args.force,

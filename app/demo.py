@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from convert.tiny import write_source_checkpoint
+from sfllava_convert.tiny import write_source_checkpoint
 
 from .cli import main as sfllava
 

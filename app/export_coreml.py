@@ -7,7 +7,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from convert.coreml import DEFAULT_BATCH_SIZE
+    from sfllava_convert.coreml import DEFAULT_BATCH_SIZE
 
     parser.add_argument("--model", required=True, help="converted model directory")
     parser.add_argument(
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from convert.coreml import export
+    from sfllava_convert.coreml import export
     from sfllava_mlx.model import resolve_model_path
 
     model_dir = resolve_model_path(args.model)

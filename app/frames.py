@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,9 @@ from sfllava_mlx.config import (ModelConfig, PreprocessConfig, ProjectorConfig, 
 from sfllava_mlx.errors import UserError
 from sfllava_mlx.pooling import num_visual_tokens
 
-from .options import add_fps_argument, add_recipe_argument
+from .fmt import clock
+from .options import add_fps_argument, add_num_frames_argument, add_recipe_argument
+from .options import add_seek_argument
 
 THUMB_WIDTH = 192  # contact sheet: pixels per thumbnail
 SLOW_COLOUR = (255, 140, 0)  # RGB border of slow-stream frames on the contact sheet
@@ -36,12 +39,10 @@ def add_arguments(p) -> None:
     p.add_argument("video", metavar="FILE", help="the video file")
     p.add_argument("--model", default=None,
                    help="converted model directory: use its sampling settings (default: SPEC §2's)")
-    p.add_argument("--num-frames", type=int, default=None,
-                   help="sample positions (default: the recipe's)")
+    add_num_frames_argument(p)
     add_recipe_argument(p)
     add_fps_argument(p)
-    p.add_argument("--seek", choices=["exact", "keyframe"], default="exact",
-                   help="exact frames (default) or the keyframe at or before each position")
+    add_seek_argument(p)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write NNN.png per position and contact.png into DIR")
     p.add_argument("--json", action="store_true", help="print JSON (stdout carries only JSON)")
@@ -51,14 +52,11 @@ def main(args) -> int:
     from sfllava_mlx.frames import read_frames
 
     config = model_config(args.model)
-    try:
-        sampling = config.use_recipe(args.recipe, args.num_frames)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    sampling = config.recipe(args.recipe, args.num_frames)
     tic = time.perf_counter()
     clip = read_frames(args.video, num_frames=sampling.num_frames, slow_every=sampling.slow_every,
                        seek=args.seek, positions=sampling.frame_positions, fps=args.fps)
-    sampling.num_frames = len(clip.indices)  # --fps: this video's count
+    sampling = replace(sampling, num_frames=len(clip.indices))  # --fps: this video's count
     elapsed = time.perf_counter() - tic
     if args.out:
         write_frames(clip, Path(args.out))
@@ -74,29 +72,25 @@ def main(args) -> int:
         report_notes(clip, stream=sys.stderr)
     else:
         print_table(clip, elapsed, args.out)
-        print(recipe_line(config, args.recipe))
+        print(recipe_line(config, args.recipe, sampling))
     return 0
 
 
 def model_config(model) -> ModelConfig:
     """The model's config, or SF-LLaVA-1.5's (SPEC §2's defaults) without --model."""
     if model is None:
-        return ModelConfig("default", {}, VisionConfig(), ProjectorConfig(), SamplingConfig(),
-                           PreprocessConfig(), PromptConfig())
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        from sfllava_mlx.model import resolve_model_path  # hub ids (imports MLX)
+        return ModelConfig("default", {}, VisionConfig(), ProjectorConfig(),
+                           {"native": SamplingConfig()}, PreprocessConfig(), PromptConfig())
+    from sfllava_mlx.hub import local_or_download
 
-        path = resolve_model_path(model)
-    return ModelConfig.read(path)
+    return ModelConfig.read(local_or_download(model, ["config.json"]))  # a hub id: config only
 
 
-def recipe_line(config: ModelConfig, recipe: str) -> str:
-    s = config.sampling
+def recipe_line(config: ModelConfig, recipe: str, s: SamplingConfig) -> str:
     streams = (f"{len(range(0, s.num_frames, s.slow_every))} slow at stride "
                f"{s.slow_stride} + fast at stride {s.fast_stride}" if s.slow_every > 1
                else f"one stream at stride {s.slow_stride}")
-    note = " (SlowFast training-free on this model)" if config.training_free else ""
+    note = " (SlowFast training-free on this model)" if config.training_free(recipe) else ""
     return (f"recipe: {recipe}{note} for {config.family}: {s.num_frames} frames by {s.frame_positions}, "
             f"{streams}, {s.pool_mode} pooling, newline {s.newline}: "
             f"{num_visual_tokens(config.vision.grid, s)} visual tokens")
@@ -110,12 +104,6 @@ def describe(info) -> str:
     rotated = f", rotated {info.rotation}°" if info.rotation else ""
     return (f"{Path(info.path).name}: {info.width}x{info.height}{rotated}, {info.codec}, "
             f"{info.num_frames} frames, {info.fps:.3f} fps, {info.duration:.2f} s")
-
-
-def clock(seconds: float) -> str:
-    m, s = divmod(max(seconds, 0.0), 60)
-    h, m = divmod(int(m), 60)
-    return f"{h}:{m:02d}:{s:06.3f}" if h else f"{m:02d}:{s:06.3f}"
 
 
 def report_notes(clip, stream) -> None:
@@ -142,7 +130,7 @@ def print_table(clip, elapsed: float, out) -> None:
         table.add_column(name, justify="left" if name == "stream" else "right")
     for pos, (i, t, s) in enumerate(zip(clip.indices, clip.timestamps, clip.streams)):
         style = "bold" if s == "slow" else None
-        table.add_row(str(pos), str(i), f"{t:.3f}", clock(t), s, style=style)
+        table.add_row(str(pos), str(i), f"{t:.3f}", clock(t, 3), s, style=style)
     console.print(table)
     mode = "exact frames" if clip.exact else "APPROXIMATE: keyframe at or before each position"
     slow = clip.streams.count("slow")
@@ -208,19 +196,7 @@ def contact_sheet(clip, thumb_width: int = THUMB_WIDTH) -> np.ndarray:
         thumb = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA)
         sheet[y:y + th, x:x + tw] = thumb
         sheet[y + th:y + th + label_h, x:x + tw] = 0
-        text = f"{pos} #{i} {clock(t)}{'' if clip.exact else ' ~'}"
+        text = f"{pos} #{i} {clock(t, 3)}{'' if clip.exact else ' ~'}"
         cv2.putText(sheet, text, (x + 2, y + th + label_h - 5), cv2.FONT_HERSHEY_SIMPLEX,
                     0.38, (255, 255, 255), 1, cv2.LINE_AA)
     return sheet
-
-
-if __name__ == "__main__":  # python -m app.frames VIDEO ... (the same as `sfllava frames`)
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="sfllava frames")
-    add_arguments(parser)
-    try:
-        sys.exit(main(parser.parse_args()))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -58,12 +58,12 @@ def env(xdg: Path) -> dict:
 
 def sfllava() -> list:
     exe = Path(sys.executable).parent / "sfllava"
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from app.cli import entry; entry()"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from sfllava_app.cli import entry; entry()"]
 
 
 def make_model(work: Path, name: str) -> Path:
-    from app.cli import main
-    from convert.tiny import write_source_checkpoint
+    from sfllava_app.cli import main
+    from sfllava_convert.tiny import write_source_checkpoint
 
     src = write_source_checkpoint(work / f"src-{name}", layout="oryx-vit", seed=0,
                                   **(TINY if name == "tiny" else MID))
@@ -172,9 +172,9 @@ def throughput(work: Path, model: Path, name: str, n_videos: int, procs: list[in
 
 
 def resume_cost(work: Path, model: Path, n_lines: int) -> dict:
-    from app.batch_results import line
+    from sfllava_app.batch.results import line
     from sfllava_mlx import load
-    from sfllava_mlx.cache import VideoFingerprint, model_identity
+    from sfllava_mlx.cache import Fingerprint, model_identity
     from tests.videos import make_ffv1_video
 
     lib = work / "resume-lib"
@@ -202,7 +202,7 @@ def resume_cost(work: Path, model: Path, n_lines: int) -> dict:
     with open(out, "wb") as f:
         for i in range(n_lines):
             v = lib / f"v{i:04d}.mkv"
-            f.write(line({**template, "video": str(v), "fingerprint": VideoFingerprint.of(v).sampled,
+            f.write(line({**template, "video": str(v), "fingerprint": Fingerprint.of(v).sampled,
                           "model_identity": identity}))
     r_resume = run_batch(sfllava() + base[:1] + [str(lib)] + base[1:] + ["--out", str(out)],
                          out, work / "xdg", 1, stop_after=1)

@@ -79,7 +79,7 @@ def main() -> int:
 
     from app import runner
     from sfllava_mlx.cache import VideoCache
-    from sfllava_mlx.random_weights import random_model
+    from sfllava_app.bench.random_weights import random_model
 
     tmp = Path(tempfile.mkdtemp(prefix="sfllava-chat-bench-"))
     os.environ["XDG_CACHE_HOME"] = str(tmp / "xdg")

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from convert.tiny import (SIGLIP_PREFIX, _split_shards, _write_json, llm_shapes,  # noqa: E402
+from sfllava_convert.tiny import (SIGLIP_PREFIX, _split_shards, _write_json, llm_shapes,  # noqa: E402
                           make_tensor, siglip_shapes, write_safetensors, write_source_checkpoint,
                           write_tokenizer)
 
@@ -125,14 +125,14 @@ def write_llava_hf_checkpoint(path: Path, *, dtype: str = "bfloat16", shards: in
 
 # `sfllava convert`, except that SourceCheckpoint._loaded is cleared after _build_weights.
 DROP_SOURCE_TENSORS = """
-import convert.convert as c
+import sfllava_convert.convert as c
 _build = c._build_weights
 def _build_and_drop(src, p, dtype):
     out = _build(src, p, dtype)
     src._loaded.clear()
     return out
 c._build_weights = _build_and_drop
-from app.cli import entry
+from sfllava_app.cli import entry
 entry()
 """
 
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     if Path(openblas).exists():
         env["LD_PRELOAD"] = openblas
     exe = Path(sys.executable).parent / "sfllava"
-    sfllava = [str(exe)] if exe.exists() else [sys.executable, "-c", "from app.cli import entry; entry()"]
+    sfllava = [str(exe)] if exe.exists() else [sys.executable, "-c", "from sfllava_app.cli import entry; entry()"]
     if args.drop_source_tensors:
         sfllava = [sys.executable, "-c", DROP_SOURCE_TENSORS]
     # GNU time prints the child's peak RSS (KB) as the last line of stderr

@@ -177,7 +177,7 @@ bench() {  # name step_timeout_s bench-arguments...
   say "RUN $name (limit ${limit}s): bench $*"
   echo "===== $name: bench $*" >> "$BLOG"
   local t0=$(date +%s)
-  timeout -k 5 "$limit" $PY -c 'import sys; from app.cli import entry; entry()' bench "$@" \
+  timeout -k 5 "$limit" $PY -c 'import sys; from sfllava_app.cli import entry; entry()' bench "$@" \
     > "$OUT/.cur.json" 2>> "$BLOG"
   local rc=$? wall=$(( $(date +%s) - t0 ))
   say "  $name rc=$rc wall=${wall}s"
@@ -195,7 +195,7 @@ EOF
 }
 
 HAS_OV=0
-if $PY -c 'import sys; from sfllava_mlx.random_weights import SIZES; sys.exit("ov-7b" not in SIZES)' \
+if $PY -c 'import sys; from sfllava_app.bench.random_weights import SIZES; sys.exit("ov-7b" not in SIZES)' \
    && grep -q -- '--recipe' app/bench.py; then HAS_OV=1; fi
 say "ov-7b in bench: $HAS_OV"
 

@@ -42,7 +42,7 @@ def main() -> None:
     if opts.model:
         model, tokenizer = runner.load_model(argparse.Namespace(model=opts.model))
     else:
-        from sfllava_mlx.random_weights import random_model
+        from sfllava_app.bench.random_weights import random_model
 
         model, tokenizer = random_model(opts.random_weights, dtype=mx.float32, q_bits=opts.q_bits)
     settings = {"recipe": None, f"--fps {opts.fps:g}": opts.fps}

@@ -4,7 +4,7 @@ first token, and their ratios.
 
     python bench/image_bench.py [--sizes tiny,mid] [--runs 2] [--json]
 
-Random weights (`sfllava_mlx.random_weights.build_random`), float32, the video cache off,
+Random weights (`sfllava_app.bench.random_weights.build_random`), float32, the video cache off,
 one process per call, each run after a warm-up; the median TTFT of `--runs` is reported.
 - tiny: the test fixtures' shapes (SF-LLaVA-1.5: 32 px frames, patch 8; LLaVA-OneVision:
   28 px, patch 4, the any-resolution grid scaled to 28 px tiles).
@@ -114,7 +114,7 @@ def main() -> None:
 
     import mlx.core as mx
 
-    from sfllava_mlx.random_weights import build_random, random_tokenizer
+    from sfllava_app.bench.random_weights import build_random, random_tokenizer
 
     tokenizer = random_tokenizer()
     rows = []

@@ -30,7 +30,7 @@ def one_run(size: str, frames: int, q_bits: int, max_tokens: int, video: str) ->
 
     from app import runner
     from sfllava_mlx.memory import plan_memory
-    from sfllava_mlx.random_weights import random_model
+    from sfllava_app.bench.random_weights import random_model
 
     model, tokenizer = random_model(size, dtype=mx.float32, q_bits=q_bits or None,
                                     num_frames=frames)
@@ -71,7 +71,7 @@ def table(_opts) -> None:
 
     from sfllava_mlx.memory import plan_memory, largest_fitting_frames
     from sfllava_mlx.model import SFLLaVA
-    from sfllava_mlx.random_weights import model_config, quantize_language_model
+    from sfllava_app.bench.random_weights import model_config, quantize_language_model
     from sfllava_mlx.model import cast_model
 
     print("| LLM | frames | KV 16-bit | total | total with --kv-bits 8 |")

@@ -77,7 +77,7 @@ def write_checkpoint(path: Path, shapes: dict, seed: int = 0) -> Path:
     from transformers import (AutoTokenizer, LlavaOnevisionConfig,
                               LlavaOnevisionForConditionalGeneration)
 
-    from convert.tiny import write_tokenizer
+    from sfllava_convert.tiny import write_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     write_tokenizer(path)
@@ -323,11 +323,11 @@ def main(argv=None) -> int:
         src = write_checkpoint(work / "hf", shapes)
         print(f"source checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "from app.cli import entry; entry()", "convert",
+        subprocess.run([sys.executable, "-c", "from sfllava_app.cli import entry; entry()", "convert",
                         "--hf-path", str(src), "--mlx-path", str(work / "mlx"), "--force",
                         "--dtype", "float32"], env=env, check=True, stdout=subprocess.DEVNULL)
         print(f"converted in {time.perf_counter() - t:.0f} s", flush=True)
-        from app.bench import make_video
+        from sfllava_app.bench import make_video
 
         size = shapes["vision"]["image_size"]
         video = make_video(work / "clip.mp4", seconds=10, width=size, height=size)

@@ -46,8 +46,8 @@ MID = dict(image_size=224, patch_size=16, vision_hidden=384, vision_layers=6, vi
 
 
 def build_model(tmp: Path, name: str) -> Path:
-    from app.cli import main as sfllava
-    from convert.tiny import write_source_checkpoint
+    from sfllava_app.cli import main as sfllava
+    from sfllava_convert.tiny import write_source_checkpoint
 
     shape = TINY if name == "tiny" else MID
     src, dst = tmp / f"{name}-src", tmp / name

@@ -59,6 +59,12 @@ def _import_coremltools():
     return import_coremltools("Core ML export")
 
 
+def require() -> None:
+    """Refuse, before any work, an export this installation cannot do."""
+    _import_torch()
+    _import_coremltools()
+
+
 # --- the tower in torch: the same module tree and names as sfllava_mlx/vision.py ----
 
 
@@ -240,7 +246,7 @@ def export(model_dir, batch_size: int = DEFAULT_BATCH_SIZE, force: bool = False,
     target = model_dir / PACKAGE_NAME
     if target.exists() and not force:
         raise UserError(f"{target} exists: pass --force to replace it")
-    _import_torch(), _import_coremltools()  # fail before any work
+    require()  # fail before any work
     log = log or (lambda msg: None)
 
     log(f"Rebuilding the vision tower ({config.vision.feature_layer} blocks) in torch")

@@ -1,10 +1,28 @@
-"""SlowFast-LLaVA-1.5 in MLX: chat about a local video, on device."""
+"""SlowFast-LLaVA-1.5 in MLX: chat about a local video, on device (SPEC §7).
+
+    from sfllava_mlx import Engine, UserError
+    engine = Engine("~/models/ov-0.5b")
+    chat = engine.open("holiday.mp4", recipe="slowfast")
+    for chunk in chat.ask("What happens?"):
+        print(chunk.text, end="", flush=True)
+
+`Engine` and `load` import MLX and mlx-lm when first used, not with this package: reading
+frames (`sfllava_mlx.frames`) stays light.
+"""
+
+from .errors import UserError
 
 __version__ = "0.1.0"
+__all__ = ["Engine", "Session", "UserError", "load", "__version__"]
 
 
-def load(path_or_repo, dtype=None):
-    """Load a converted model directory (or hub repo id): returns (model, tokenizer)."""
-    from .model import load as _load
+def __getattr__(name: str):
+    if name in ("Engine", "Session"):
+        from . import engine
 
-    return _load(path_or_repo, dtype=dtype)
+        return getattr(engine, name)
+    if name == "load":
+        from .model import load
+
+        return load
+    raise AttributeError(f"module 'sfllava_mlx' has no attribute {name!r}")

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+VISION_BATCH = 8  # frames (or tiles) per tower call: bounds the working set whatever the count
+# Prefill chunk. Where attention is not fused (MLX's CPU backend) each chunk materializes
+# heads x chunk x context scores: 512 keeps that near 200 MB for 1.5B at 8K context.
+PREFILL_STEP = 512
 
 
 def _from_dict(cls, d: Optional[dict]):
@@ -157,42 +161,38 @@ class PromptConfig:
 @dataclass
 class ModelConfig:
     """The converted model. `recipes` holds the native and the training-free slowfast
-    recipe; `sampling` is the one in use (native unless `use_recipe` picks another)."""
+    recipe (SPEC §2.9); a Session picks one with `recipe()`, which never changes them."""
 
     layout: str
     text_config: dict  # mlx_lm.models.qwen2.ModelArgs fields
     vision: VisionConfig
     projector: ProjectorConfig
-    sampling: SamplingConfig
+    recipes: dict  # name -> SamplingConfig: "native" and "slowfast"
     preprocess: PreprocessConfig
     prompt: PromptConfig
     quantization: Optional[dict] = None  # mlx-lm's block: {"group_size", "bits"}
     dtype: str = "float32"
     source: dict = field(default_factory=dict)  # where the weights came from
     family: str = "sf-llava-1.5"  # sf-llava-1.5 | llava-onevision | llava-video
-    recipes: dict = field(default_factory=dict)  # name -> SamplingConfig
-    recipe: str = "native"  # the name of the recipe in `sampling`
     image: ImageConfig = field(default_factory=ImageConfig)  # pictures (SPEC §2.11)
 
     def __post_init__(self):
-        self.recipes = {"native": self.sampling, "slowfast": self.sampling, **self.recipes}
+        native = self.recipes["native"]
+        self.recipes = {"native": native, "slowfast": native, **self.recipes}
 
-    def use_recipe(self, name: str, num_frames: Optional[int] = None) -> SamplingConfig:
-        """Select a recipe for what follows (a copy: the stored recipes never change)."""
+    def recipe(self, name: str = "native", num_frames: Optional[int] = None) -> SamplingConfig:
+        """A copy of recipe `name`, with `num_frames` in place of its T when given."""
+        from .errors import UserError
+
         if name not in self.recipes:
-            raise ValueError(f"unknown recipe {name!r}: one of {', '.join(self.recipes)}")
-        self.sampling = replace(self.recipes[name])
-        self.recipe = name
-        if num_frames is not None:
-            if num_frames < 1:
-                raise ValueError(f"--num-frames must be at least 1, not {num_frames}")
-            self.sampling.num_frames = num_frames
-        return self.sampling
+            raise UserError(f"unknown recipe {name!r}: one of {', '.join(self.recipes)}")
+        if num_frames is not None and num_frames < 1:
+            raise UserError(f"--num-frames must be at least 1, not {num_frames}")
+        return replace(self.recipes[name], **({} if num_frames is None else {"num_frames": num_frames}))
 
-    @property
-    def training_free(self) -> bool:
+    def training_free(self, name: str) -> bool:
         """SlowFast on a model not trained with it (SF-LLaVA's original, training-free idea)."""
-        return self.recipes["slowfast"] != self.recipes["native"] and self.recipe == "slowfast"
+        return name == "slowfast" and self.recipes["slowfast"] != self.recipes["native"]
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -205,14 +205,13 @@ class ModelConfig:
             text_config=d["text_config"],
             vision=_from_dict(VisionConfig, d.get("vision_config")),
             projector=_from_dict(ProjectorConfig, d.get("projector_config")),
-            sampling=recipes.get("native", sampling),
+            recipes={"native": sampling, **recipes},
             preprocess=_from_dict(PreprocessConfig, d.get("preprocess")),
             prompt=_from_dict(PromptConfig, d.get("prompt")),
             quantization=d.get("quantization"),
             dtype=d.get("dtype", "float32"),
             source=d.get("source", {}),
             family=d.get("family", "sf-llava-1.5"),
-            recipes=recipes,
             image=_from_dict(ImageConfig, d.get("image")),  # absent (older configs): single
         )
 
@@ -238,17 +237,13 @@ class ModelConfig:
         return d
 
     @classmethod
-    def load(cls, model_dir: Path) -> "ModelConfig":
-        with open(Path(model_dir) / "config.json") as f:
-            return cls.from_dict(json.load(f))
-
-    @classmethod
     def read(cls, model_dir) -> "ModelConfig":
-        """load(), with a missing or foreign config.json reported as the user's error."""
+        """config.json of a converted model; a missing or foreign one is the user's error."""
         from .errors import CheckpointError
 
         try:
-            return cls.load(model_dir)
+            with open(Path(model_dir) / "config.json") as f:
+                return cls.from_dict(json.load(f))
         except FileNotFoundError:
             raise CheckpointError(f"{model_dir} has no config.json: not a converted model") from None
         except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError

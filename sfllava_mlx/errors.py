@@ -19,3 +19,7 @@ class CheckpointError(UserError):
 
 class ContextOverflowError(UserError):
     """The conversation would pass the model's context length."""
+
+
+class MemoryPlanError(UserError):
+    """A request that will not fit in memory."""

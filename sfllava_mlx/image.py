@@ -26,9 +26,9 @@ import mlx.core as mx
 import numpy as np
 
 from . import anyres
-from .config import ImageConfig, ModelConfig
+from .config import VISION_BATCH, ImageConfig, ModelConfig
+from .encode import VisualTokens
 from .errors import VideoError
-from .generate import VISION_BATCH  # tiles per tower call, as frames
 
 # Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, about 179 megapixels:
 # a 200 MP phone photo's 16384 x 12288 fits, a 30000 x 30000 scan does not).
@@ -326,8 +326,6 @@ def encode_image(model, picture: Picture, *, batch_size: int = VISION_BATCH,
     """A decoded picture -> VisualTokens: the tower on its tiles in batches, the projector,
     then (anyres) unpadding, downsampling and newlines as MLX ops. `timings`: `frames`
     (decode, resize, tiles, normalize) and `vision` (tower, projector, packing)."""
-    from .generate import VisualTokens
-
     config = model.config
     tic = time.perf_counter()
     pixels = image_pixels(picture, config)

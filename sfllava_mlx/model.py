@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Optional
 
@@ -10,10 +9,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import qwen2
-from mlx_lm.utils import load_tokenizer
+from mlx_lm.utils import load_model, load_tokenizer
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .hub import local_or_download
 from .projector import Projector
 from .vision import VisionTower
 
@@ -52,57 +52,29 @@ class SFLLaVA(nn.Module):
         return self.config.text_config.get("max_position_embeddings", 32768)
 
 
-def default_dtype() -> mx.Dtype:
+def default_dtype() -> Optional[mx.Dtype]:
     # MLX's CPU backend has no fast half-precision path (SPEC §4).
     return mx.float32 if mx.default_device() == mx.cpu else None
 
 
 def resolve_model_path(path_or_repo: str) -> Path:
     """A local directory, or a hub repo id downloaded (and cached) by huggingface-hub."""
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        return path
-    if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
-        raise CheckpointError(f"model not found: {path_or_repo} (no such directory)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path_or_repo, allow_patterns=MODEL_FILES))
-    except Exception as e:  # network, auth, unknown repo: all the user's to fix
-        raise CheckpointError(f"cannot download model {path_or_repo!r}: {e}") from None
+    return local_or_download(str(path_or_repo), MODEL_FILES, "model")
 
 
-def load_weights(model_path: Path) -> dict:
-    files = sorted(glob.glob(str(model_path / "model*.safetensors")))
-    if not files:
-        raise CheckpointError(f"no model*.safetensors in {model_path}: not a converted model")
-    weights = {}
-    for f in files:
+def _classes(config: dict):
+    return SFLLaVA, _Config
+
+
+class _Config:
+    """mlx-lm's ModelArgs role: config.json -> ModelConfig, refused when foreign."""
+
+    @staticmethod
+    def from_dict(d: dict) -> ModelConfig:
         try:
-            weights.update(mx.load(f))
-        except Exception as e:
-            raise CheckpointError(f"cannot read {f}: {e}") from None
-    return weights
-
-
-def build_model(config: ModelConfig, weights: dict) -> SFLLaVA:
-    model = SFLLaVA(config)
-    weights = model.sanitize(weights)
-    if config.quantization:
-        q = config.quantization
-        nn.quantize(
-            model,
-            group_size=q["group_size"],
-            bits=q["bits"],
-            mode=q.get("mode", "affine"),
-            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-        )
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise CheckpointError(f"weights do not match config.json: {e}") from None
-    model.eval()
-    return model
+            return ModelConfig.from_dict(d)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"config.json is not an sfllava model config: {e}") from None
 
 
 def cast_model(model: nn.Module, dtype: mx.Dtype) -> None:
@@ -113,18 +85,31 @@ def cast_model(model: nn.Module, dtype: mx.Dtype) -> None:
     )
 
 
-def load(path_or_repo, dtype: Optional[mx.Dtype] = None, lazy: bool = False):
-    """Load a converted model: returns (SFLLaVA, mlx-lm TokenizerWrapper)."""
+def load_sfllava(path_or_repo, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> SFLLaVA:
+    """The converted model without its tokenizer (mlx-lm's loader with our classes)."""
     model_path = resolve_model_path(str(path_or_repo))
-    config = ModelConfig.read(model_path)
-    model = build_model(config, load_weights(model_path))
+    ModelConfig.read(model_path)  # a missing or foreign config.json: one clear line
+    try:
+        model, _ = load_model(model_path, lazy=True, get_model_classes=_classes)
+    except FileNotFoundError:
+        raise CheckpointError(f"no model*.safetensors in {model_path}: not a converted model") from None
+    except ValueError as e:
+        raise CheckpointError(f"weights do not match config.json: {e}") from None
+    except RuntimeError as e:  # a weight file that cannot be read
+        raise CheckpointError(f"cannot read the weights in {model_path}: {e}") from None
     dtype = dtype or default_dtype()
     if dtype is not None:
         cast_model(model, dtype)
     if not lazy:
         mx.eval(model.parameters())
     model.path = model_path
-    tokenizer = quiet_load_tokenizer(model_path)
+    return model
+
+
+def load(path_or_repo, dtype: Optional[mx.Dtype] = None, lazy: bool = False):
+    """Load a converted model: returns (SFLLaVA, mlx-lm TokenizerWrapper)."""
+    model = load_sfllava(path_or_repo, dtype, lazy)
+    tokenizer = quiet_load_tokenizer(model.path)
     for tok in END_TOKENS:
         if tok in tokenizer.get_vocab():
             tokenizer.add_eos_token(tok)

@@ -67,7 +67,7 @@ def run_env(tmp: Path) -> dict:
 
 def sfllava_command(args: list) -> list:
     exe = Path(sys.executable).parent / "sfllava"  # the console script pip installed
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from app.cli import entry; entry()"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from sfllava_app.cli import entry; entry()"]
     return cmd + [str(a) for a in args]
 
 
@@ -84,7 +84,7 @@ def json_lines(stdout: str) -> list:
 def convert_checkpoint(src: Path, dst: Path, *flags) -> Path:
     """`sfllava convert --hf-path SRC --mlx-path DST [flags]`, in this process (the real
     command-line entry, without a second interpreter's start-up)."""
-    from app.cli import main
+    from sfllava_app.cli import main
 
     status = main(["convert", "--hf-path", str(src), "--mlx-path", str(dst), *map(str, flags)])
     assert status == 0, f"sfllava convert exited with {status}"
@@ -127,7 +127,7 @@ def videos(work) -> dict:
 @pytest.fixture(scope="session")
 def sources(work) -> dict:
     """Tiny sharpened source checkpoints with Hugging Face names, one per layout."""
-    from convert.tiny import write_source_checkpoint
+    from sfllava_convert.tiny import write_source_checkpoint
 
     out = {}
     for layout in LAYOUTS:

@@ -203,7 +203,7 @@ def write_checkpoint(model, dst: Path, naming: str, *, config_changes: Optional[
       builder) and says mm_vision_select_layer -2.
     Every checkpoint gets the tiny Qwen2 tokenizer and preprocessor files.
     """
-    from convert.tiny import write_tokenizer
+    from sfllava_convert.tiny import write_tokenizer
 
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ def single(library, model) -> dict:
 def reference(library, model) -> dict:
     """`sfllava generate --json` (the real command, in this process: no interpreter start-up)
     for every good (video, prompt) pair, without the video cache."""
-    from app.cli import main
+    from sfllava_app.cli import main
 
     ref = {}
     for video in library["good"]:
@@ -237,16 +237,15 @@ def test_every_pair_is_answered_as_generate_answers_it(single, library, referenc
 def test_the_video_cache_is_warmed_for_chat(single, library, model, monkeypatch):
     """After the batch, opening a processed video starts at the first question: its visual
     tokens and prefilled prefix come from the video cache."""
-    from app import runner
-    from app.cli import build_parser
-    from sfllava_mlx.cache import VideoCache
+    from sfllava_app.cli import build_parser
+    from sfllava_app.options import session_options
+    from sfllava_mlx import Engine
 
     argv = ["chat", library["good"][2], "--model", str(model)]
     args = build_parser(argv).parse_args(argv)
-    m, tok = runner.load_model(args)
-    store = VideoCache(root=single["work"] / "xdg-cache" / "sfllava")
-    opened = runner.open_video(m, tok, library["good"][2], args, store=store)
-    assert opened.cache == "hit" and opened.prefix_from_cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(single["work"] / "xdg-cache"))
+    session = Engine(args.model).open(library["good"][2], **session_options(args))
+    assert session.cache == "hit" and session.prefix_from_cache
 
 
 def test_the_same_command_again_answers_nothing(single, library, model, tmp_path):
@@ -347,7 +346,7 @@ def test_a_rank_killed_midway_then_the_same_command_finishes(single, library, mo
 
 
 def test_videos_are_shared_out_by_duration_not_count():
-    from app.batch_inputs import share_out
+    from sfllava_app.batch.inputs import share_out
 
     assert share_out([100, 10, 10, 10, 10, 10], 2) == [0, 1, 1, 1, 1, 1]
     ranks = share_out([16, 12, 8, 6, 4, 0], 2)
@@ -358,7 +357,7 @@ def test_videos_are_shared_out_by_duration_not_count():
 
 
 def test_a_torn_last_line_is_dropped_and_cut_before_appending(tmp_path):
-    from app.batch_results import PartWriter, parse, read
+    from sfllava_app.batch.results import PartWriter, parse, read
 
     part = tmp_path / ".r.jsonl.rank0.part"
     rec = {"video": "a.mkv", "prompt": "p", "fingerprint": "f" * 64, "model_identity": "m",
@@ -374,7 +373,7 @@ def test_a_torn_last_line_is_dropped_and_cut_before_appending(tmp_path):
 
 
 def test_merge_puts_input_order_first_and_loses_no_line():
-    from app.batch_results import merge, pair_key
+    from sfllava_app.batch.results import merge, pair_key
 
     def rec(video, prompt, fp):
         return {"video": video, "prompt": prompt, "fingerprint": fp, "model_identity": "m",
@@ -394,7 +393,7 @@ def test_directories_hold_videos_and_other_files(tmp_path):
     import cv2
     import numpy as np
 
-    from app.batch_inputs import expand, inspect
+    from sfllava_app.batch.inputs import expand, inspect
     from tests.videos import make_ffv1_video
 
     make_ffv1_video(tmp_path / "clip.mkv", 20, width=32, height=32)
@@ -417,7 +416,7 @@ def test_directories_hold_videos_and_other_files(tmp_path):
 
 
 def test_usage_errors_exit_2(tmp_path, model, capsys):
-    from app.cli import main
+    from sfllava_app.cli import main
 
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n\n")
@@ -434,7 +433,7 @@ def test_usage_errors_exit_2(tmp_path, model, capsys):
 
 
 def test_exit_0_when_every_pair_is_answered(library, model, tmp_path, monkeypatch, capsys):
-    from app.cli import main
+    from sfllava_app.cli import main
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     out = tmp_path / "r.jsonl"
@@ -446,7 +445,7 @@ def test_exit_0_when_every_pair_is_answered(library, model, tmp_path, monkeypatc
 
 
 def test_progress_shows_pairs_failed_and_eta_on_a_terminal(monkeypatch):
-    from app.batch_progress import Progress
+    from sfllava_app.batch.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -15,14 +15,15 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from app import bench, hardware
-from app.cli import main as cli_main
+from sfllava_app import bench
+from sfllava_app.bench import hardware
+from sfllava_app.bench import random_weights as rw
+from sfllava_app.cli import main as cli_main
 from sfllava_mlx.config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
                                 SamplingConfig, VisionConfig, family_recipes)
 from sfllava_mlx.errors import UserError
 from sfllava_mlx.memory import weight_bytes
 from sfllava_mlx.model import SFLLaVA, cast_model
-from sfllava_mlx import random_weights as rw
 
 # A small Qwen2: D=8, 2 layers, 2 heads of 4, 1 KV head, MLP 16, vocabulary 10.
 SMALL = dict(model_type="qwen2", hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
@@ -171,7 +172,7 @@ def test_peak_user_figures_win():
 
 
 def test_random_model_refuses_a_machine_too_small(monkeypatch):
-    monkeypatch.setattr(rw, "memory_limit_bytes", lambda: (2 * 10**9, "test"))
+    monkeypatch.setenv("SFLLAVA_MEMORY_LIMIT_GB", "2")
     with pytest.raises(UserError, match="needs about"):
         rw.random_model("7b", mx.float16)
     with pytest.raises(UserError, match="LLaVA-OneVision 7b .* needs about"):
@@ -193,13 +194,14 @@ def tiny_config(num_frames=8) -> ModelConfig:
                             num_attention_heads=2, image_size=32, patch_size=8, pos_grid=4,
                             feature_layer=2),
         projector=ProjectorConfig(input_size=64, hidden_size=64),
-        sampling=SamplingConfig(num_frames=num_frames), preprocess=PreprocessConfig(image_size=32),
+        recipes={"native": SamplingConfig(num_frames=num_frames)},
+        preprocess=PreprocessConfig(image_size=32),
         prompt=PromptConfig())
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from convert.tiny import write_tokenizer
+    from sfllava_convert.tiny import write_tokenizer
 
     d = tmp_path_factory.mktemp("tiny-bench-model")
     write_tokenizer(d)
@@ -284,7 +286,6 @@ def test_vision_backend_sweep_axis(monkeypatch):
     off macOS before any model is built."""
     import argparse
 
-    from app import bench
     from sfllava_mlx.errors import UserError
 
     p = argparse.ArgumentParser()
@@ -295,8 +296,8 @@ def test_vision_backend_sweep_axis(monkeypatch):
     rows = bench.configurations(args)
     assert [(c.num_frames, c.backend) for c in rows] == [
         (8, "mlx"), (8, "coreml:CPU_AND_NE"), (16, "mlx"), (16, "coreml:CPU_AND_NE")]
-    opts = bench.backend_options(args, "coreml:CPU_AND_NE")
-    assert (opts.vision_backend, opts.compute_units) == ("coreml", "CPU_AND_NE")
+    opts = bench.backend_options(args, rows[1])
+    assert (opts["vision_backend"], opts["compute_units"]) == ("coreml", "CPU_AND_NE")
     monkeypatch.setattr("sys.platform", "linux")
     with pytest.raises(UserError, match="needs macOS"):
         bench.configurations(args)
@@ -310,7 +311,7 @@ def test_coreml_row_shows_the_overlap(tiny_model, video, capsys, monkeypatch):
     import mlx.core as mx
     import numpy as np
 
-    from app import runner
+    from sfllava_mlx.engine import Engine
 
     class StandIn:
         batch_size = 4
@@ -322,8 +323,9 @@ def test_coreml_row_shows_the_overlap(tiny_model, video, capsys, monkeypatch):
             return np.array(self.model.vision_tower(mx.array(pixels)))
 
     monkeypatch.setattr("sys.platform", "darwin")
-    monkeypatch.setattr(runner, "vision_backend",
-                        lambda model, opts: StandIn(model) if opts.vision_backend == "coreml" else None)
+    monkeypatch.setattr(Engine, "vision_backend",
+                        lambda engine, opts: StandIn(engine.model) if opts.vision_backend == "coreml"
+                        else None)
     report = run_json(capsys, "--model", str(tiny_model), "--video", str(video), "--frames", "8",
                       "--runs", "1", "--warmup", "0", "--max-tokens", "2", "--no-reopen",
                       "--vision-backend", "mlx,coreml:CPU_AND_NE")
@@ -354,8 +356,8 @@ def test_recipe_sweep_axis():
     rows[1].dtype, rows[1].num_frames = "float32", 128
     assert rows[1].label().startswith("LLaVA-OneVision 0.5b (random weights), float32, "
                                       "unquantized, recipe slowfast, 128 frames")
-    # the KV cache is budgeted for the longest recipe: slowfast's 10,977 tokens
-    assert bench.context_tokens(rw.model_config("ov-0.5b"), rows) == 10977 + 512
+    # the memory is planned for the longest recipe: slowfast's 10,977 tokens
+    assert bench.configs.longest_video(rw.model_config("ov-0.5b"), rows) == 10977
     args = p.parse_args(["--random-weights", "ov-0.5b", "--recipe", "fast"])
     with pytest.raises(UserError, match="--recipe fast"):
         bench.configurations(args)
@@ -373,15 +375,15 @@ def tiny_onevision_config() -> ModelConfig:
     config.preprocess = PreprocessConfig(image_size=40)
     config.projector = ProjectorConfig(input_size=64, hidden_size=64, image_newline=True)
     return ModelConfig(layout="llava-hf", text_config=config.text_config, vision=config.vision,
-                       projector=config.projector, sampling=recipes["native"],
+                       projector=config.projector, recipes=recipes,
                        preprocess=config.preprocess, prompt=config.prompt,
-                       family="llava-onevision", recipes=recipes)
+                       family="llava-onevision")
 
 
 def test_onevision_bench_rows(tmp_path, video, capsys, monkeypatch):
     """A converted OneVision model benched over both recipes: each row names family and
     recipe, counts the recipe's tokens (newline included) and the work of its frames."""
-    from convert.tiny import write_tokenizer
+    from sfllava_convert.tiny import write_tokenizer
 
     write_tokenizer(tmp_path)
     config = tiny_onevision_config()
@@ -404,7 +406,7 @@ def test_onevision_bench_rows(tmp_path, video, capsys, monkeypatch):
         assert row["config"]["num_frames"] == 8
         assert row["work"]["vision_tower"]["flops"] == 8 * per_frame
         assert row["stages"]["cached_reopen"] is not None, row["notes"]
-    pooled = {name: hardware.pooling_flops(config.vision, 64, config.use_recipe(name, 8))
+    pooled = {name: hardware.pooling_flops(config.vision, 64, config.recipe(name, 8))
               for name in ("native", "slowfast")}
     assert (native["work"]["projector_pooling"]["flops"]
             - slowfast["work"]["projector_pooling"]["flops"]) == pooled["native"] - pooled["slowfast"]

@@ -8,7 +8,6 @@ or prefix would change the answer.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -20,23 +19,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from app import runner
+from sfllava_mlx import Engine, load
 from sfllava_mlx import cache as vcache
-from sfllava_mlx import load
+from sfllava_mlx.cache import files as cache_files
+from sfllava_mlx.cache import fingerprint as cache_fingerprint
+from sfllava_mlx.cache import store as cache_store
 from tests.test_chat_support import env, json_lines, run_inprocess, run_process
 
 QUESTION = "What happens in this video?"
 FOLLOW_UP = "What color is the car?"
 
 
-def args_for(model_dir, **over):
-    a = argparse.Namespace(model=str(model_dir), max_tokens=8, temp=0.0, top_p=1.0, seed=None,
-                           system_prompt=None, num_frames=8, seek="exact", kv_bits=None,
-                           max_kv_size=None, no_cache=False, vision_backend="mlx",
-                           compute_units="ALL", json=True)
-    for k, v in over.items():
-        setattr(a, k, v)
-    return a
+OPTIONS = dict(num_frames=8, max_tokens=8)
 
 
 @pytest.fixture
@@ -54,22 +48,29 @@ def model_dir(converted):
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
-    model, tokenizer = load(model_dir)
-    model.config.sampling.num_frames = 8
-    return model, tokenizer
+    return load(model_dir)
 
 
-def answer(model, tokenizer, video, args, question=QUESTION):
-    opened = runner.open_video(model, tokenizer, str(video), args)
-    for _ in opened.ask(question, **runner.ask_options(args)):
+@pytest.fixture
+def engine(cache_home, loaded):
+    """An Engine over the module's loaded model, its cache under this test's home."""
+    return Engine(*loaded)
+
+
+def open_video(engine, video, **options):
+    return engine.open(str(video), **{**OPTIONS, **options})
+
+
+def answer(engine, video, question=QUESTION, **options):
+    session = open_video(engine, video, **options)
+    for _ in session.ask(question):
         pass
-    turn = opened.conv.last_turn
-    opened.save()
-    return opened, turn
+    session.save()
+    return session, session.last_turn
 
 
 def entry_dirs(home: Path) -> list:
-    root = home / "sfllava" / vcache.FORMAT
+    root = home / "sfllava" / cache_store.FORMAT
     return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
 
 
@@ -118,110 +119,97 @@ def test_model_identity_follows_weights_not_path(tmp_path, model_dir, loaded):
 # Hits and misses
 
 
-def test_hit_restores_tokens_and_prefix_with_the_same_answer(cache_home, loaded, model_dir, videos):
-    model, tok = loaded
-    args = args_for(model_dir)
-    cold, cold_turn = answer(model, tok, videos["main"], args)
+def test_hit_restores_tokens_and_prefix_with_the_same_answer(cache_home, engine, videos):
+    cold, cold_turn = answer(engine, videos["main"])
     assert cold.cache == "miss"
     [entry] = entry_dirs(cache_home)
     assert len(list(entry.glob("kv-*"))) == 1
 
-    warm, warm_turn = answer(model, tok, videos["main"], args)
+    warm, warm_turn = answer(engine, videos["main"])
     assert warm.cache == "hit" and warm.prefix_from_cache
     assert mx.array_equal(warm.visual.embeddings, cold.visual.embeddings)
     assert warm_turn.tokens == cold_turn.tokens
     np.testing.assert_allclose(warm_turn.logprobs, cold_turn.logprobs, atol=1e-4)
     assert warm_turn.timings_s["frames"] == 0 and warm_turn.timings_s["vision"] == 0
     # Only the question was prefilled: the video came from the cache.
-    assert warm_turn.prompt_tokens == cold_turn.prompt_tokens - cold.conv.prefix_length()
+    assert warm_turn.prompt_tokens == cold_turn.prompt_tokens - cold.conversation.prefix_length()
     # The frames the model sees are known on a hit too (/frames).
     assert warm.clip.indices == list(cold.clip.indices)
     assert warm.clip.timestamps == pytest.approx(list(cold.clip.timestamps))
     # Follow-ups and /reset work from a restored prefix as from a computed one.
-    for opened in (cold, warm):
-        opened.conv.reset()
+    for session in (cold, warm):
+        session.reset()
     outs = []
-    for opened in (cold, warm):
+    for session in (cold, warm):
         for q in (QUESTION, FOLLOW_UP):
-            outs.append(("".join(r.text for r in opened.ask(q, **runner.ask_options(args))),
-                         opened.conv.offset))
+            outs.append(("".join(c.text for c in session.ask(q)), session.conversation.offset))
     assert outs[:2] == outs[2:]
 
 
-def test_what_the_key_holds(cache_home, loaded, model_dir, videos, tmp_path):
-    model, tok = loaded
-    base = args_for(model_dir)
-    answer(model, tok, videos["main"], base)
+def test_what_the_key_holds(cache_home, engine, videos, tmp_path):
+    session, _ = answer(engine, videos["main"])
     # Sampling settings of the answer are not part of the key.
-    assert runner.open_video(model, tok, str(videos["main"]),
-                             args_for(model_dir, temp=0.7, seed=3)).cache == "hit"
+    for _ in session.ask(FOLLOW_UP, temp=0.7, seed=3):
+        pass
+    assert open_video(engine, videos["main"], max_tokens=100).cache == "hit"
     # Another video, another seek mode: misses.
-    assert runner.open_video(model, tok, str(videos["other"]), base).cache == "miss"
-    assert runner.open_video(model, tok, str(videos["main"]),
-                             args_for(model_dir, seek="keyframe")).cache == "miss"
+    assert open_video(engine, videos["other"]).cache == "miss"
+    assert open_video(engine, videos["main"], seek="keyframe").cache == "miss"
     # A copy of the video elsewhere (same content): hit.
     copy = tmp_path / "copy.mkv"
     shutil.copyfile(videos["main"], copy)
-    assert runner.open_video(model, tok, str(copy), base).cache == "hit"
-    # --no-cache: off, nothing read or written.
+    assert open_video(engine, copy).cache == "hit"
+    # cache=False (--no-cache): off, nothing read or written.
     before = entry_dirs(cache_home)
-    assert runner.open_video(model, tok, str(videos["other"]), args_for(model_dir, no_cache=True)).cache == "off"
+    assert open_video(engine, videos["other"], cache=False).cache == "off"
     assert entry_dirs(cache_home) == before
 
 
-def test_other_num_frames_and_system_prompt(cache_home, model_dir, videos):
-    model, tok = load(model_dir)
-    model.config.sampling.num_frames = 8
-    args = args_for(model_dir)
-    answer(model, tok, videos["main"], args)
+def test_other_num_frames_and_system_prompt(cache_home, engine, videos):
+    answer(engine, videos["main"])
     # Another system prompt: the visual tokens are reused, the prefix is prefilled anew.
-    other = args_for(model_dir, system_prompt="You describe videos.")
-    opened, turn = answer(model, tok, videos["main"], other)
-    assert opened.cache == "hit" and not opened.prefix_from_cache
-    assert turn.prompt_tokens > opened.conv.prefix_length()
+    other = dict(system_prompt="You describe videos.")
+    session, turn = answer(engine, videos["main"], **other)
+    assert session.cache == "hit" and not session.prefix_from_cache
+    assert turn.prompt_tokens > session.conversation.prefix_length()
     [entry] = entry_dirs(cache_home)
     assert len(list(entry.glob("kv-*"))) == 2
-    assert runner.open_video(model, tok, str(videos["main"]), other).prefix_from_cache
+    assert open_video(engine, videos["main"], **other).prefix_from_cache
     # Another --num-frames: another entry.
-    model.config.sampling.num_frames = 4
-    assert runner.open_video(model, tok, str(videos["main"]), args_for(model_dir, num_frames=4)).cache == "miss"
+    assert open_video(engine, videos["main"], num_frames=4).cache == "miss"
 
 
-def test_modified_video_misses_even_with_same_size_and_samples(cache_home, loaded, model_dir, tmp_path):
+def test_modified_video_misses_even_with_same_size_and_samples(cache_home, engine, tmp_path,
+                                                               monkeypatch):
     """mtime is a hint: when it moved, the whole content is compared."""
-    model, tok = loaded
     video = tmp_path / "v.mkv"
     from tests.videos import make_ffv1_video
 
     make_ffv1_video(video, 40, width=160, height=48, seed=0)
-    args = args_for(model_dir)
-    answer(model, tok, video, args)
+    answer(engine, video)
     data = bytearray(video.read_bytes())
     # Pretend the file is large: with 2 sampled blocks of 16 bytes, a byte in the middle
     # is outside the samples; size and sampled digest stay the same.
-    orig = vcache.sampled_digest
-    try:
-        vcache.sampled_digest = lambda p, blocks=2, block=16: orig(p, blocks, block)
-        answer(model, tok, video, args)  # an entry under the patched fingerprint
-        mid = len(data) // 2
-        data[mid] ^= 0x01
-        before = vcache.sampled_digest(video)
-        video.write_bytes(bytes(data))
-        assert vcache.sampled_digest(video) == before
-        os.utime(video, ns=(time.time_ns(), time.time_ns() + 10**9))
-        assert runner.open_video(model, tok, str(video), args).cache == "miss"
-        # Only touched (same content, new mtime): still a hit, after one full read.
-        answer(model, tok, video, args)
-        os.utime(video, ns=(time.time_ns(), time.time_ns() + 5 * 10**9))
-        assert runner.open_video(model, tok, str(video), args).cache == "hit"
-    finally:
-        vcache.sampled_digest = orig
+    orig = cache_fingerprint.sampled_digest
+    monkeypatch.setattr(cache_fingerprint, "sampled_digest",
+                        lambda p, blocks=2, block=16: orig(p, blocks, block))
+    sampled = cache_fingerprint.sampled_digest
+    answer(engine, video)  # an entry under the patched fingerprint
+    mid = len(data) // 2
+    data[mid] ^= 0x01
+    before = sampled(video)
+    video.write_bytes(bytes(data))
+    assert sampled(video) == before
+    os.utime(video, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert open_video(engine, video).cache == "miss"
+    # Only touched (same content, new mtime): still a hit, after one full read.
+    answer(engine, video)
+    os.utime(video, ns=(time.time_ns(), time.time_ns() + 5 * 10**9))
+    assert open_video(engine, video).cache == "hit"
 
 
-def test_another_model_misses(cache_home, loaded, model_dir, videos, tmp_path):
-    model, tok = loaded
-    args = args_for(model_dir)
-    answer(model, tok, videos["main"], args)
+def test_another_model_misses(cache_home, engine, model_dir, videos, tmp_path):
+    answer(engine, videos["main"])
     copy = tmp_path / "other-model"
     shutil.copytree(model_dir, copy)
     f = copy / "model.safetensors"
@@ -229,9 +217,7 @@ def test_another_model_misses(cache_home, loaded, model_dir, videos, tmp_path):
     name = "vision_tower.blocks.0.mlp.fc1.weight"
     weights[name] = weights[name] * 1.01
     mx.save_safetensors(str(f), weights, {"format": "mlx"})
-    m2, t2 = load(copy)
-    m2.config.sampling.num_frames = 8
-    assert runner.open_video(m2, t2, str(videos["main"]), args_for(copy)).cache == "miss"
+    assert open_video(Engine(copy), videos["main"]).cache == "miss"
 
 
 # ----------------------------------------------------------------------------------------
@@ -239,39 +225,37 @@ def test_another_model_misses(cache_home, loaded, model_dir, videos, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["flip-visual", "truncate-kv", "bad-meta", "wrong-shape"])
-def test_corrupt_entry_is_dropped_and_rebuilt(cache_home, loaded, model_dir, videos, damage):
-    model, tok = loaded
-    args = args_for(model_dir)
-    _, cold_turn = answer(model, tok, videos["main"], args)
+def test_corrupt_entry_is_dropped_and_rebuilt(cache_home, engine, videos, damage):
+    _, cold_turn = answer(engine, videos["main"])
     [entry] = entry_dirs(cache_home)
     [kv] = list(entry.glob("kv-*"))
     if damage == "flip-visual":
-        f = entry / vcache.VISUAL_FILE
+        f = entry / cache_store.VISUAL_FILE
         data = bytearray(f.read_bytes())
         data[-5] ^= 0x40  # inside the tensor data: the file still parses
         f.write_bytes(bytes(data))
     elif damage == "truncate-kv":
-        f = kv / vcache.KV_FILE
+        f = kv / cache_store.KV_FILE
         f.write_bytes(f.read_bytes()[:-100])
     elif damage == "bad-meta":
-        (entry / vcache.META_FILE).write_text("{not json")
+        (entry / cache_files.META_FILE).write_text("{not json")
     elif damage == "wrong-shape":  # a consistent file of the wrong shape (checksum updated)
-        f = entry / vcache.VISUAL_FILE
+        f = entry / cache_store.VISUAL_FILE
         mx.save_safetensors(str(f), {"visual": mx.zeros((3, 7))})
         import json
 
-        meta = json.loads((entry / vcache.META_FILE).read_text())
-        meta["files"][vcache.VISUAL_FILE] = vcache._file_record(f)
-        (entry / vcache.META_FILE).write_text(json.dumps(meta))
+        meta = json.loads((entry / cache_files.META_FILE).read_text())
+        meta["files"][cache_store.VISUAL_FILE] = cache_files.file_record(f)
+        (entry / cache_files.META_FILE).write_text(json.dumps(meta))
 
-    opened, turn = answer(model, tok, videos["main"], args)
+    session, turn = answer(engine, videos["main"])
     if damage == "truncate-kv":  # the tokens are fine; only the prefix is rebuilt
-        assert opened.cache == "hit" and not opened.prefix_from_cache
+        assert session.cache == "hit" and not session.prefix_from_cache
     else:
-        assert opened.cache == "miss"
+        assert session.cache == "miss"
     assert turn.tokens == cold_turn.tokens
     # Rebuilt: the next open is a full hit again.
-    again = runner.open_video(model, tok, str(videos["main"]), args)
+    again = open_video(engine, videos["main"])
     assert again.cache == "hit" and again.prefix_from_cache
 
 
@@ -279,24 +263,23 @@ def test_corrupt_entry_is_dropped_and_rebuilt(cache_home, loaded, model_dir, vid
 # Size cap
 
 
-def test_lru_eviction_under_the_cap(cache_home, loaded, model_dir, videos, tmp_path, monkeypatch):
-    model, tok = loaded
-    args = args_for(model_dir)
-    answer(model, tok, videos["main"], args)
+def test_lru_eviction_under_the_cap(cache_home, loaded, videos, tmp_path, monkeypatch):
+    answer(Engine(*loaded), videos["main"])
     [first] = entry_dirs(cache_home)
-    one = vcache._dir_bytes(first)
+    one = cache_files.dir_bytes(first)
     # Room for two entries: opening a third evicts the least recently used.
     monkeypatch.setenv("SFLLAVA_CACHE_MAX_GB", str(2.5 * one / 1e9))
-    answer(model, tok, videos["other"], args)
-    os.utime(first / vcache.LAST_USED, (time.time() + 5, time.time() + 5))  # main used last
+    engine = Engine(*loaded)  # the cap is read when the engine starts
+    answer(engine, videos["other"])
+    os.utime(first / cache_store.LAST_USED, (time.time() + 5, time.time() + 5))  # main used last
     third = tmp_path / "third.mkv"
     from tests.videos import make_ffv1_video
 
     make_ffv1_video(third, 30, seed=7)
-    answer(model, tok, third, args)
+    answer(engine, third)
     assert len(entry_dirs(cache_home)) == 2
-    assert runner.open_video(model, tok, str(videos["main"]), args).cache == "hit"
-    assert runner.open_video(model, tok, str(videos["other"]), args).cache == "miss"
+    assert open_video(engine, videos["main"]).cache == "hit"
+    assert open_video(engine, videos["other"]).cache == "miss"
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,7 +291,7 @@ import sys, mlx.core as mx
 from sfllava_mlx import cache as vcache
 video, me, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 store = vcache.VideoCache()
-fp = vcache.VideoFingerprint.of(video)
+fp = vcache.Fingerprint.of(video)
 key = vcache.CacheKey(fp.size, fp.sampled, "m", 4, 4, "exact", "float32")
 clip = vcache.CachedClip([0, 1, 2, 3], [0.0, .1, .2, .3], ["slow", "fast", "fast", "fast"], True, [], {})
 def tokens(writer):  # each writer writes its own values: a mixed entry would show
@@ -338,8 +321,8 @@ def test_concurrent_writers_never_leave_a_broken_entry(cache_home, videos):
         assert p.returncode == 0 and out.startswith("ok"), err
         assert int(out.split()[1]) > 0
     for p in entry_dirs(cache_home):
-        assert (p / vcache.META_FILE).exists() and (p / vcache.VISUAL_FILE).exists()
-    root = cache_home / "sfllava" / vcache.FORMAT
+        assert (p / cache_files.META_FILE).exists() and (p / cache_store.VISUAL_FILE).exists()
+    root = cache_home / "sfllava" / cache_store.FORMAT
     assert [p for p in root.iterdir() if p.name.startswith(".")] == []
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from convert.tiny import write_source_checkpoint
+from sfllava_convert.tiny import write_source_checkpoint
 from tests.videos import make_ffv1_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def demo_model(tmp: Path, name: str = "demo", seed: int = 0, exclaim: bool = Fal
     """`sfllava convert` of a tiny source checkpoint. exclaim=True zeroes the LLM's final
     norm: every logit is then equal, greedy decoding writes "!" (token 0) forever and never
     an end token, which makes an answer that is visible and as long as --max-tokens."""
-    from app.cli import main as sfllava
+    from sfllava_app.cli import main as sfllava
 
     src, dst = tmp / f"{name}-src", tmp / name
     write_source_checkpoint(src, layout="oryx-vit", seed=seed)
@@ -49,7 +49,7 @@ def demo_video(path: Path, n_frames: int = 40, seed: int = 0) -> Path:
 
 def run_inprocess(argv: list, stdin: str = "") -> tuple[int, str, str]:
     """The CLI in this process, with stdin from a string (not a terminal)."""
-    from app.cli import main as sfllava
+    from sfllava_app.cli import main as sfllava
 
     out, err = io.StringIO(), io.StringIO()
     old_stdin = sys.stdin
@@ -72,7 +72,7 @@ def env(cache_home: Path, **extra) -> dict:
 
 
 def sfllava_cmd() -> list:
-    return [sys.executable, "-c", "from app.cli import entry; entry()"]
+    return [sys.executable, "-c", "from sfllava_app.cli import entry; entry()"]
 
 
 def run_process(argv: list, cache_home: Path, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.tiny import read_safetensors_numpy, read_source_tensors, write_source_checkpoint
+from sfllava_convert.tiny import read_tensors, read_source_tensors, write_source_checkpoint
 
 TOWER = "model.vision_tower.vision_tower."
 SIG = TOWER + "vision_model."
@@ -24,7 +24,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 def cli(args, capsys):
     """`sfllava convert ...` in-process through the real CLI entry: (status, stdout, stderr)."""
-    from app.cli import main
+    from sfllava_app.cli import main
 
     rc = main(["convert"] + [str(a) for a in args])
     out = capsys.readouterr()
@@ -34,7 +34,7 @@ def cli(args, capsys):
 def converted_tensors(path: Path) -> dict:
     out = {}
     for f in sorted(path.glob("*.safetensors")):
-        out.update(read_safetensors_numpy(f))
+        out.update(read_tensors(f))
     return out
 
 
@@ -184,7 +184,7 @@ def test_blocks_past_the_feature_layer_may_be_absent(tmp_path, capsys):
 
 def test_layout_defaults_without_vision_config():
     """SPEC §3 defaults: Oryx-ViT, and SigLIP so400m-patch14-384 when mm_vision_tower names it."""
-    from convert.layouts import ORYX, SIGLIP, vision_config
+    from sfllava_convert.layouts import ORYX, SIGLIP, vision_config
     from sfllava_mlx.errors import CheckpointError
 
     oryx, raw = vision_config(ORYX, {}, {TOWER + "pos_embed": (1, 128 * 128, 1152)})
@@ -269,12 +269,12 @@ class _Header:
 
 def converted_tensors_raw(path: Path) -> dict:
     """name -> safetensors dtype code, from the headers."""
+    from safetensors import safe_open
+
     out = {}
     for f in path.glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        out.update({k: _Header(v["dtype"]) for k, v in header.items() if k != "__metadata__"})
+        with safe_open(str(f), framework="numpy") as fh:
+            out.update({k: _Header(fh.get_slice(k).get_dtype()) for k in fh.keys()})
     return out
 
 
@@ -307,7 +307,7 @@ def test_pickle_only_with_allow_pickle(tmp_path, capsys):
 
 
 def test_hub_download_asks_only_for_needed_files(tmp_path, capsys, monkeypatch):
-    import convert.hub as hub
+    import huggingface_hub as hub
 
     src = write_source_checkpoint(tmp_path / "snapshot", "oryx-vit")
     calls = []
@@ -334,7 +334,7 @@ def test_hub_download_asks_only_for_needed_files(tmp_path, capsys, monkeypatch):
 
 
 def test_coreml_flag_exports_after_converting(tmp_path, capsys, monkeypatch):
-    import convert.coreml as coreml
+    import sfllava_convert.coreml as coreml
 
     exported = []
     monkeypatch.setattr(coreml, "export", lambda path, *a, **k: exported.append(Path(path)))

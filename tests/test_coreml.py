@@ -28,12 +28,10 @@ from sfllava_mlx.coreml_vision import (
     PREFIX,
     available_backends,
     check_package,
-    overlap_seconds,
-    overlapped_prefill,
-    prefill_while_encoding,
     read_package_metadata,
     vision_fingerprint,
 )
+from sfllava_mlx.overlap import overlap_seconds, prefill_while_encoding
 from sfllava_mlx.errors import CheckpointError, UserError
 from tests.conftest import LAYOUTS, MAX_TOKENS, QUESTION, with_image_size
 
@@ -47,9 +45,9 @@ on_macos = pytest.mark.skipif(
 
 
 def mlx_tower(model_dir: Path):
-    from sfllava_mlx.model import build_model, load_weights
+    from sfllava_mlx.model import load_sfllava
 
-    return build_model(ModelConfig.load(model_dir), load_weights(model_dir)).vision_tower
+    return load_sfllava(model_dir).vision_tower
 
 
 def random_pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -67,7 +65,7 @@ def assert_close(a, b, rel, what=""):
 @pytest.fixture(scope="module")
 def model_dir(work, converted) -> Path:
     """The converted oryx-vit model at 48 px frames (G = 6, G0 = 4), with its package."""
-    from convert.coreml import export
+    from sfllava_convert.coreml import export
 
     d = with_image_size(converted["oryx-vit"], work / "coreml-oryx-48", RESIZED["oryx-vit"])
     export(d, batch_size=BATCH)
@@ -93,7 +91,7 @@ def test_package_interface(spec, model_dir):
     """One input of B frames of S x S x 3 (channels-last), one output of B x G*G x Dv."""
     from coremltools.proto import FeatureTypes_pb2 as ft
 
-    config = ModelConfig.load(model_dir)
+    config = ModelConfig.read(model_dir)
     s, v = config.vision.image_size, config.vision
     assert spec.WhichOneof("Type") == "mlProgram"
     assert spec.specificationVersion >= 8  # macOS 14 / iOS 17
@@ -112,7 +110,7 @@ def test_package_computes_in_float16(spec, model_dir):
     the feature layer are all there (one attention softmax each), and nothing beyond."""
     from coremltools.proto import MIL_pb2
 
-    config = ModelConfig.load(model_dir)
+    config = ModelConfig.read(model_dir)
     compute = {"conv", "linear", "matmul", "layer_norm", "softmax", "gelu", "add", "mul"}
     ops = [op for op in main_block(spec).operations if op.type in compute]
     assert ops
@@ -126,7 +124,7 @@ def test_package_computes_in_float16(spec, model_dir):
 
 
 def test_package_metadata(model_dir):
-    config = ModelConfig.load(model_dir)
+    config = ModelConfig.read(model_dir)
     meta = read_package_metadata(model_dir / PACKAGE_NAME)
     assert config.source, "the converter records the source model"
     assert json.loads(meta[PREFIX + "source"]) == config.source
@@ -149,12 +147,12 @@ def test_traced_tower_equals_mlx_tower_and_reference(layout, work, sources, conv
     position table resized."""
     import torch
 
-    from convert.coreml import build_torch_tower, read_vision_weights, trace_tower
+    from sfllava_convert.coreml import build_torch_tower, read_vision_weights, trace_tower
     from tests.reference import Reference
 
     size = RESIZED[layout]
     d = with_image_size(converted[layout], work / f"traced-{layout}", size)
-    config = ModelConfig.load(d)
+    config = ModelConfig.read(d)
     traced = trace_tower(build_torch_tower(config.vision, read_vision_weights(d)), config.vision)
     pixels = random_pixels(BATCH, size, seed=1)
     with torch.no_grad():
@@ -185,7 +183,7 @@ def random_model_dir(path: Path, hidden_act: str, pos_interpolation: str) -> Pat
                 rope_theta=10000.0, tie_word_embeddings=True)
     config = ModelConfig(layout="oryx-vit", text_config=text, vision=vision,
                          projector=ProjectorConfig(input_size=32, hidden_size=64),
-                         sampling=SamplingConfig(), preprocess=PreprocessConfig(image_size=32),
+                         recipes={"native": SamplingConfig()}, preprocess=PreprocessConfig(image_size=32),
                          prompt=PromptConfig(), source={"test": "random"})
     model = SFLLaVA(config)
     mx.random.seed(7)
@@ -200,10 +198,10 @@ def random_model_dir(path: Path, hidden_act: str, pos_interpolation: str) -> Pat
 def test_traced_tower_equals_mlx_tower_with_large_weights(tmp_path, act, mode):
     import torch
 
-    from convert.coreml import build_torch_tower, read_vision_weights, trace_tower
+    from sfllava_convert.coreml import build_torch_tower, read_vision_weights, trace_tower
 
     d = random_model_dir(tmp_path / "model", act, mode)
-    config = ModelConfig.load(d)
+    config = ModelConfig.read(d)
     traced = trace_tower(build_torch_tower(config.vision, read_vision_weights(d)), config.vision)
     pixels = random_pixels(3, config.vision.image_size, seed=8)
     with torch.no_grad():
@@ -216,14 +214,14 @@ def test_traced_tower_equals_mlx_tower_with_large_weights(tmp_path, act, mode):
 
 
 def test_export_needs_a_converted_model(tmp_path):
-    from convert.coreml import export
+    from sfllava_convert.coreml import export
 
     with pytest.raises(CheckpointError, match="not a converted model"):
         export(tmp_path)
 
 
 def test_export_without_torch_says_how_to_install_it(work, converted, monkeypatch):
-    from convert.coreml import export
+    from sfllava_convert.coreml import export
 
     d = with_image_size(converted["oryx-vit"], work / "coreml-no-torch", 32)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
@@ -235,7 +233,7 @@ def test_export_without_torch_says_how_to_install_it(work, converted, monkeypatc
 def test_package_check(work, model_dir):
     """The runtime's check: a missing package, and one made for other weights or for
     another tower configuration, each end in one clear line."""
-    config = ModelConfig.load(model_dir)
+    config = ModelConfig.read(model_dir)
     assert check_package(model_dir, config)[PREFIX + "batch_size"] == str(BATCH)
 
     empty = work / "coreml-none"
@@ -254,7 +252,7 @@ def test_package_check(work, model_dir):
     assert "fingerprint" in e.value.details
 
     # Same weights, another tower configuration.
-    changed = ModelConfig.load(model_dir)
+    changed = ModelConfig.read(model_dir)
     changed.vision.layer_norm_eps = 1e-5
     with pytest.raises(CheckpointError, match="was made for another model"):
         check_package(model_dir, changed)
@@ -266,7 +264,7 @@ def test_coreml_backend_off_macos_is_one_clear_error(model_dir):
 
     assert available_backends() == ("mlx",)
     with pytest.raises(UserError, match="needs macOS: Core ML cannot run predictions on Linux"):
-        CoreMLVisionTower(model_dir, ModelConfig.load(model_dir))
+        CoreMLVisionTower(model_dir, ModelConfig.read(model_dir))
 
 
 def test_backend_pads_the_last_batch_and_drops_the_padding():
@@ -303,8 +301,8 @@ def test_export_coreml_command(work, converted, capsys):
     --force, replaces it with --force, and leaves no temporary files behind."""
     import argparse
 
-    from app import export_coreml
-    from convert.coreml import DEFAULT_BATCH_SIZE
+    from sfllava_app import export_coreml
+    from sfllava_convert.coreml import DEFAULT_BATCH_SIZE
 
     d = with_image_size(converted["oryx-vit"], work / "coreml-cli", 32)
     before = {p.name for p in d.iterdir()}
@@ -322,7 +320,7 @@ def test_export_coreml_command(work, converted, capsys):
 
 
 def test_export_coreml_command_error_is_one_line(work, capsys):
-    from app.cli import main
+    from sfllava_app.cli import main
 
     assert main(["export-coreml", "--model", str(work / "no-such-model")]) == 2
     err = capsys.readouterr().err
@@ -331,12 +329,12 @@ def test_export_coreml_command_error_is_one_line(work, capsys):
 
 def test_convert_with_coreml_end_to_end(work, sources, capsys):
     """`sfllava convert --coreml` writes the model and a package that fits it."""
-    from app.cli import main
+    from sfllava_app.cli import main
 
     dst = work / "converted-with-coreml"
     assert main(["convert", "--hf-path", str(sources["llava-siglip"]), "--mlx-path", str(dst),
                  "--dtype", "float32", "--coreml"]) == 0
-    config = ModelConfig.load(dst)
+    config = ModelConfig.read(dst)
     meta = check_package(dst, config)
     assert json.loads(meta[PREFIX + "source"]) == config.source
     # llava-siglip takes the second-to-last layer: the package stops there too.
@@ -421,16 +419,33 @@ def test_overlap_seconds():
     assert overlap_seconds([], [(0, 1)]) == 0.0
 
 
+class StandInTower:
+    """Core ML's interface (numpy `encode`, a fixed batch) in front of a lookup table."""
+
+    def __init__(self, encode, batch_size):
+        self.encode, self.batch_size = encode, batch_size
+
+
+def frames_of(images):
+    from sfllava_mlx.frames import SampledFrames
+
+    n = len(images)
+    return SampledFrames(images, list(range(n)), [i / 25 for i in range(n)], [], True, [], None)
+
+
 def test_overlapped_prefill_gives_the_same_cache_and_answer(mlx_models):
     """Slow-first encoding with chunked prefill leaves the cache that encode_video +
     Conversation.prefill_prefix leave, and the same greedy answer follows."""
-    from sfllava_mlx.generate import Conversation, VisualTokens, encode_frames
+    from sfllava_mlx.conversation import Conversation
+    from sfllava_mlx.encode import VisualTokens, encode_frames
+    from sfllava_mlx.overlap import prefill_overlapped
     from sfllava_mlx.preprocess import preprocess
 
     model, tokenizer = mlx_models["oryx-vit"]
     cfg = model.config
+    sampling = cfg.recipe()
     rng = np.random.default_rng(4)
-    images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(cfg.sampling.num_frames)]
+    images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(sampling.num_frames)]
 
     # The fake backend returns the MLX tower's own features, computed here on this thread
     # (a worker thread must not touch MLX), looked up by the pixels it is given.
@@ -442,13 +457,13 @@ def test_overlapped_prefill_gives_the_same_cache_and_answer(mlx_models):
         order.extend(p.tobytes() for p in batch)
         return np.stack([table[p.tobytes()] for p in batch])
 
-    expected = Conversation(model, tokenizer, VisualTokens(encode_frames(model, images), None))
+    expected = Conversation(model, tokenizer,
+                            VisualTokens(encode_frames(model, images, sampling), None))
     expected.prefill_prefix()
-    conv = Conversation(model, tokenizer, expected.visual)
-    tokens, timeline = overlapped_prefill(model, conv.cache, conv.prefix_tokens(), images, encode,
-                                          batch_size=8, prefill_step_size=64)
-    slow_first = [p for i, p in enumerate(pixels) if i % cfg.sampling.slow_every == 0]
-    slow_first += [p for i, p in enumerate(pixels) if i % cfg.sampling.slow_every != 0]
+    conv = Conversation(model, tokenizer, None, prefill_step=64)
+    tokens = prefill_overlapped(conv, frames_of(images), StandInTower(encode, 8), sampling).embeddings
+    slow_first = [p for i, p in enumerate(pixels) if i % sampling.slow_every == 0]
+    slow_first += [p for i, p in enumerate(pixels) if i % sampling.slow_every != 0]
     assert order == [p.tobytes() for p in slow_first]
     assert_close(tokens, expected.visual.embeddings, 1e-5, "visual tokens")
     assert conv.offset == expected.offset
@@ -471,7 +486,7 @@ def test_coreml_features_match_mlx_tower(model_dir, units):
     """Within float16 tolerance, including a last batch the package pads (6 = 4 + 2)."""
     from sfllava_mlx.coreml_vision import CoreMLVisionTower
 
-    config = ModelConfig.load(model_dir)
+    config = ModelConfig.read(model_dir)
     tower = CoreMLVisionTower(model_dir, config, compute_units=units, dtype=mx.float32)
     pixels = mx.array(random_pixels(6, config.vision.image_size, seed=5))
     assert_close(tower(pixels), mlx_tower(model_dir)(pixels), 3e-2, f"Core ML ({units}) vs MLX")
@@ -479,19 +494,21 @@ def test_coreml_features_match_mlx_tower(model_dir, units):
 
 @on_macos
 def test_generate_answers_the_same_with_either_backend(work, converted, videos):
-    from convert.coreml import export
+    from sfllava_convert.coreml import export
     from sfllava_mlx import load
     from sfllava_mlx.coreml_vision import CoreMLVisionTower
+    from sfllava_mlx.conversation import Conversation
+    from sfllava_mlx.encode import encode_video
     from sfllava_mlx.frames import read_frames
-    from sfllava_mlx.generate import Conversation, encode_video
 
     d = work / "coreml-generate"
     shutil.copytree(converted["oryx-vit"], d, dirs_exist_ok=True)
     export(d, force=True)
     model, tokenizer = load(d)
-    clip = read_frames(videos["main"], num_frames=model.config.sampling.num_frames)
+    sampling = model.config.recipe()
+    clip = read_frames(videos["main"], num_frames=sampling.num_frames)
     answers = {}
     for backend, vision in (("mlx", None), ("coreml", CoreMLVisionTower.for_model(model))):
-        conv = Conversation(model, tokenizer, encode_video(model, clip, vision=vision))
+        conv = Conversation(model, tokenizer, encode_video(model, clip, sampling, vision=vision))
         answers[backend] = [r.token for r in conv.ask(QUESTION, max_tokens=MAX_TOKENS)]
     assert answers["coreml"] == answers["mlx"]

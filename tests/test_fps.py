@@ -203,17 +203,17 @@ def test_a_video_past_the_context_is_refused_before_decoding(tmp_path, converted
 
 def test_the_plan_counts_the_kv_cache_and_long_videos():
     """Plan arithmetic at the real shapes (lazy random weights: nothing allocated)."""
-    from sfllava_mlx.memory import kv_bytes_per_token, plan_memory
+    from sfllava_mlx.memory import kv_bytes_per_token, plan_video
     from sfllava_mlx.model import SFLLaVA
-    from sfllava_mlx.random_weights import model_config
+    from sfllava_app.bench.random_weights import model_config
 
     config = model_config("1.5b")
     model = SFLLaVA(config)
     # Qwen2.5-1.5B: 28 layers x 2 KV heads x 128 dims x (K, V) x 2 bytes = 28 KB a token.
     assert kv_bytes_per_token(config, 2) == 28 * 2 * 128 * 2 * 2
     assert kv_bytes_per_token(config, 2, kv_bits=8) < kv_bytes_per_token(config, 2) * 0.6
-    sampling = config.sampling
-    plans = {t: plan_memory(model, type(sampling)(num_frames=t), max_tokens=512)
+    sampling = config.recipe()
+    plans = {t: plan_video(model, type(sampling)(num_frames=t), max_tokens=512)
              for t in (128, 256, 512)}
     assert plans[256].kv_cache > 1.9 * plans[128].kv_cache * 0.95
     assert plans[512].total > plans[256].total > plans[128].total

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from sfllava_mlx import frames as F
+from sfllava_mlx.frames import reader as frame_reader
+from sfllava_mlx.frames import video as frame_video
 from sfllava_mlx.errors import VideoError
 from tests.videos import (corrupt_frames, decode_all, ffprobe_frames, have_ffmpeg,
                           make_audio_only, make_ffmpeg_video, make_ffv1_video)
@@ -251,17 +253,17 @@ def test_file_still_being_written(tmp_path):
 
 def test_resolution_too_large_for_memory(tmp_path, monkeypatch):
     make_ffv1_video(tmp_path / "v.mkv", 10)
-    monkeypatch.setattr(F, "_available_memory", lambda: 100_000)  # 100 kB free
+    monkeypatch.setattr(frame_reader, "_available_memory", lambda: 100_000)  # 100 kB free
     with pytest.raises(VideoError, match="more than the 0.0 GB of memory available"):
         F.read_frames(tmp_path / "v.mkv", num_frames=128)
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
-    from app.cli import main
+    from sfllava_app.cli import main
 
     # One run of the real command (its start-up is slow: once is enough) ...
     path, message = bad_inputs(tmp_path)["text"]
-    proc = subprocess.run([sys.executable, "-c", "from app.cli import entry; entry()", "frames",
+    proc = subprocess.run([sys.executable, "-c", "from sfllava_app.cli import entry; entry()", "frames",
                            str(path), "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -310,7 +312,7 @@ def test_exact_mode_decodes_no_more_than_either_simple_method(tmp_path):
     wanted = reader.indices
     floor = len(set().union(*(range(i - i % 100, i + 1) for i in wanted)))
     per_frame_seeks = sum(i % 100 + 1 for i in wanted)
-    assert floor <= reader.decoded <= min(600, per_frame_seeks) + F.SEEK_COST_FRAMES
+    assert floor <= reader.decoded <= min(600, per_frame_seeks) + frame_video.SEEK_COST_FRAMES
     assert reader.decoded < 600
 
 
@@ -320,7 +322,7 @@ def test_exact_mode_decodes_no_more_than_either_simple_method(tmp_path):
 
 @needs_ffmpeg
 def test_frames_command_json_and_out(tmp_path, capsys):
-    from app.cli import main
+    from sfllava_app.cli import main
 
     path = tmp_path / "portrait.mp4"
     make_ffmpeg_video(path, 90, width=64, height=48, gop=30, rotation=90)
@@ -349,7 +351,7 @@ def test_frames_command_json_and_out(tmp_path, capsys):
 
 
 def test_frames_command_table_and_model_settings(tmp_path, capsys):
-    from app.cli import main
+    from sfllava_app.cli import main
     from sfllava_mlx.config import ModelConfig
 
     make_ffv1_video(tmp_path / "v.mkv", 100)
@@ -383,12 +385,12 @@ def test_a_misleading_sample_table_is_not_trusted(tmp_path, monkeypatch):
     indexed instead, and the frames stay exact."""
     path = tmp_path / "v.mp4"
     make_ffmpeg_video(path, 120, gop=40)
-    real = F._rows_from_sample_table
+    real = frame_video._rows_from_sample_table
 
     def shifted(*args):
         rows, truncated = real(*args)
         return [(ts + 7, key) for ts, key in rows], truncated
 
-    monkeypatch.setattr(F, "_rows_from_sample_table", shifted)
+    monkeypatch.setattr(frame_video, "_rows_from_sample_table", shifted)
     clip = F.read_frames(path, num_frames=16)
     assert_exact(clip, decode_all(path), 120)

@@ -44,8 +44,11 @@ PICTURES = {
 }
 
 
-def _args(**kw):
-    return argparse.Namespace(**{"no_cache": True, "max_tokens": MAX_TOKENS, **kw})
+def open_session(loaded, path, **options):
+    """A Session through the library API, the persistent cache off."""
+    from sfllava_mlx import Engine
+
+    return Engine(*loaded).open(str(path), cache=False, max_tokens=MAX_TOKENS, **options)
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,7 +125,7 @@ def hf_answers(hf, pictures):
 def ask(opened, question=QUESTION):
     for _ in opened.ask(question, max_tokens=MAX_TOKENS):
         pass
-    return opened.conv.last_turn
+    return opened.last_turn
 
 
 def assert_same_answer(tokens, logprobs, want, what):
@@ -157,7 +160,7 @@ def test_converter_writes_image_section(ov, converted):
 
 
 def test_image_section_of_other_configs():
-    from convert import layouts
+    from sfllava_convert.layouts import configs as layouts
     from sfllava_mlx.config import PreprocessConfig, VisionConfig
 
     v, pre = VisionConfig(image_size=384, patch_size=14), PreprocessConfig()
@@ -208,7 +211,6 @@ def test_anyres_geometry_matches_transformers():
 def test_onevision_picture(name, ov, mlx_ov, hf, hf_answers, pictures):
     import mlx.core as mx
 
-    from app import runner
     from sfllava_mlx import anyres, image
 
     model, tokenizer = mlx_ov
@@ -232,7 +234,8 @@ def test_onevision_picture(name, ov, mlx_ov, hf, hf_answers, pictures):
     assert np.abs(ours - theirs).max() <= 1e-6
 
     # visual tokens: get_image_features' (float64), count and values
-    opened = runner.open_image(model, tokenizer, str(path), _args())
+    opened = open_session(mlx_ov, path)
+    assert opened.media == "image"
     got = np.array(opened.visual.embeddings.astype(mx.float32))
     want = hf.visual_tokens(path).numpy()
     assert got.shape == want.shape == (p.num_tokens, TINY_OV["hidden"])
@@ -280,13 +283,11 @@ def test_chat_on_a_picture_and_the_cache(cli, hf_answers):
 def test_single_sf_llava(layout, mlx_models, references, pictures):
     import mlx.core as mx
 
-    from app import runner
-
     model, tokenizer = mlx_models[layout]
     ref = references[layout]
     assert model.config.image.mode == "single"
     path = pictures["wide"]
-    opened = runner.open_image(model, tokenizer, str(path), _args())
+    opened = open_session(mlx_models[layout], path)
     got = np.array(opened.visual.embeddings.astype(mx.float32))
     want = single_visual_tokens(ref, path).float().numpy()
     assert got.shape == want.shape == (model.config.vision.num_patches, want.shape[1])
@@ -329,7 +330,6 @@ def test_exif_rotated_jpeg_matches_upright_twin(orientation, mlx_ov, work):
 def test_formats_and_content_detection(mlx_ov, pictures, work, videos):
     from PIL import Image
 
-    from app import runner
     from sfllava_mlx import image
 
     model, tokenizer = mlx_ov
@@ -359,16 +359,16 @@ def test_formats_and_content_detection(mlx_ov, pictures, work, videos):
     # by content, not by name: a PNG named .mp4 is a picture, a video named .jpg a video
     disguised = d / "picture.mp4"
     shutil.copy(png, disguised)
-    opened = runner.open_media(model, tokenizer, str(disguised), _args())
+    opened = open_session(mlx_ov, disguised)
     assert opened.media == "image"
     video_named_jpg = d / "clip.jpg"
     shutil.copy(videos["short"], video_named_jpg)
     assert not image.is_picture(video_named_jpg)
-    opened = runner.open_media(model, tokenizer, str(video_named_jpg), _args())
+    opened = open_session(mlx_ov, video_named_jpg)
     assert opened.media == "video"
     (d / "notes.png").write_text("not a picture, not a video\n")
     with pytest.raises(image.ImageError, match="not a picture"):
-        runner.open_media(model, tokenizer, str(d / "notes.png"), _args())
+        open_session(mlx_ov, d / "notes.png")
 
 
 BAD = {"truncated-jpeg": "cannot decode the picture", "text-named-png": "is not a picture",
@@ -377,7 +377,7 @@ BAD = {"truncated-jpeg": "cannot decode the picture", "text-named-png": "is not 
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_pictures_refused(name, ov, work, capsys):
-    from app.cli import main
+    from sfllava_app.cli import main
 
     bad = bad_pictures(work / "bad")[name]
     tic = time.perf_counter()

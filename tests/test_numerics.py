@@ -6,7 +6,6 @@ pooled visual tokens, LLM logits for the spliced prompt, and the greedy answer o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import mlx.core as mx
@@ -22,8 +21,6 @@ LOGPROB_TOL = 5e-4  # the issue's bound for `generate --json` logprobs
 # float32 against float32: both sides differ only by summation order, ~1e-6 relative.
 REL_TOL = 1e-4
 
-have_frames = importlib.util.find_spec("sfllava_mlx.frames") is not None
-needs_frames = pytest.mark.skipif(not have_frames, reason="sfllava_mlx/frames.py is not built yet")
 
 
 def np_(x) -> np.ndarray:
@@ -101,31 +98,31 @@ def test_projector(layout, mlx_models, references, stages):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_pooled_visual_tokens(layout, mlx_models, references, stages):
-    from sfllava_mlx.generate import encode_frames
+    from sfllava_mlx.encode import encode_frames
     from sfllava_mlx.pooling import slowfast_pool
 
     model, _ = mlx_models[layout]
     ref, s = references[layout], stages[layout]
     # 32 slow frames at (4/2)^2 + 96 fast frames at (4/4)^2: the tiny 8064.
     assert ref.grid == 4 and s["visual"].shape[0] == 32 * 4 + 96 * 1 == ref.num_visual_tokens()
-    pooled = slowfast_pool(mx.array(s["projected"].numpy()), model.config.sampling)
+    pooled = slowfast_pool(mx.array(s["projected"].numpy()), model.config.recipe())
     assert_close(pooled, s["visual"], what="pooled tokens")
     # The runtime's own chain from RGB frames: preprocess, tower, projector, pooling.
-    assert_close(encode_frames(model, s["frames"]), s["visual"], what="frames -> visual tokens")
+    assert_close(encode_frames(model, s["frames"], model.config.recipe()), s["visual"],
+                 what="frames -> visual tokens")
 
 
-@needs_frames
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("video", ["main", "short"])
 def test_encode_video_from_file(layout, video, mlx_models, references, videos):
     """The whole visual side from the file, frames decoded by the runtime's own reader.
     "short" has 40 frames for 128 positions: indices repeat, frames grow (cubic)."""
+    from sfllava_mlx.encode import encode_video
     from sfllava_mlx.frames import read_frames
-    from sfllava_mlx.generate import encode_video
 
     model, _ = mlx_models[layout]
     ref = references[layout]
-    s = model.config.sampling
+    s = model.config.recipe()
     clip = read_frames(videos[video], num_frames=s.num_frames, slow_every=s.slow_every, seek="exact")
     frames, idx = ref.read_frames(videos[video])
     assert list(clip.indices) == idx
@@ -133,7 +130,7 @@ def test_encode_video_from_file(layout, video, mlx_models, references, videos):
         assert len(set(idx)) == 40 < len(idx)
     for got, want in zip(clip.images, frames):
         np.testing.assert_array_equal(np.asarray(got), want)
-    visual = encode_video(model, clip)
+    visual = encode_video(model, clip, s)
     assert_close(visual.embeddings, ref.visual_tokens_from_pixels(ref.preprocess(frames)),
                  what="visual tokens")
 
@@ -176,8 +173,6 @@ def test_generate_json_matches_reference(layout, cli_answers, reference_answers,
     assert got["prompt_tokens"] == len(before) + nv + len(after)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("app.chat") is None,
-                    reason="app/chat.py (sfllava chat) is not built yet")
 @pytest.mark.parametrize("layout", ["oryx-vit"])  # the LLM side does not depend on the layout
 def test_chat_follow_up_matches_reference(layout, work, converted, references, videos):
     """Two questions on stdin (not a terminal): one JSON object per turn, the second turn
@@ -203,7 +198,7 @@ def test_chat_follow_up_matches_reference(layout, work, converted, references, v
 @pytest.mark.parametrize("image_size", [40, 48])
 def test_other_grid_sizes(layout, image_size, work, sources, converted, videos):
     from sfllava_mlx import load
-    from sfllava_mlx.generate import encode_frames
+    from sfllava_mlx.encode import encode_frames
     from tests.reference import Reference
 
     model_dir = with_image_size(converted[layout], work / f"mlx-{layout}-{image_size}", image_size)
@@ -228,4 +223,5 @@ def test_other_grid_sizes(layout, image_size, work, sources, converted, videos):
     want = ref.visual_tokens_from_pixels(pixels)
     slow, fast = -(-g // 2), -(-g // 4)
     assert want.shape[0] == 32 * slow * slow + 96 * fast * fast
-    assert_close(encode_frames(model, frames), want, what=f"visual tokens at G={g}")
+    assert_close(encode_frames(model, frames, model.config.recipe()), want,
+                 what=f"visual tokens at G={g}")

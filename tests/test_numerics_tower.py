@@ -17,7 +17,7 @@ from tests.reference import Reference
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_tower_matches_reference_with_large_weights(layout, tmp_path):
-    from convert.tiny import write_source_checkpoint
+    from sfllava_convert.tiny import write_source_checkpoint
 
     src = write_source_checkpoint(tmp_path / "src", layout=layout, seed=7, std=0.35, **TINY)
     model, _ = load(convert_checkpoint(src, tmp_path / "mlx", "--dtype", "float32"))

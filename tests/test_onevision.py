@@ -346,19 +346,21 @@ def test_video_cache_keys_on_the_recipe(runs):
                                          ("llava-video-frame", "native")],
                          ids=["one_token", "grid", "frame"])
 def test_overlapped_prefill_places_the_newlines(name, recipe, ov):
-    """`coreml_vision.overlapped_prefill` (slow frames encoded and prefilled first, chunk by
+    """`overlap.prefill_overlapped` (slow frames encoded and prefilled first, chunk by
     chunk, each chunk with its own row/frame newlines, the one_token newline last) leaves the
     visual tokens, KV cache and answer that `encode_frames` + `prefill_prefix` leave. The
     backend is faked with the MLX tower's own features (Core ML predicts only on macOS)."""
     import mlx.core as mx
 
     from sfllava_mlx import load
-    from sfllava_mlx.coreml_vision import overlapped_prefill
-    from sfllava_mlx.generate import Conversation, VisualTokens, encode_frames
+    from sfllava_mlx.conversation import Conversation
+    from sfllava_mlx.encode import VisualTokens, encode_frames
+    from sfllava_mlx.overlap import prefill_overlapped
     from sfllava_mlx.preprocess import preprocess
+    from tests.test_coreml import StandInTower, frames_of
 
     model, tokenizer = load(ov[name]["dst"])
-    s = model.config.use_recipe(recipe, 8)
+    s = model.config.recipe(recipe, 8)
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(s.num_frames)]
     pixels = np.asarray(preprocess(images, model.config.preprocess))
@@ -367,11 +369,10 @@ def test_overlapped_prefill_places_the_newlines(name, recipe, ov):
     def encode(batch):  # called on a worker thread: a table lookup, no MLX there
         return np.stack([table[p.tobytes()] for p in batch])
 
-    expected = Conversation(model, tokenizer, VisualTokens(encode_frames(model, images), None))
+    expected = Conversation(model, tokenizer, VisualTokens(encode_frames(model, images, s), None))
     expected.prefill_prefix()
-    conv = Conversation(model, tokenizer, expected.visual)
-    tokens, _ = overlapped_prefill(model, conv.cache, conv.prefix_tokens(), images, encode,
-                                   batch_size=3, prefill_step_size=64)
+    conv = Conversation(model, tokenizer, None, prefill_step=64)
+    tokens = prefill_overlapped(conv, frames_of(images), StandInTower(encode, 3), s).embeddings
     assert tokens.shape == expected.visual.embeddings.shape
     assert float(mx.abs(tokens - expected.visual.embeddings).max()) <= 1e-5
     assert conv.offset == expected.offset

@@ -36,7 +36,7 @@ TEXT_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_att
 
 def cli(args, capsys):
     """`sfllava convert ...` in-process through the real CLI entry: (status, stdout, stderr)."""
-    from app.cli import main
+    from sfllava_app.cli import main
 
     capsys.readouterr()  # drop what came before (transformers' save_pretrained progress bar)
     rc = main(["convert"] + [str(a) for a in args])
@@ -51,11 +51,11 @@ def convert(src, dst, capsys, *flags) -> Path:
 
 
 def converted_tensors(path: Path) -> dict:
-    from convert.tiny import read_safetensors_numpy
+    from sfllava_convert.tiny import read_tensors
 
     out = {}
     for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(read_safetensors_numpy(f))
+        out.update(read_tensors(f))
     return out
 
 
@@ -331,13 +331,13 @@ def spliced_logits(model, tokenizer, video, num_frames: int) -> np.ndarray:
     import mlx.core as mx
 
     from sfllava_mlx.frames import read_frames
-    from sfllava_mlx.generate import encode_video
+    from sfllava_mlx.encode import encode_video
     from sfllava_mlx.prompt import first_turn_tokens
 
-    s = model.config.use_recipe("native", num_frames)
+    s = model.config.recipe("native", num_frames)
     clip = read_frames(video, num_frames=s.num_frames, slow_every=s.slow_every,
                        positions=s.frame_positions)
-    visual = encode_video(model, clip)
+    visual = encode_video(model, clip, s)
     pieces = first_turn_tokens(tokenizer, model.config.prompt.system_prompt, "What happens in this video?")
     embeds = mx.concatenate([model.embed_tokens(pieces.prefix), visual.embeddings.astype(mx.float32),
                              model.embed_tokens(pieces.suffix)])
@@ -356,7 +356,7 @@ def test_4bit_llava_hf_converts_and_answers(untied, videos, tmp_path, capsys):
     import mlx.nn as nn
 
     from sfllava_mlx import load
-    from sfllava_mlx.generate import Conversation
+    from sfllava_mlx.conversation import Conversation
 
     src = write_checkpoint(untied, tmp_path / "src", "save_pretrained")
     f32 = convert(src, tmp_path / "mlx", capsys)

@@ -9,8 +9,8 @@ import json
 import mlx.core as mx
 import numpy as np
 
-from app import runner
-from app.cli import main as sfllava
+from sfllava_app.cli import main as sfllava
+from sfllava_mlx.engine import Engine
 
 
 class StandInTower:
@@ -37,13 +37,13 @@ def test_coreml_backend_overlaps_and_answers_like_mlx(capsys, monkeypatch, conve
     plain = run_generate(capsys, converted["oryx-vit"], videos["main"])
     towers = []
 
-    def stand_in(model, args):
-        if args.vision_backend != "coreml":
+    def stand_in(engine, options):
+        if options.vision_backend != "coreml":
             return None
-        towers.append(StandInTower(model))
+        towers.append(StandInTower(engine.model))
         return towers[-1]
 
-    monkeypatch.setattr(runner, "vision_backend", stand_in)
+    monkeypatch.setattr(Engine, "vision_backend", stand_in)
     overlapped = run_generate(capsys, converted["oryx-vit"], videos["main"],
                               "--vision-backend", "coreml")
     assert towers and towers[0].calls == 128 // StandInTower.batch_size

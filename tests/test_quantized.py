@@ -32,7 +32,7 @@ LOGIT_BOUND = {4: 0.5, 8: 0.036}
 @pytest.fixture(scope="module")
 def plain(work, videos):
     """The unsharpened tiny source, its float32 conversion and that model's logits."""
-    from convert.tiny import write_source_checkpoint
+    from sfllava_convert.tiny import write_source_checkpoint
     from sfllava_mlx import load
 
     src = write_source_checkpoint(work / f"src-{LAYOUT}-plain", layout=LAYOUT, seed=SEED, **TINY)
@@ -43,10 +43,10 @@ def plain(work, videos):
 
 def visual_tokens(model, video):
     from sfllava_mlx.frames import read_frames
-    from sfllava_mlx.generate import encode_video
+    from sfllava_mlx.encode import encode_video
 
-    s = model.config.sampling
-    return encode_video(model, read_frames(video, num_frames=s.num_frames, slow_every=s.slow_every))
+    s = model.config.recipe()
+    return encode_video(model, read_frames(video, num_frames=s.num_frames, slow_every=s.slow_every), s)
 
 
 def spliced_logits(model, tokenizer, video, language_model=None) -> np.ndarray:
@@ -78,7 +78,7 @@ def dequantized_copy(quantized: nn.Module, float_model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_model_loads_answers_and_stays_close(bits, work, plain, videos):
     from sfllava_mlx import load
-    from sfllava_mlx.generate import Conversation
+    from sfllava_mlx.conversation import Conversation
 
     dst = convert_checkpoint(plain["src"], work / f"mlx-{LAYOUT}-q{bits}", "--dtype", "float32",
                              "-q", "--q-bits", bits)

@@ -194,10 +194,6 @@ def test_video_as_data_url_is_the_same_video(client, place, cli_answers):
 
 
 def test_picture_as_image_url_equals_generate(client, place, converted):
-    from app import runner
-
-    if not hasattr(runner, "open_image"):
-        pytest.skip("pictures are not in the runtime yet")
     import cv2
     import numpy as np
 
@@ -491,7 +487,7 @@ def test_bad_videos_leave_no_cache_entry(server, client, place):
 
 
 def test_a_host_that_is_not_loopback_is_refused_without_a_key(converted, capsys):
-    from app.cli import main
+    from sfllava_app.cli import main
 
     # Refused before the model is loaded or a port is bound (the CLI entry, in this process).
     assert main(["serve", "--model", converted["oryx-vit"], "--host", "0.0.0.0", "--port", "0"]) == 2

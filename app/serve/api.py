@@ -1,4 +1,4 @@
-"""`sfllava serve`, part 3: the HTTP side (FastAPI on uvicorn), SPEC §5.
+"""`sfllava serve`: the HTTP side (FastAPI on uvicorn), SPEC §5.
 
 Routes: `GET /health` (no key needed, answers while a generation runs: the model works
 on its own thread), `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`
@@ -24,8 +24,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .serve_engine import Engine, Job, log
-from .serve_request import APIError, Body, Media, body_limit, cut_uploads, load_json, parse_chat
+from .media import Body, Media, body_limit, cut_uploads
+from .request import APIError, load_json, parse_chat
+from .worker import Job, Worker, log
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 POLL_S = 0.1  # how often a waiting request looks at its connection
@@ -72,7 +73,7 @@ class Guard:
         await response(scope, receive, send)
 
 
-def create_app(engine: Engine, media: Media, *, model_id: str, model_arg: str,
+def create_app(worker: Worker, media: Media, *, model_id: str, model_arg: str,
                api_key: Optional[str] = None, host: str = "127.0.0.1"):
     app = FastAPI(title="sfllava", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
@@ -111,7 +112,7 @@ def create_app(engine: Engine, media: Media, *, model_id: str, model_arg: str,
 
     @app.get("/v1/sfllava/status")
     async def status():
-        return {"model": model_id, **engine.status()}
+        return {"model": model_id, **worker.status()}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -127,8 +128,8 @@ def create_app(engine: Engine, media: Media, *, model_id: str, model_arg: str,
         if await request.is_disconnected():
             media.discard(video)
             return JSONResponse({}, status_code=499)
-        job = Job(req, video, asyncio.get_running_loop(), on_finish=lambda j: media.discard(j.video))
-        engine.submit(job)
+        job = Job(req, video, asyncio.get_running_loop(), on_finish=lambda j: media.discard(j.media))
+        worker.submit(job)
         try:
             first = await next_event(job, request)
         except BaseException:

@@ -16,6 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from ..fmt import clock, human_bytes, human_count
+
 HELP = """\
 Ask anything about the video or picture; the conversation keeps its context.
 
@@ -32,31 +34,6 @@ Ctrl-C while an answer is written stops it and keeps the conversation."""
 
 STAGES = {"frames": "decoding frames", "vision": "encoding frames", "prefill": "prefilling prompt"}
 PICTURE_STAGES = {"vision": "encoding tiles", "prefill": "prefilling prompt"}
-
-
-def clock(seconds: float) -> str:
-    """1:02:03.45 / 2:03.45 / 3.45 s style timestamps."""
-    seconds = max(float(seconds or 0.0), 0.0)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{int(h)}:{int(m):02d}:{s:05.2f}"
-    return f"{int(m)}:{s:05.2f}"
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def human_count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
 
 
 def info_get(info, name, default=None):
@@ -89,12 +66,13 @@ class ChatUI:
         self.console = console or Console(highlight=False)
 
     # -- header ----------------------------------------------------------------------------
-    def header(self, video, model, model_info: dict) -> None:
-        if getattr(video, "media", "video") == "image":
-            return self.picture_header(video, model, model_info)
+    def header(self, session, model_info: dict) -> None:
+        if session.media == "image":
+            return self.picture_header(session, model_info)
+        video = session
         clip = video.clip
-        n = len(getattr(clip, "indices", []) or [])
-        exact = "exact" if getattr(clip, "exact", True) else "keyframes: approximate"
+        n = len(clip.indices)
+        exact = "exact" if clip.exact else "keyframes: approximate"
         lines = Text()
         lines.append("video  ", style="bold")
         lines.append(video_summary(video.path, clip) + "\n")
@@ -105,8 +83,8 @@ class ChatUI:
         lines.append(f"{n} frames ({exact}) → {video.visual.embeddings.shape[0]} visual tokens · "
                      f"cache {video.cache} · ready in {video.open_s:.2f} s\n")
         lines.append("recipe ", style="bold")
-        lines.append(recipe_summary(model.config))
-        replaced = getattr(clip, "replaced", None)
+        lines.append(recipe_summary(session))
+        replaced = clip.replaced
         if replaced:
             lines.append("\nnote   ", style="bold yellow")
             lines.append("frames that failed to decode were replaced: "
@@ -114,9 +92,10 @@ class ChatUI:
         self.console.print(Panel(lines, title="sfllava chat", subtitle="/help for commands",
                                  expand=False))
 
-    def picture_header(self, opened, model, model_info: dict) -> None:
+    def picture_header(self, opened, model_info: dict) -> None:
         from sfllava_mlx.image import describe
 
+        config = opened.engine.model.config
         lines = Text()
         lines.append("picture ", style="bold")
         lines.append(video_summary(opened.path, opened.clip) + "\n")
@@ -127,8 +106,8 @@ class ChatUI:
         lines.append(f"{describe(opened.clip)} → {opened.visual.embeddings.shape[0]} visual "
                      f"tokens · cache {opened.cache} · ready in {opened.open_s:.2f} s\n")
         lines.append("recipe  ", style="bold")
-        family = FAMILY_NAMES.get(model.config.family, model.config.family)
-        lines.append(f"{family} · image {model.config.image.mode}")
+        family = FAMILY_NAMES.get(config.family, config.family)
+        lines.append(f"{family} · image {config.image.mode}")
         self.console.print(Panel(lines, title="sfllava chat", subtitle="/help for commands",
                                  expand=False))
 
@@ -200,7 +179,7 @@ class ChatUI:
         for i, (index, ts, stream) in enumerate(zip(clip.indices, clip.timestamps, clip.streams)):
             table.add_row(str(i), str(index), clock(ts), stream)
         self.console.print(table)
-        if not getattr(clip, "exact", True):
+        if not clip.exact:
             self.note("keyframe sampling (approximate): each position shows the keyframe at or before it")
 
     def stats(self, rows: list[tuple[str, str]]) -> None:
@@ -240,27 +219,27 @@ FAMILY_NAMES = {"sf-llava-1.5": "SF-LLaVA-1.5", "llava-onevision": "LLaVA-OneVis
                 "llava-video": "LLaVA-Video"}
 
 
-def recipe_summary(config) -> str:
+def recipe_summary(session) -> str:
     """The family and recipe, and plainly when SlowFast is applied training-free."""
+    config = session.engine.model.config
     family = FAMILY_NAMES.get(config.family, config.family)
-    s = config.sampling
+    s = session.sampling
     if s.slow_every > 1:
         n_slow = len(range(0, s.num_frames, s.slow_every))
         how = f"SlowFast: {n_slow} slow + {s.num_frames - n_slow} fast frames"
     else:
         how = f"{s.num_frames} frames, pooled {s.slow_stride}x{s.slow_stride}"
-    line = f"{family} · {config.recipe} ({how})"
-    if config.training_free:
+    line = f"{family} · {session.options.recipe} ({how})"
+    if session.training_free:
         line += f" · training-free: {family} was not trained with SlowFast"
     return line
 
 
-def model_info(model) -> dict:
+def model_info(engine) -> dict:
     from sfllava_mlx.model import num_parameters
 
-    from .runner import model_name
-
-    path = getattr(model, "path", None)
+    model = engine.model
+    path = model.path
     size = 0
     if path:
         size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
@@ -268,7 +247,7 @@ def model_info(model) -> dict:
     q = model.config.quantization
     if q:
         dtype += f", {q['bits']}-bit LLM"
-    return {"name": model_name(model), "params": human_count(num_parameters(model)),
+    return {"name": engine.name, "params": human_count(num_parameters(model)),
             "size": human_bytes(size) if size else "in memory", "dtype": dtype}
 
 

@@ -1,31 +1,32 @@
-"""`sfllava batch`: the next video decodes while the current one is encoded and answered.
+"""`sfllava batch`: the next video is checked and decoded while the current one is encoded
+and answered.
 
-One thread walks a rank's videos in order. It decodes a video's sampled frames (through
-`frames.iter_frames`, whose own worker decodes) and resizes each to the tower's S x S at
-once (SPEC §2.2's resize: the tower's preprocessing then finds nothing to resize, so the
-pixels are the very ones `generate` feeds it), keeping them until the tower takes them.
-It starts video i + 1 as soon as video i is decoded and taken: at most two videos' frames
-are held, at S x S (128 x 384 x 384 x 3 bytes = 57 MB each), whatever the videos' size.
+One thread walks a rank's videos in order. For each it asks the engine to prepare it (the
+file, the memory plan, the cache key: `Engine.prepare`) and, unless it is a picture or the
+cache holds it, decodes its sampled frames (through the opening's own FrameReader) and
+resizes each to the tower's S x S at once (SPEC §2.2's resize: the tower's preprocessing
+then finds nothing to resize, so the pixels are the very ones `generate` feeds it). It starts
+video i + 1 as soon as video i is decoded and taken: at most two videos' frames are held,
+at S x S (128 x 384 x 384 x 3 bytes = 57 MB each), whatever the videos' size.
 
-`take(i)` hands the app a FrameReader-like object for video i (attributes, iteration in
-position order, context manager), which `runner.open_video(..., frames=...)` encodes as
-the frames arrive; a video that failed to open raises its error there, as `generate` would.
+`take(i)` hands over a `Prefetched`: the opening (or the error preparing it raised, raised
+again by `opening()`, as `generate` would) and the FrameReader-like frames that
+`Engine.open(..., frames=...)` encodes as they arrive.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from typing import Optional
+from typing import Callable, Optional
 
-from sfllava_mlx.frames import iter_frames
 from sfllava_mlx.preprocess import resize_frame
 
 
 class PrefetchedFrames:
-    def __init__(self, path: str, options: dict, size: int):
-        self.path = path
-        self._options = options
+    """A video's sampled frames, filled by the pipeline's thread, read in position order."""
+
+    def __init__(self, reader_factory: Callable, size: int):
+        self._reader_factory = reader_factory
         self._size = size
         self._frames: list = []
         self._cond = threading.Condition()
@@ -34,12 +35,11 @@ class PrefetchedFrames:
         self._closed = False
         self._error: Optional[BaseException] = None
         self._reader = None
-        self.timings = {"frames": 0.0}
 
     # -- the pipeline's thread ---------------------------------------------------------
     def fill(self) -> None:
         try:
-            reader = iter_frames(self.path, **self._options)
+            reader = self._reader_factory()
         except BaseException as e:  # raised in the app's thread, on __enter__
             self._error = e
             self._finish()
@@ -68,15 +68,9 @@ class PrefetchedFrames:
             self._finished = True
             self._cond.notify_all()
 
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
     # -- the FrameReader interface (the app's thread) ----------------------------------
     def __enter__(self):
-        tic = time.perf_counter()
-        self._opened.wait()
-        self.timings = {"frames": time.perf_counter() - tic}  # waiting for the header
+        self._opened.wait()  # the header: the time it takes counts as the frames stage's
         if self._reader is None:
             raise self._error
         return self
@@ -105,24 +99,49 @@ class PrefetchedFrames:
             self._frames = []
             self._cond.notify_all()
 
-    def __getattr__(self, name):  # info, indices, timestamps, streams, exact, replaced
-        if name.startswith("_") or self._reader is None:
-            raise AttributeError(name)
-        return getattr(self._reader, name)
+    @property
+    def reader(self):
+        return self._reader
+
+    # What encode_video reads of a FrameReader once the frames are through.
+    indices = property(lambda self: self._reader.indices)
+    timestamps = property(lambda self: self._reader.timestamps)
+    streams = property(lambda self: self._reader.streams)
+    exact = property(lambda self: self._reader.exact)
+    replaced = property(lambda self: self._reader.replaced)
+    info = property(lambda self: self._reader.info)
+
+
+class Prefetched:
+    """What the pipeline made of one path: its opening (or error) and its frames."""
+
+    def __init__(self):
+        self._opening = None
+        self._error: Optional[BaseException] = None
+        self.frames: Optional[PrefetchedFrames] = None
+
+    def opening(self):
+        if self._error is not None:
+            raise self._error
+        return self._opening
+
+    def close(self) -> None:
+        if self.frames is not None:
+            self.frames.close()
 
 
 class FramePipeline:
-    """Decodes `paths[i]` (None: nothing to decode) in order, one video ahead of `take`.
-    `skip(i)`, asked on the pipeline's thread just before video i, may spare a decode that
-    turns out useless (the video cache holds the video)."""
+    """Prepares `paths[i]` with `prepare(path)` and (with `decode`) decodes its frames, in
+    order, one video ahead of `take`. A picture, or an opening `cached(opening)` says the
+    video cache holds, is not decoded."""
 
-    _SKIPPED = object()
-
-    def __init__(self, paths: list, options: dict, size: int, skip=None):
+    def __init__(self, paths: list, prepare: Callable, size: int, *, decode: bool = True,
+                 cached: Callable = lambda opening: False):
         self._paths = paths
-        self._options = options
+        self._prepare = prepare
         self._size = size
-        self._skip = skip
+        self._decode = decode
+        self._cached = cached
         self._handles: list = [None] * len(paths)
         self._taken = -1
         self._stop = False
@@ -133,42 +152,40 @@ class FramePipeline:
 
     def _run(self) -> None:
         for i, path in enumerate(self._paths):
-            if path is None:
-                continue
             with self._cond:
                 while self._taken < i - 1 and not self._stop:
                     self._cond.wait()
                 if self._stop:
                     return
+            handle = Prefetched()
             try:
-                skipped = self._skip is not None and self._skip(i)
-            except Exception:
-                skipped = False
+                handle._opening = opening = self._prepare(path)
+            except Exception as e:  # noqa: BLE001  raised again where `generate` would raise it
+                handle._error = e
+                opening = None
+            decode = (self._decode and opening is not None and opening.media == "video"
+                      and not self._cached(opening))
+            if decode:
+                handle.frames = PrefetchedFrames(opening.reader, self._size)
             with self._cond:
-                if skipped:
-                    self._handles[i] = self._SKIPPED
-                    self._cond.notify_all()
-                    continue
-                handle = PrefetchedFrames(path, self._options, self._size)
                 self._handles[i] = handle
                 self._cond.notify_all()
-            handle.fill()
+            if decode:
+                handle.frames.fill()
 
-    def take(self, i: int) -> Optional[PrefetchedFrames]:
+    def take(self, i: int) -> Prefetched:
         with self._cond:
             self._taken = max(self._taken, i)
             self._cond.notify_all()
-            if self._paths[i] is None:
-                return None
             while self._handles[i] is None and not self._stop:
                 self._cond.wait()
             handle, self._handles[i] = self._handles[i], None
-            return None if handle is self._SKIPPED else handle
+            return handle
 
     def close(self) -> None:
         with self._cond:
             self._stop = True
-            handles = [h for h in self._handles if isinstance(h, PrefetchedFrames)]
+            handles = [h for h in self._handles if h is not None]
             self._cond.notify_all()
         for h in handles:
             h.close()

@@ -1,66 +1,30 @@
-"""Frame source: the exact frames of SPEC §2.1, with their timestamps, decoded on a worker thread.
+"""Opening a video file and decoding its frames by presentation timestamp (PyAV).
 
-    from sfllava_mlx.frames import read_frames, iter_frames, probe
-
-    clip = read_frames("trip.mp4", num_frames=128, slow_every=4, seek="exact")  # SampledFrames
-
-    with iter_frames("trip.mp4") as reader:        # FrameReader: opens, then decodes on a thread
-        reader.info, reader.indices, reader.timestamps, reader.streams, reader.exact  # known now
-        for position, image in reader:             # position order; decoding runs ahead
-            ...                                    # (H, W, 3) uint8 RGB, upright, read-only
-        reader.replaced                            # complete once the loop ends
-
-Positions i = 0..T-1 take frame `floor((i + 0.5) * N / T)`, N being the frames the stream
-holds in presentation order (not the container's frame count or fps, which may lie). An entry
-of `indices` or `timestamps` can change only for a frame that fails to decode (it is replaced
-by its nearest decodable neighbour, listed in `replaced`), and is final once its position has
-been yielded. Positions that share a frame share one read-only array.
-
-How frames are found. OpenCV's `CAP_PROP_POS_FRAMES` seek maps a frame number to a time with
-the nominal fps (wrong for variable frame rate) and cannot name keyframes, so this module uses
-PyAV, the same FFmpeg underneath:
-- an index of every frame's presentation timestamp and of the keyframes. For MP4/MOV without
-  frame reordering it is the container's sample table (free, no file read); otherwise one
-  pass over the packets (reads the file, decodes nothing).
-- exact mode walks the wanted frames in order and, for each, either keeps decoding forward or
-  seeks to the keyframe at or before it, whichever decodes fewer frames (a seek counts as
-  `SEEK_COST_FRAMES` frames more). That is never worse than one sequential pass nor than one
-  seek per frame, and equals the decode floor (frames from each wanted frame's keyframe to it)
-  up to the seeks' overhead. Frames are identified by their timestamps, not by counting, so
-  variable frame rate and B-frame reordering stay exact. Skipped frames are decoded but never
-  colour-converted (what OpenCV's `grab()` saves).
-- keyframe mode (`seek="keyframe"`) takes, for each position, the keyframe at or before it,
-  decoding keyframes only: fast and approximate; indices and timestamps reported are the
-  keyframes' own.
-- containers without timestamps fall back to one sequential pass that counts frames.
+An index of every frame's timestamp and of the keyframes (from the MP4/MOV sample table when
+it can serve, else one pass over the packets), and a decoder that walks forward or seeks to
+the keyframe at or before a wanted frame, whichever decodes fewer frames.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import av
 import numpy as np
 
-from sfllava_mlx.errors import VideoError
+from ..errors import VideoError
 
-SEEK_MODES = ("exact", "keyframe")
 # A seek (demuxer reposition + decoder flush and refill) costs about as much as decoding this
 # many frames; measured in bench/frames_bench.py.
 SEEK_COST_FRAMES = 8
-PREFETCH = 8  # decoded frames waiting for the consumer (bounds memory)
 _MOV_FAMILY = {"mov", "mp4", "m4a", "3gp", "3g2", "mj2"}
 _AVINDEX_KEYFRAME, _AVINDEX_DISCARD_FRAME = 0x1, 0x2  # libavformat's AVIndexEntry flags
-_DONE = object()
 
 
 @dataclass
@@ -75,54 +39,6 @@ class VideoInfo:
     codec: str
     notes: list = field(default_factory=list)  # e.g. a file that ends early
 
-
-@dataclass
-class SampledFrames:
-    images: list  # np.ndarray uint8 (H, W, 3) RGB, upright, one per position, position order
-    indices: list  # frame index taken per position (the keyframe's in keyframe mode)
-    timestamps: list  # seconds, presentation time of that frame
-    streams: list  # "slow" | "fast" per position
-    exact: bool  # False in keyframe mode
-    replaced: list  # (wanted_index, used_index) for frames that failed to decode
-    info: VideoInfo
-
-
-def sample_positions(n_frames: int, num_frames: int = 128, rule: str = "midpoint") -> list[int]:
-    """SPEC §2.1 / §2.9: the frame index each of the T positions takes.
-
-    midpoint: floor((i + 0.5) * N / T), in integers. linspace: numpy.linspace(0, N-1, T)
-    truncated to int, as lmms-eval samples (0 when T = 1).
-    """
-    if n_frames < 1 or num_frames < 1:
-        raise ValueError("need at least one frame and one position")
-    if rule == "linspace":
-        return [int(i) for i in np.linspace(0, n_frames - 1, num_frames).astype(int)]
-    if rule != "midpoint":
-        raise ValueError(f"unknown frame_positions rule {rule!r}")
-    return [(2 * i + 1) * n_frames // (2 * num_frames) for i in range(num_frames)]
-
-
-def video_duration(n_frames: int, average_rate: float) -> float:
-    """D of SPEC §2.10: the frame count over the average frame rate, the rate averaged over the
-    frames' own timestamps (a container's nominal rate can lie: an mkv keeps its writer's)."""
-    return n_frames / average_rate if average_rate else 0.0
-
-
-def frames_for_rate(num_frames: int, n_frames: int, average_rate: float,
-                    fps: Optional[float]) -> int:
-    """T under `--fps F` (Apollo's fps sampling): min(T, max(1, ceil(D * F)))."""
-    if fps is None:
-        return num_frames
-    if not fps > 0:
-        raise ValueError(f"--fps must be positive, not {fps}")
-    duration = video_duration(n_frames, average_rate)
-    if not duration:  # no frame rate to go by: every frame counts as one second apart
-        duration = float(n_frames)
-    return min(num_frames, max(1, math.ceil(duration * fps)))
-
-
-def stream_names(num_frames: int, slow_every: int = 4) -> list[str]:
-    return ["slow" if i % slow_every == 0 else "fast" for i in range(num_frames)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +196,7 @@ class _IndexMismatch(Exception):
 class _Decoder:
     """Decodes one stream forward, seeking to keyframes when that is cheaper."""
 
-    def __init__(self, video: "_Video", keyframes_only: bool):
+    def __init__(self, video: "IndexedVideo", keyframes_only: bool):
         self.path, self.index = video.path, video.index
         self.keyframes_only = keyframes_only
         self.decoded = 0  # frames out of the decoder
@@ -405,7 +321,7 @@ def _to_rgb(frame, rotation: int) -> np.ndarray:
     return image
 
 
-class _Video:
+class IndexedVideo:
     """A file opened and indexed: what `probe` reports and what a FrameReader decodes."""
 
     def __init__(self, path, read_packets: bool = False):
@@ -449,21 +365,21 @@ class _Video:
 
 def probe(path) -> VideoInfo:
     """What the video holds (size upright, frame count, fps, duration, rotation, codec)."""
-    video, decoder, first = _open_video(path, keyframes_only=False)
+    video, decoder, first = open_video(path, keyframes_only=False)
     decoder.close()
     return video.info(first)
 
 
-def _open_video(path, keyframes_only: bool):
+def open_video(path, keyframes_only: bool):
     """(video, its decoder at the start, the first decodable frame)."""
-    video = _Video(path)
+    video = IndexedVideo(path)
     decoder = _Decoder(video, keyframes_only)
     try:
         try:
             item = decoder.peek()
         except _IndexMismatch:  # the sample table misled: index the packets themselves
             decoder.close()
-            video = _Video(path, read_packets=True)
+            video = IndexedVideo(path, read_packets=True)
             decoder = _Decoder(video, keyframes_only)
             item = decoder.peek()
         if item is None:
@@ -474,182 +390,22 @@ def _open_video(path, keyframes_only: bool):
     return video, decoder, item[1]
 
 
-# ---------------------------------------------------------------------------------------------
-# Memory
-
-
-def _available_memory() -> int:
-    """Bytes of memory this process may still use (Linux: MemAvailable; else physical memory)."""
-    from .memory import available_memory, physical_memory
-
-    return available_memory() or physical_memory() or 1 << 62
-
-
-def _check_memory(info: VideoInfo, held_frames: int) -> None:
-    frame = info.width * info.height * 3
-    decoder = 24 * info.width * info.height * 3 // 2  # reference frames and threads, YUV 4:2:0
-    need = held_frames * frame + decoder
-    available = _available_memory()
-    if need > available:
-        raise VideoError(
-            f"{info.path} is {info.width}x{info.height}: decoding {held_frames} frames of it needs "
-            f"{need / 1e9:.1f} GB, more than the {available / 1e9:.1f} GB of memory available")
-
-
-# ---------------------------------------------------------------------------------------------
-# The reader: header now, frames from a worker thread
-
-
-class FrameReader:
-    """The sampled frames of one video, decoded on a worker thread (see the module docstring).
-
-    Use as a context manager or call close(): leaving early stops the worker.
-    Attributes: info, indices, timestamps, streams, exact, replaced, decoded (frames the decoder
-    produced), seeks, elapsed_s (decoding wall time, once finished).
-    """
-
-    def __init__(self, path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
-                 prefetch: int = PREFETCH, hold_all: bool = False, positions: str = "midpoint",
-                 fps: Optional[float] = None):
-        if seek not in SEEK_MODES:
-            raise ValueError(f"seek must be one of {SEEK_MODES}, not {seek!r}")
-        if num_frames < 1 or slow_every < 1:
-            raise ValueError("num_frames and slow_every must be at least 1")
-        video, self._decoder, first = _open_video(path, keyframes_only=seek == "keyframe")
-        index = video.index
-        # Without timestamps there is no seeking: keyframe mode degrades to the exact pass.
-        self.exact = seek == "exact" or index.pts is None
-        try:
-            if self.exact and self._decoder.keyframes_only:
-                self._decoder.close()
-                self._decoder = _Decoder(_Video(path, index.read_packets), keyframes_only=False)
-            self.info = video.info(first)
-            num_frames = frames_for_rate(num_frames, self.info.num_frames, self.info.fps, fps)
-            wanted = sample_positions(index.n, num_frames, positions)
-            if not self.exact:
-                wanted = [index.keyframes[index.keyframe_before(i)] for i in wanted]
-            self.indices = list(wanted)
-            self.timestamps = [index.timestamp(i) for i in wanted]
-            self.streams = stream_names(num_frames, slow_every)
-            self.replaced: list = []
-            # read_frames holds every distinct frame; a streaming consumer only the prefetch.
-            _check_memory(self.info, len(set(wanted)) if hold_all else prefetch)
-        except BaseException:
-            self._decoder.close()
-            raise
-        self.decoded = self.seeks = 0
-        self.elapsed_s = 0.0
-        self._index = index
-        self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="sfllava-frames", daemon=True)
-        self._thread.start()
-
-    # -- worker ---------------------------------------------------------------------------
-    def _work(self):
-        start = time.perf_counter()
-        try:
-            by_index: dict[int, list[int]] = {}
-            for position, i in enumerate(self.indices):
-                by_index.setdefault(i, []).append(position)
-            for t in sorted(by_index):
-                used, image = self._decode(t)
-                if used != t:
-                    self.replaced.append((t, used))
-                for position in by_index[t]:
-                    self.indices[position] = used
-                    self.timestamps[position] = self._index.timestamp(used)
-                for position in by_index[t]:
-                    if not self._put((position, image)):
-                        return
-            self._put(_DONE)
-        except BaseException as e:  # handed to the consumer, raised there
-            self._put(e)
-        finally:
-            self.decoded, self.seeks = self._decoder.decoded, self._decoder.seeks
-            self.elapsed_s = time.perf_counter() - start
-            self._decoder.close()
-
-    def _decode(self, t: int):
-        d = self._decoder
-        d.goto(t)
-        frame = d.advance_to(t)
-        if frame is not None:
-            return t, _to_rgb(frame, self.info.rotation)
-        return self._nearest(t)
-
-    def _nearest(self, t: int):
-        """The nearest decodable frame to t (the earlier one on a tie)."""
-        d, n = self._decoder, self._index.n
-        radius = 8
-        while True:
-            lo, hi = max(t - radius, 0), min(t + radius, n - 1)
-            d.goto(lo, seek_cost=0)
-            before = after = None
-            while (item := d.peek()) is not None and item[0] <= hi:
-                d.take()
-                if item[0] < t:
-                    before = item
-                elif item[0] > t:
-                    after = item
-                    break
-            candidates = [c for c in (before, after) if c is not None]
-            if candidates:
-                i, frame = min(candidates, key=lambda c: (abs(c[0] - t), c[0]))
-                return i, _to_rgb(frame, self.info.rotation)
-            if lo == 0 and hi == n - 1:
-                raise VideoError(f"{self.info.path}: no frame of the video decodes")
-            radius *= 8
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
+def check_readable(path, packets: int = 64) -> None:
+    """Refuse, with one line, a file FFmpeg cannot open, with no video stream, or whose
+    first frame does not decode; reads the header and the first packets only."""
+    container = _open_container(Path(path))
+    try:
+        stream = container.streams.video[0]
+        for n, packet in enumerate(container.demux(stream)):
+            if n >= packets:
+                break
             try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
+                if packet.decode():
+                    return
+            except (av.error.FFmpegError, ValueError):
                 continue
-        return False
-
-    # -- consumer -------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                self._thread.join()
-                return
-            if isinstance(item, BaseException):
-                self._thread.join()
-                raise item
-            yield item
-
-    def close(self):
-        self._stop.set()
-        self._thread.join()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def iter_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
-                prefetch: int = PREFETCH, positions: str = "midpoint",
-                fps: Optional[float] = None) -> FrameReader:
-    """Open the video (errors are raised here) and start decoding on a worker thread."""
-    return FrameReader(path, num_frames, slow_every, seek, prefetch, positions=positions, fps=fps)
-
-
-def read_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
-                on_frame: Optional[Callable[[int, np.ndarray], None]] = None,
-                positions: str = "midpoint", fps: Optional[float] = None) -> SampledFrames:
-    """All sampled frames at once. on_frame(position, image) is called as each arrives."""
-    with FrameReader(path, num_frames, slow_every, seek, hold_all=True,
-                     positions=positions, fps=fps) as reader:
-        images = [None] * len(reader.indices)
-        for position, image in reader:
-            images[position] = image
-            if on_frame is not None:
-                on_frame(position, image)
-        return SampledFrames(images, list(reader.indices), list(reader.timestamps),
-                             list(reader.streams), reader.exact, list(reader.replaced), reader.info)
+        raise VideoError(f"{path}: no frame of the video decodes")
+    except (av.error.FFmpegError, OSError):
+        raise VideoError(f"{path}: no frame of the video decodes") from None
+    finally:
+        container.close()

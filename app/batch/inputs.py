@@ -83,10 +83,10 @@ def expand(paths: list[str]) -> list[Candidate]:
 
 
 def fingerprint_of(path: str) -> Optional[str]:
-    from sfllava_mlx.cache import VideoFingerprint
+    from sfllava_mlx.cache import Fingerprint
 
     try:
-        return VideoFingerprint.of(path).sampled
+        return Fingerprint.of(path).sampled
     except OSError:
         return None
 

@@ -1,7 +1,7 @@
 """SF-LLaVA-1.5 and LLaVA-OneVision at their real shapes with random weights: profiling
 without a download.
 
-    from sfllava_mlx.random_weights import random_model
+    from sfllava_app.bench.random_weights import random_model
     model, tokenizer = random_model("1.5b", dtype=mx.float32, q_bits=4)
     model, tokenizer = random_model("ov-0.5b")   # LLaVA-OneVision, native and slowfast recipes
 
@@ -19,7 +19,7 @@ MLX initialises parameters randomly and lazily: the size of the model is known f
 parameters before any memory is taken, and a machine too small for it is told so
 (`UserError`) before allocating.
 
-The tokenizer is the small Qwen2-style BPE of `convert.tiny`; the random LLM can emit ids
+The tokenizer is the small Qwen2-style BPE of `sfllava_convert.tiny`; the random LLM can emit ids
 that vocabulary lacks and has no meaningful end token, so the returned tokenizer decodes
 unknown ids to nothing and has no end tokens: every answer runs to `max_tokens`, as a
 benchmark wants.
@@ -35,11 +35,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
-                     VisionConfig, family_recipes)
-from .errors import UserError
-from .memory import kv_bytes_per_token, weight_bytes
-from .model import SFLLaVA, cast_model
+from sfllava_mlx.config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
+                                VisionConfig, family_recipes)
+from sfllava_mlx.errors import UserError
+from sfllava_mlx.memory import check, plan_tokens
+from sfllava_mlx.model import SFLLaVA, cast_model
+from sfllava_mlx.pooling import num_visual_tokens
 
 # One table a family: size -> the LLM's shape (mlx-lm qwen2 ModelArgs fields).
 # Qwen2.5 LLMs of SF-LLaVA-1.5 (SPEC §1): 1B = Qwen2.5-1.5B, 3B, 7B.
@@ -89,7 +90,6 @@ def display_name(size: str) -> str:
 
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-WORKING_SET_BYTES = 1 << 30  # vision batch + prefill chunk: the issue's "+ 1 GB"
 
 
 def model_config(size: str = "1.5b", num_frames: Optional[int] = None,
@@ -117,13 +117,12 @@ def model_config(size: str = "1.5b", num_frames: Optional[int] = None,
         vision=vision,
         projector=ProjectorConfig(input_size=vision.hidden_size, hidden_size=text["hidden_size"],
                                   image_newline=family != "sf-llava-1.5"),
-        sampling=recipes["native"],
+        recipes=recipes,
         preprocess=PreprocessConfig(image_size=vision.image_size),
         prompt=PromptConfig(),
         dtype=dtype,
         source={"random_weights": size},
         family=family,
-        recipes=recipes,
     )
 
 
@@ -151,61 +150,42 @@ def quantize_language_model(model: SFLLaVA, bits: int, group_size: int = 64) -> 
     model.config.quantization = {"group_size": group_size, "bits": bits}
 
 
-def memory_limit_bytes() -> tuple[int, str]:
-    """What this machine lets MLX use, and where the figure comes from (the memory plan's)."""
-    from .memory import memory_limit
-
-    return memory_limit()
-
-
-def check_fits(needed: int, what: str) -> None:
-    limit, source = memory_limit_bytes()
-    if limit and needed > limit:
-        raise UserError(f"{what} needs about {needed / 1e9:.1f} GB, but this machine offers "
-                        f"{limit / 1e9:.1f} GB ({source}): choose a smaller size, "
-                        f"fewer bits (-q) or fewer frames")
-
-
-def estimate_memory(model: SFLLaVA, context_tokens: int) -> int:
-    """Weights + KV cache at `context_tokens` + the bounded working set, in bytes."""
-    dtype = model.language_model.model.norm.weight.dtype
-    kv = kv_bytes_per_token(model.config, dtype.size) * context_tokens
-    return weight_bytes(model) + int(kv) + WORKING_SET_BYTES
+def check_fits(model: SFLLaVA, visual_tokens: int, what: str) -> None:
+    """The memory plan of the longest video `model` will see, before its weights exist."""
+    check(plan_tokens(model, visual_tokens, 8),
+          what, lambda: ["a smaller size, fewer bits (-q) or fewer frames"])
 
 
 def random_model(size: str = "1.5b", dtype=mx.float32, q_bits: Optional[int] = None,
                  q_group_size: int = 64, num_frames: Optional[int] = None, seed: int = 0,
-                 context_tokens: Optional[int] = None):
+                 visual_tokens: Optional[int] = None):
     """A model of `size` (SIZES) with its real shapes and random weights -> (model, tokenizer).
 
     dtype: float32 / float16 / bfloat16 (or an mx.Dtype); q_bits quantizes the LLM only.
     num_frames: the native recipe's T (default: the family's).
-    context_tokens: KV cache length to budget for (default: the longest recipe's video
-    plus 512 tokens). Raises UserError before allocating when the machine is too small.
+    visual_tokens: the longest video to budget for (default: the longest recipe's).
+    Raises UserError before allocating when the machine is too small.
     """
     dtype = as_dtype(dtype)
     config = model_config(size, num_frames=num_frames, dtype=dtype_name(dtype))
     label = f"{display_name(size)} ({dtype_name(dtype)}{f', {q_bits}-bit LLM' if q_bits else ''})"
-    model = build_random(config, dtype, q_bits, q_group_size, seed, context_tokens, label)
+    model = build_random(config, dtype, q_bits, q_group_size, seed, visual_tokens, label)
     return model, random_tokenizer()
 
 
 def build_random(config: ModelConfig, dtype=mx.float32, q_bits: Optional[int] = None,
-                 q_group_size: int = 64, seed: int = 0, context_tokens: Optional[int] = None,
+                 q_group_size: int = 64, seed: int = 0, visual_tokens: Optional[int] = None,
                  label: str = "the model") -> SFLLaVA:
     """An SFLLaVA of any config with random weights (checked to fit, then allocated)."""
-    from .pooling import num_visual_tokens
-
     dtype = as_dtype(dtype)
     model = SFLLaVA(config)  # lazy: MLX's own initialisers never run, fill_random replaces them
     fill_random(model, seed)
     cast_model(model, dtype)
     if q_bits:
         quantize_language_model(model, q_bits, q_group_size)
-    if context_tokens is None:
-        context_tokens = max(num_visual_tokens(config.vision.grid, r)
-                             for r in config.recipes.values()) + 512
-    check_fits(estimate_memory(model, context_tokens), label)
+    if visual_tokens is None:
+        visual_tokens = max(num_visual_tokens(config.vision.grid, r) for r in config.recipes.values())
+    check_fits(model, visual_tokens, label)
     materialize(model)
     model.eval()
     model.path = None  # no files: the video cache keys on `identity` instead
@@ -250,7 +230,7 @@ def random_tokenizer():
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
-    from convert.tiny import write_tokenizer
+    from sfllava_convert.tiny import write_tokenizer
 
     level = logging.get_verbosity()
     logging.set_verbosity_error()

@@ -4,10 +4,10 @@
                   [--media-dir DIR ...] [--max-upload-mb 512] [--max-conversations 4]
                   [generate's model options]
 
-The parts: `serve_request.py` (the request and the media it may read), `serve_engine.py`
-(the model's worker thread, the queue, the conversations held in memory), `serve_api.py`
-(FastAPI routes, streaming, errors, the key). This module checks the options, loads the
-model, binds the socket and runs uvicorn.
+The parts: `request.py` (what a request asks for), `media.py` (the body and the media it
+may read), `worker.py` (the model's worker thread and its queue), `held.py` (the
+conversations held in memory), `api.py` (FastAPI routes, streaming, errors, the key). This
+module checks the options, loads the model, binds the socket and runs uvicorn.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import tempfile
 
 from sfllava_mlx.errors import UserError
 
-from .options import add_generation_arguments
+from ..options import add_generation_arguments, add_model_argument
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="converted model directory or hub repo id")
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs --api-key)")
     p.add_argument("--port", type=int, default=8080, help="port (0: a free one, printed)")
@@ -56,13 +56,6 @@ def is_loopback(host: str) -> bool:
         return False
     return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback
                                for i in infos)
-
-
-def model_id(model_arg: str) -> str:
-    """SPEC §5: the --model argument's last path part, or the hub repo id."""
-    if os.path.exists(os.path.expanduser(model_arg)):
-        return os.path.basename(os.path.normpath(os.path.expanduser(model_arg)))
-    return model_arg
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -102,19 +95,21 @@ def check_options(args) -> list:
 def main(args) -> int:
     import uvicorn
 
-    from .serve_api import create_app
-    from .serve_engine import Engine, log
-    from .serve_request import Media
+    from sfllava_mlx.engine import model_name
+
+    from .api import create_app
+    from .media import Media
+    from .worker import Worker, log
 
     dirs = check_options(args)
     sock = bind(args.host, args.port)  # before loading: a busy port fails at once
     upload_dir = tempfile.mkdtemp(prefix="sfllava-serve-")  # mode 0700: this user only
-    engine = Engine(args)
+    worker = Worker(args)
     try:
-        engine.start()  # loads the model on its worker thread
+        worker.start()  # loads the model on its worker thread
         media = Media(dirs, upload_dir, int(args.max_upload_mb * 2**20))
-        mid = model_id(args.model)
-        app = create_app(engine, media, model_id=mid, model_arg=args.model,
+        mid = model_name(args.model)
+        app = create_app(worker, media, model_id=mid, model_arg=args.model,
                          api_key=args.api_key, host=args.host)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
@@ -128,7 +123,7 @@ def main(args) -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         server.run(sockets=[sock])
     finally:
-        engine.stop()
+        worker.stop()
         shutil.rmtree(upload_dir, ignore_errors=True)
         sock.close()
     return 0

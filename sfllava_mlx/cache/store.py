@@ -27,11 +27,9 @@ the background while the first open decodes frames).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -40,15 +38,16 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .config import SamplingConfig
+from ..kv import copy_prefix
+from .files import (META_FILE, CorruptEntry, check_file, dir_bytes, file_record, identity,
+                    publish, read_json, write_json)
+from .fingerprint import Fingerprint, content_digest
+from .keys import CacheKey
 
 FORMAT = "v1"
 DEFAULT_MAX_GB = 10.0
-SAMPLE_BLOCKS = 64  # blocks hashed per file for its fingerprint
-BLOCK_BYTES = 64 * 1024
 VISUAL_FILE = "visual.safetensors"
 KV_FILE = "prompt.safetensors"
-META_FILE = "meta.json"
 LAST_USED = "last_used"
 
 
@@ -66,147 +65,6 @@ def max_cache_bytes() -> int:
         gb = DEFAULT_MAX_GB
     return int(gb * 1e9)
 
-
-# ----------------------------------------------------------------------------------------
-# Fingerprints
-
-
-def sampled_digest(path, blocks: int = SAMPLE_BLOCKS, block: int = BLOCK_BYTES) -> tuple[int, str]:
-    """(size, sha256 of the size and `blocks` evenly spaced blocks, first and last included).
-
-    Reads at most blocks * block bytes whatever the file's length (the whole file when
-    it is smaller than that).
-    """
-    size = os.path.getsize(path)
-    h = hashlib.sha256(f"{size}:".encode())
-    with open(path, "rb") as f:
-        if size <= blocks * block:
-            h.update(f.read())
-        else:
-            last = size - block
-            for i in range(blocks):
-                f.seek(i * last // (blocks - 1))
-                h.update(f.read(block))
-    return size, h.hexdigest()
-
-
-def content_digest(path, chunk: int = 8 << 20) -> str:
-    """SHA-256 of the whole file (hashlib releases the GIL: runs well in a thread)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            h.update(data)
-    return h.hexdigest()
-
-
-def file_digest(path) -> str:
-    return content_digest(path)
-
-
-@dataclass
-class VideoFingerprint:
-    path: str
-    size: int
-    sampled: str  # sampled_digest: the part of the key
-    mtime_ns: int  # a hint only
-
-    @classmethod
-    def of(cls, path) -> "VideoFingerprint":
-        path = os.path.abspath(path)
-        st = os.stat(path)
-        size, sampled = sampled_digest(path)
-        return cls(path, size, sampled, st.st_mtime_ns)
-
-
-class ContentHasher:
-    """The full hash of a file, computed in a background thread."""
-
-    def __init__(self, path):
-        self._result: Optional[str] = None
-        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
-        self._thread.start()
-
-    def _run(self, path):
-        try:
-            self._result = content_digest(path)
-        except OSError:
-            self._result = None
-
-    def result(self) -> Optional[str]:
-        self._thread.join()
-        return self._result
-
-
-def model_identity(model) -> str:
-    """A stable id of a model's weights and tokenizer: the content of its JSON files and
-    the sampled fingerprint of every other file (weights: their headers and sampled data
-    blocks). A model built in memory (benchmarks) sets `model.identity` itself."""
-    given = getattr(model, "identity", None)
-    if given:
-        return str(given)
-    path = getattr(model, "path", None)
-    if path is None:
-        raise ValueError("model has neither a path nor an identity: it cannot be cached")
-    h = hashlib.sha256()
-    for f in sorted(Path(path).iterdir()):
-        if not f.is_file() or f.name.startswith("."):
-            continue
-        if f.suffix == ".json":
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-        elif f.suffix in (".safetensors", ".txt", ".model", ".mlpackage", ".jinja"):
-            size, digest = sampled_digest(f, blocks=16)
-            h.update(f"{f.name}:{size}:{digest}".encode())
-    return h.hexdigest()[:24]
-
-
-def runtime_dtype(model) -> str:
-    return str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
-
-
-@dataclass
-class CacheKey:
-    """Everything the visual tokens depend on (not temperature, seed or system prompt)."""
-
-    video_size: int
-    video_sampled: str
-    model: str
-    num_frames: int
-    slow_every: int
-    seek: str
-    dtype: str
-    vision_backend: str = "mlx"
-    # The recipe's other fields where they differ from SF-LLaVA-1.5's defaults (SPEC §2.9).
-    recipe: dict = field(default_factory=dict)
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
-
-
-def make_key(fingerprint: VideoFingerprint, model, *, seek="exact", vision_backend="mlx",
-             sampling: Optional[SamplingConfig] = None, fps: Optional[float] = None) -> CacheKey:
-    """`sampling`: this video's recipe (default the model's); `fps`: the --fps it came from."""
-    s = sampling or model.config.sampling
-    recipe = {k: v for k, v in asdict(s).items()
-              if k not in ("num_frames", "slow_every") and v != getattr(SamplingConfig, k)}
-    if fps is not None:
-        recipe["fps"] = float(fps)
-    return CacheKey(fingerprint.size, fingerprint.sampled, model_identity(model), s.num_frames,
-                    s.slow_every, seek, runtime_dtype(model), vision_backend, recipe)
-
-
-def make_image_key(fingerprint: VideoFingerprint, model) -> CacheKey:
-    """A picture's key: its content, the model, the image recipe (SPEC §2.11) and the dtype.
-    No frames (num_frames 0, seek "image"); the recipe is the config's `image` section."""
-    image = asdict(model.config.image)
-    return CacheKey(fingerprint.size, fingerprint.sampled, model_identity(model), 0, 0, "image",
-                    runtime_dtype(model), "mlx", {"image": image})
-
-
-def prefix_key(prefix_ids: list, *, kv_bits=None, kv_group_size=64) -> str:
-    """The KV cache of the prefix depends on the system prompt's tokens and the KV format."""
-    material = json.dumps({"prefix": list(map(int, prefix_ids)), "kv_bits": kv_bits,
-                           "kv_group_size": kv_group_size if kv_bits else None})
-    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------
@@ -255,99 +113,6 @@ def clip_record(clip) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------------------
-# Files: atomic writes, checked reads
-
-
-class CorruptEntry(Exception):
-    """An entry that fails a check: dropped by the caller."""
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CorruptEntry(f"{path.name}: {e}") from None
-
-
-def _file_record(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
-
-
-def _check_file(path: Path, record: dict) -> None:
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise CorruptEntry(f"{path.name}: {e}") from None
-    if size != record.get("bytes"):
-        raise CorruptEntry(f"{path.name}: {size} bytes, expected {record.get('bytes')}")
-    if file_digest(path) != record.get("sha256"):
-        raise CorruptEntry(f"{path.name}: checksum mismatch")
-
-
-def _publish(tmp: Path, final: Path) -> bool:
-    """Rename a complete temporary directory into place; False if another writer won."""
-    try:
-        os.rename(tmp, final)
-        return True
-    except OSError:  # final exists and is not empty: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        return False
-
-
-def _identity(path: Path):
-    """Tells an entry (or prefix) directory apart from one that replaced it: its inode and
-    the random id written in its meta.json (inodes of deleted entries get reused).
-    None if absent."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    try:
-        made = json.loads((path / META_FILE).read_text()).get("id")
-    except (OSError, ValueError, AttributeError):
-        made = None
-    return (st.st_dev, st.st_ino, made)
-
-
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def prefix_state(cache: list, length: int) -> Optional[list]:
-    """Copies of the first `length` positions of a KV cache, or None when the cache kind
-    cannot be cut (a rotating cache may have dropped them)."""
-    from mlx_lm.models.cache import KVCache, QuantizedKVCache
-
-    out = []
-    for c in cache:
-        if c.offset < length or c.keys is None:
-            return None
-        if type(c) is KVCache:
-            n = KVCache()
-            n.keys, n.values = c.keys[..., :length, :], c.values[..., :length, :]
-        elif type(c) is QuantizedKVCache:
-            n = QuantizedKVCache(group_size=c.group_size, bits=c.bits)
-            n.keys = tuple(x[..., :length, :] for x in c.keys)
-            n.values = tuple(x[..., :length, :] for x in c.values)
-        else:
-            return None
-        n.offset = length
-        out.append(n)
-    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -406,19 +171,19 @@ class VideoCache:
         shutil.rmtree(trash, ignore_errors=True)
 
     # -- visual tokens -------------------------------------------------------
-    def lookup(self, key: CacheKey, fingerprint: VideoFingerprint, *, num_tokens: int,
+    def lookup(self, key: CacheKey, fingerprint: Fingerprint, *, num_tokens: int,
                hidden_size: int) -> Optional[Entry]:
         """The entry for this key, checked; None (and the entry dropped) when it fails."""
         path = self.entry_dir(key)
-        ident = _identity(path)
+        ident = identity(path)
         if ident is None:
             return None
         try:
-            meta = _read_json(path / META_FILE)
+            meta = read_json(path / META_FILE)
             if meta.get("key") != asdict(key):
                 raise CorruptEntry("key material differs")
             self._check_video(path, meta, fingerprint)
-            _check_file(path / VISUAL_FILE, meta["files"][VISUAL_FILE])
+            check_file(path / VISUAL_FILE, meta["files"][VISUAL_FILE])
             try:
                 visual = mx.load(str(path / VISUAL_FILE))["visual"]
             except Exception as e:
@@ -430,7 +195,7 @@ class VideoCache:
         except (CorruptEntry, KeyError, TypeError, OSError) as e:  # OSError: a racing drop
             self._drop_if_same(path, ident, str(e))
             return None
-        if _identity(path) != ident:  # replaced while read: trust neither copy
+        if identity(path) != ident:  # replaced while read: trust neither copy
             return None
         self.touch(path)
         return Entry(path, meta, visual)
@@ -438,10 +203,10 @@ class VideoCache:
     def _drop_if_same(self, path: Path, ident, reason: str) -> None:
         """Drop a bad entry, unless another process already replaced or removed it (then
         what failed was a read racing that process, not a corrupt entry)."""
-        if _identity(path) == ident:
+        if identity(path) == ident:
             self.drop(path, reason)
 
-    def _check_video(self, path: Path, meta: dict, fp: VideoFingerprint) -> None:
+    def _check_video(self, path: Path, meta: dict, fp: Fingerprint) -> None:
         """mtime is a hint: when it moved, the whole content must still match."""
         video = meta["video"]
         if video.get("mtime_ns") == fp.mtime_ns:
@@ -451,11 +216,11 @@ class VideoCache:
             raise CorruptEntry("video changed (same size and sampled blocks, other content)")
         video.update(mtime_ns=fp.mtime_ns, path=fp.path)
         try:
-            _write_json(path / META_FILE, meta)
+            write_json(path / META_FILE, meta)
         except OSError:
             pass
 
-    def store(self, key: CacheKey, fingerprint: VideoFingerprint, visual: mx.array, clip, *,
+    def store(self, key: CacheKey, fingerprint: Fingerprint, visual: mx.array, clip, *,
               content_sha256: Optional[str], model_name: str) -> Optional[Path]:
         """Write an entry for the visual tokens (no-op if another process has written it)."""
         final = self.entry_dir(key)
@@ -476,14 +241,14 @@ class VideoCache:
                 "visual_tokens": int(visual.shape[0]),
                 "clip": clip_record(clip),
                 "created": time.time(),
-                "files": {VISUAL_FILE: _file_record(tmp / VISUAL_FILE)},
+                "files": {VISUAL_FILE: file_record(tmp / VISUAL_FILE)},
             }
-            _write_json(tmp / META_FILE, meta)
+            write_json(tmp / META_FILE, meta)
             (tmp / LAST_USED).touch()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _publish(tmp, final)
+        publish(tmp, final)
         self.evict(keep=final)
         return final if final.is_dir() else None
 
@@ -492,12 +257,12 @@ class VideoCache:
         from mlx_lm.models.cache import load_prompt_cache
 
         path = entry.path / f"kv-{kv_key}"
-        ident = _identity(path)
+        ident = identity(path)
         if ident is None:
             return None
         try:
-            meta = _read_json(path / META_FILE)
-            _check_file(path / KV_FILE, meta["files"][KV_FILE])
+            meta = read_json(path / META_FILE)
+            check_file(path / KV_FILE, meta["files"][KV_FILE])
             try:
                 cache, saved = load_prompt_cache(str(path / KV_FILE), return_metadata=True)
             except Exception as e:
@@ -511,7 +276,7 @@ class VideoCache:
         except (CorruptEntry, KeyError, TypeError, AttributeError) as e:
             self._drop_if_same(path, ident, str(e))
             return None
-        if _identity(path) != ident:
+        if identity(path) != ident:
             return None
         self.touch(entry.path)
         return cache
@@ -523,20 +288,20 @@ class VideoCache:
         final = entry_path / f"kv-{kv_key}"
         if final.is_dir() or not entry_path.is_dir():
             return False
-        state = prefix_state(cache, length)
+        state = copy_prefix(cache, length)
         if state is None:
             return False
         tmp = self._tmp_dir()
         try:
             save_prompt_cache(str(tmp / KV_FILE), state, {"kv_key": kv_key, "length": str(length)})
-            _write_json(tmp / META_FILE, {"id": uuid.uuid4().hex, "kv_key": kv_key,
+            write_json(tmp / META_FILE, {"id": uuid.uuid4().hex, "kv_key": kv_key,
                                           "length": length, "system_prompt": system_prompt,
-                                          "files": {KV_FILE: _file_record(tmp / KV_FILE)}})
+                                          "files": {KV_FILE: file_record(tmp / KV_FILE)}})
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         # The entry may have been evicted meanwhile: then this prefix goes too.
-        published = entry_path.is_dir() and _publish(tmp, final)
+        published = entry_path.is_dir() and publish(tmp, final)
         if not published:
             shutil.rmtree(tmp, ignore_errors=True)
         self.evict(keep=entry_path)
@@ -577,14 +342,14 @@ class VideoCache:
                 out.append(EntryInfo(
                     key=p.name, video=meta["video"]["path"], model=meta.get("model", "?"),
                     num_frames=meta["key"]["num_frames"], seek=meta["key"]["seek"],
-                    bytes=_dir_bytes(p), last_used=last,
+                    bytes=dir_bytes(p), last_used=last,
                     prefixes=sum(1 for q in p.iterdir() if q.name.startswith("kv-"))))
             except (OSError, ValueError, KeyError, TypeError):
-                out.append(EntryInfo(p.name, "(unreadable)", "?", 0, "?", _dir_bytes(p), 0.0, 0))
+                out.append(EntryInfo(p.name, "(unreadable)", "?", 0, "?", dir_bytes(p), 0.0, 0))
         return sorted(out, key=lambda e: e.last_used, reverse=True)
 
     def total_bytes(self) -> int:
-        return sum(_dir_bytes(p) for p in self._entry_dirs())
+        return sum(dir_bytes(p) for p in self._entry_dirs())
 
     def evict(self, keep: Optional[Path] = None) -> list[str]:
         """Drop least recently used entries until the cache fits its cap."""
@@ -595,7 +360,7 @@ class VideoCache:
                 last = (p / LAST_USED).stat().st_mtime
             except OSError:
                 last = 0.0
-            sized.append((last, p, _dir_bytes(p)))
+            sized.append((last, p, dir_bytes(p)))
         total = sum(s for _, _, s in sized)
         evicted = []
         # Oldest first; the entry being used goes last, and only if it alone is too big.

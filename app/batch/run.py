@@ -1,27 +1,4 @@
-"""`sfllava batch PATH... --model DST --prompt TEXT [--prompt ...] --out results.jsonl`
-(SPEC §6): every (video, prompt) pair answered as `generate` would, resumable, over one
-process or every rank `mlx.launch` starts.
-
-    one Mac:    sfllava batch ~/Movies --model ~/models/sfllava --prompt "Describe it." --out r.jsonl
-    several:    mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- sfllava batch ...
-
-The run, on every rank (a plain run is a group of one):
-1. load the model (once), read what this rank can see of the results (`--out` on rank 0,
-   part files everywhere) and share the keys of the pairs already done;
-2. rank 0 lists the PATHs; the ranks fingerprint (and, for files found in directories,
-   open) a stride of them each, and share what they found;
-3. every rank computes the same plan: the pairs not done yet, the videos holding them
-   shared out by duration (`batch_inputs.share_out`);
-4. each rank answers its videos in input order, the next video decoding while the
-   current one is encoded and answered (`batch_prefetch`), each answer a synced line of
-   its part file (`batch_results`), and the video cache warmed for `sfllava chat`;
-5. the ranks wait for one another, send rank 0 their part files' lines, rank 0 writes the
-   merged `--out` in input order, then the part files are removed.
-Rank 0 alone reports and sets the exit status (0: every pair answered, 1: some failed,
-2: usage error); the other ranks exit 0. A rank killed midway (mlx.launch then stops the
-others) leaves whole lines in part files: the same command again merges them and answers
-only what is missing.
-"""
+"""`sfllava batch`: the run on one rank (see the package's docstring for the steps)."""
 
 from __future__ import annotations
 
@@ -34,54 +11,22 @@ from typing import Optional
 
 from sfllava_mlx.errors import UserError
 
-from . import batch_inputs as inputs
-from . import batch_results as results
-from .batch_progress import Progress
-from .options import add_generation_arguments
-
-def add_arguments(p) -> None:
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="video files, and directories searched recursively for videos")
-    p.add_argument("--model", required=True, help="converted model directory or hub repo id")
-    ask = p.add_mutually_exclusive_group(required=True)
-    ask.add_argument("--prompt", action="append", metavar="TEXT",
-                     help="a question asked about every video (repeat it for several)")
-    ask.add_argument("--prompts-file", metavar="F", help="questions, one a line")
-    p.add_argument("--out", required=True, metavar="FILE.jsonl",
-                   help="results, one JSON line per (video, prompt); the same command again "
-                        "answers only what is missing")
-    add_generation_arguments(_WithoutJson(p))
-
-
-class _WithoutJson:
-    """generate's options, less --json (batch always writes JSON Lines to --out)."""
-
-    def __init__(self, parser):
-        self._parser = parser
-
-    def add_argument(self, *names, **kwargs):
-        if "--json" not in names:
-            return self._parser.add_argument(*names, **kwargs)
-        return None
-
-    def __getattr__(self, name):
-        return getattr(self._parser, name)
+from ..fmt import count
+from ..options import ask_options, session_options
+from . import inputs, results
+from .progress import Progress
 
 
 @dataclass
-class Video:
+class Item:
+    """A video (or picture) of the library, and the prompts this run answers about it."""
+
     index: int  # in input order
     video: str  # as given
     path: str  # absolute
     fingerprint: Optional[str]
     duration: float
     pending: list  # prompts this run answers for it
-
-
-def main(args) -> int:
-    from .batch_dist import Group
-
-    return Batch(args, Group()).run()
 
 
 def message(e: BaseException) -> str:
@@ -156,8 +101,7 @@ class Batch:
 
     # -- 1. set-up, local to this rank ---------------------------------------------------
     def setup(self) -> None:
-        from app import runner
-        from sfllava_mlx import cache as vcache
+        from sfllava_mlx import Engine
 
         self.prompts = inputs.read_prompts(self.args)
         if self.out.is_dir():
@@ -167,9 +111,8 @@ class Batch:
         except OSError as e:
             raise UserError(f"cannot create the folder of --out {self.args.out}: "
                             f"{e.strerror or e}") from None
-        self.model, self.tokenizer = runner.load_model(self.args)
-        self.identity = vcache.model_identity(self.model)
-        self.model.identity = self.identity  # hashed once, not per video
+        self.engine = Engine(self.args.model)
+        self.identity = self.engine.identity  # hashed once, not per video
         # What this rank can see of the results: --out (rank 0) and part files.
         self.read_paths = results.owned_parts(self.out, self.rank, self.size)
         seen = [results.read(p) for p in self.read_paths]
@@ -209,10 +152,10 @@ class Batch:
             if info.kind == "skip":
                 skipped += 1
                 continue
-            videos.append(Video(len(videos), c.video, c.path, info.fingerprint, info.duration, []))
+            videos.append(Item(len(videos), c.video, c.path, info.fingerprint, info.duration, []))
         return videos, skipped
 
-    def plan(self, videos: list[Video]) -> list:
+    def plan(self, videos: list[Item]) -> list:
         """The (video, key) of every pair in input order; sets each video's pending prompts
         (a pair whose content another video of this run answers is not answered twice),
         `self.todo` (videos with pending prompts) and `self.ranks` (who answers each)."""
@@ -236,62 +179,37 @@ class Batch:
         skip = (f" ({skipped} {'file is not a video' if skipped == 1 else 'files are not videos'}"
                 ": skipped)" if skipped else "")
         where = f" over {self.size} processes" if self.size > 1 else ""
-        self.say(f"batch: {_count(len(videos), 'video')}{skip} x "
-                 f"{_count(len(self.prompts), 'prompt')} = {_count(len(wanted), 'pair')}; "
+        self.say(f"batch: {count(len(videos), 'video')}{skip} x "
+                 f"{count(len(self.prompts), 'prompt')} = {count(len(wanted), 'pair')}; "
                  f"{self.total_done} already in {self.args.out}, "
                  f"{self.pending_pairs} to answer{where}")
 
     # -- 4. answering ---------------------------------------------------------------------
-    def answer(self, mine: list[Video]) -> None:
-        from app import runner
-        from sfllava_mlx import cache as vcache
+    def answer(self, mine: list[Item]) -> None:
+        from .prefetch import FramePipeline
 
-        from .batch_prefetch import FramePipeline
-
-        args = self.args
-        store = vcache.VideoCache() if runner.use_cache(args) else None
-        frame_options = runner.frame_options(self.model, args)
-        prefetch = getattr(args, "vision_backend", "mlx") == "mlx"
-        from sfllava_mlx.image import is_picture
-
-        # Pictures have no frames to decode ahead.
-        paths = [_open_path(v) if prefetch and not is_picture(_open_path(v)) else None
-                 for v in mine]
-        pipeline = FramePipeline(paths, frame_options, self.model.config.preprocess.image_size,
-                                 skip=lambda j: self.likely_cached(mine[j], store))
+        options = session_options(self.args)
+        prefetch = options["vision_backend"] == "mlx"  # Core ML reads all frames itself
+        pipeline = FramePipeline(
+            [_open_path(v) for v in mine], lambda path: self.engine.prepare(path, **options),
+            self.engine.model.config.preprocess.image_size, decode=prefetch,
+            cached=self.engine.cached)
         self.writer = results.PartWriter(results.part_path(self.out, self.rank))
         progress = Progress(self.rank, self.size, sum(len(v.pending) for v in mine))
         try:
             for j, v in enumerate(mine):
-                self.answer_video(v, pipeline.take(j), store, progress)
+                self.answer_item(v, pipeline.take(j), progress)
         finally:
             pipeline.close()
             progress.close()
             self.writer.close()
 
-    def likely_cached(self, v: Video, store) -> bool:
-        """The video cache holds its visual tokens (then nothing needs decoding): the key
-        `runner.open_video` looks up. Asked on the frame pipeline's thread."""
-        if store is None or v.fingerprint is None:
-            return False
-        from app import runner
-        from sfllava_mlx import cache as vcache
+    def answer_item(self, v: Item, prefetched, progress) -> None:
+        import mlx.core as mx
 
-        args = self.args
-        fp = vcache.VideoFingerprint(v.path, os.path.getsize(v.path), v.fingerprint, 0)
-        key = vcache.make_key(fp, self.model, seek=getattr(args, "seek", "exact"),
-                              vision_backend=getattr(args, "vision_backend", "mlx"),
-                              sampling=runner.video_sampling(self.model, _open_path(v), args),
-                              fps=getattr(args, "fps", None))
-        return store.entry_dir(key).is_dir()
-
-    def answer_video(self, v: Video, frames, store, progress) -> None:
-        from app import runner
-
-        runner.reset_peak_memory()
+        mx.reset_peak_memory()
         try:
-            opened = runner.open_media(self.model, self.tokenizer, _open_path(v), self.args,
-                                       store=store, frames=frames)
+            session = self.engine.open(prefetched.opening(), frames=prefetched.frames)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # the batch goes on: one error line per prompt
@@ -300,17 +218,14 @@ class Batch:
                 progress.advance(failed=True)
             return
         finally:
-            if frames is not None:
-                frames.close()
-        options = runner.ask_options(self.args)
+            prefetched.close()
         for k, p in enumerate(v.pending):
             if k:
-                opened.conv.reset()  # each pair is a conversation of its own
+                session.reset()  # each pair is a conversation of its own
             try:
-                for _ in opened.ask(p, **options):
+                for _ in session.ask(p, **ask_options(self.args)):
                     pass
-                rec = runner.turn_record(opened.conv.last_turn, opened.visual, opened.cache,
-                                         runner.media_recipe(opened, self.args))
+                rec = session.record()
             except KeyboardInterrupt:
                 raise
             except Exception as e:
@@ -319,9 +234,9 @@ class Batch:
                 continue
             self.write(v, p, rec, None)
             progress.advance(failed=False)
-            opened.save()  # warms the video cache for `sfllava chat` (a no-op once saved)
+            session.save()  # warms the video cache for `sfllava chat` (a no-op once saved)
 
-    def write(self, v: Video, prompt: str, answer: Optional[dict], error: Optional[str]) -> None:
+    def write(self, v: Item, prompt: str, answer: Optional[dict], error: Optional[str]) -> None:
         rec = {"video": v.video, "prompt": prompt, "fingerprint": v.fingerprint,
                "model": self.args.model, "model_identity": self.identity, "recipe": self.recipe}
         if answer is None:
@@ -365,7 +280,7 @@ class Batch:
         keys = [k for _, k in wanted]
         missing = sum(1 for k in keys if k not in answers)
         failed = sum(1 for k in keys if k in answers and answers[k].get("error") is not None)
-        self.say(f"batch: {_pairs(answered_now)} answered in this run; {self.args.out} holds "
+        self.say(f"batch: {count(answered_now, 'pair')} answered in this run; {self.args.out} holds "
                  f"{len(keys) - missing} of {len(keys)} pairs of this input"
                  + (f", {failed} failed" if failed else ""))
         if missing:
@@ -389,15 +304,7 @@ class Batch:
         results.remove(paths)
 
 
-def _count(n: int, what: str) -> str:
-    return f"{n} {what}" if n == 1 else f"{n} {what}s"
-
-
-def _pairs(n: int) -> str:
-    return _count(n, "pair")
-
-
-def _open_path(v: Video) -> str:
+def _open_path(v: Item) -> str:
     """The path as given where it names the same file here (error messages then read as
     `generate`'s), else the absolute path rank 0 found."""
     return v.video if os.path.abspath(v.video) == v.path else v.path

@@ -1,0 +1,38 @@
+"""`sfllava chat FILE --model DIR`: chat about a video or a picture in the terminal (SPEC §4).
+
+FILE is a picture when its content is one (JPEG, PNG, WebP, HEIC: SPEC §2.11), a video
+otherwise; `/image FILE` and `/video FILE` switch to another.
+
+In a terminal (`terminal.py`): a header, progress while the video is opened, answers
+streamed as they are written (Markdown once done), a status line per answer, commands
+(/help) and input history. Ctrl-C stops an answer and keeps the conversation.
+
+With standard input that is not a terminal (`piped.py`): one question a line, answers in
+turn in the same conversation, each followed by a blank line, or one JSON object per turn
+(--json).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..options import add_generation_arguments, add_model_argument
+
+COMMANDS = ("/help", "/reset", "/frames", "/stats", "/save", "/video", "/image", "/quit")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("file", metavar="FILE",
+                   help="the video, or a picture (recognised by its content: JPEG, PNG, WebP, HEIC)")
+    add_model_argument(p)
+    add_generation_arguments(p)
+
+
+def main(args) -> int:
+    if sys.stdin.isatty() and sys.stdout.isatty() and not args.json:
+        from .terminal import main as terminal
+
+        return terminal(args)
+    from .piped import main as piped
+
+    return piped(args)

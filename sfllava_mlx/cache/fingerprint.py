@@ -1,0 +1,104 @@
+"""What a video (or picture) and a model are, for the cache: content fingerprints that cost
+a few sampled blocks, never a full read, and a full hash computed in the background."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+SAMPLE_BLOCKS = 64  # blocks hashed per file for its fingerprint
+BLOCK_BYTES = 64 * 1024
+
+
+def sampled_digest(path, blocks: int = SAMPLE_BLOCKS, block: int = BLOCK_BYTES) -> tuple[int, str]:
+    """(size, sha256 of the size and `blocks` evenly spaced blocks, first and last included).
+
+    Reads at most blocks * block bytes whatever the file's length (the whole file when
+    it is smaller than that).
+    """
+    size = os.path.getsize(path)
+    h = hashlib.sha256(f"{size}:".encode())
+    with open(path, "rb") as f:
+        if size <= blocks * block:
+            h.update(f.read())
+        else:
+            last = size - block
+            for i in range(blocks):
+                f.seek(i * last // (blocks - 1))
+                h.update(f.read(block))
+    return size, h.hexdigest()
+
+
+def content_digest(path, chunk: int = 8 << 20) -> str:
+    """SHA-256 of the whole file (hashlib releases the GIL: runs well in a thread)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+@dataclass
+class Fingerprint:
+    """A file's content fingerprint (SPEC §4): its size and sampled digest; mtime a hint."""
+
+    path: str
+    size: int
+    sampled: str  # sampled_digest: the part of the key
+    mtime_ns: int  # a hint only
+
+    @classmethod
+    def of(cls, path) -> "Fingerprint":
+        path = os.path.abspath(path)
+        st = os.stat(path)
+        size, sampled = sampled_digest(path)
+        return cls(path, size, sampled, st.st_mtime_ns)
+
+
+class ContentHasher:
+    """The full hash of a file, computed in a background thread."""
+
+    def __init__(self, path):
+        self._result: Optional[str] = None
+        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self._thread.start()
+
+    def _run(self, path):
+        try:
+            self._result = content_digest(path)
+        except OSError:
+            self._result = None
+
+    def result(self) -> Optional[str]:
+        self._thread.join()
+        return self._result
+
+
+def model_identity(model) -> str:
+    """A stable id of a model's weights and tokenizer: the content of its JSON files and
+    the sampled fingerprint of every other file (weights: their headers and sampled data
+    blocks). A model built in memory (benchmarks) sets `model.identity` itself."""
+    given = getattr(model, "identity", None)
+    if given:
+        return str(given)
+    path = getattr(model, "path", None)
+    if path is None:
+        raise ValueError("model has neither a path nor an identity: it cannot be cached")
+    h = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        if f.suffix == ".json":
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        elif f.suffix in (".safetensors", ".txt", ".model", ".mlpackage", ".jinja"):
+            size, digest = sampled_digest(f, blocks=16)
+            h.update(f"{f.name}:{size}:{digest}".encode())
+    return h.hexdigest()[:24]
+
+
+def runtime_dtype(model) -> str:
+    return str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")

@@ -1,0 +1,57 @@
+"""The cache's keys, each built here and nowhere else: what a video's visual tokens depend on
+(its content, the model, the frame sampling, the dtype, the vision backend: not temperature,
+seed or system prompt), what a picture's do, and what a prefilled prefix depends on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from ..config import ImageConfig, SamplingConfig
+from .fingerprint import Fingerprint
+
+
+@dataclass
+class CacheKey:
+    video_size: int
+    video_sampled: str
+    model: str
+    num_frames: int
+    slow_every: int
+    seek: str
+    dtype: str
+    vision_backend: str = "mlx"
+    # The recipe's other fields where they differ from SF-LLaVA-1.5's defaults (SPEC §2.9),
+    # and the options that chose the frames (--fps).
+    recipe: dict = field(default_factory=dict)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def video_key(fingerprint: Fingerprint, model: str, dtype: str, sampling: SamplingConfig, *,
+              seek: str = "exact", vision_backend: str = "mlx",
+              fps: Optional[float] = None) -> CacheKey:
+    """`sampling`: this video's recipe as sampled (its T after --fps); `fps`: the --fps."""
+    recipe = {k: v for k, v in asdict(sampling).items()
+              if k not in ("num_frames", "slow_every") and v != getattr(SamplingConfig, k)}
+    if fps is not None:
+        recipe["fps"] = float(fps)
+    return CacheKey(fingerprint.size, fingerprint.sampled, model, sampling.num_frames,
+                    sampling.slow_every, seek, dtype, vision_backend, recipe)
+
+
+def image_key(fingerprint: Fingerprint, model: str, dtype: str, image: ImageConfig) -> CacheKey:
+    """A picture's key: its content, the model, the image recipe (SPEC §2.11) and the dtype.
+    No frames (num_frames 0, seek "image")."""
+    return CacheKey(fingerprint.size, fingerprint.sampled, model, 0, 0, "image", dtype, "mlx",
+                    {"image": asdict(image)})
+
+
+def prefix_key(prefix_ids: list, *, kv_bits=None, kv_group_size=64) -> str:
+    """The KV cache of the prefix depends on the system prompt's tokens and the KV format."""
+    material = json.dumps({"prefix": list(map(int, prefix_ids)), "kv_bits": kv_bits,
+                           "kv_group_size": kv_group_size if kv_bits else None})
+    return hashlib.sha256(material.encode()).hexdigest()[:16]

@@ -1,0 +1,124 @@
+"""Sampled frames to visual tokens: vision tower, projector and SlowFast pooling, a batch at a
+time, so memory holds one batch of full grids, never all 128."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from .config import VISION_BATCH, SamplingConfig
+from .frames import SampledFrames
+from .pooling import concat_streams, is_slow, num_visual_tokens, pool_frames, stride_of
+from .preprocess import preprocess
+
+
+@dataclass
+class VisualTokens:
+    embeddings: mx.array  # (Nv, D), slow block then fast block
+    clip: object  # what they were made from: SampledFrames, a CachedClip or a PictureClip
+    timings: dict = field(default_factory=lambda: {"frames": 0.0, "vision": 0.0})
+
+
+class Stopwatch:
+    """Adds elapsed wall time to named stages: critical-path shares, nothing counted twice."""
+
+    def __init__(self, timings: dict):
+        self.timings = timings
+        self.mark = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.mark
+        self.mark = now
+
+
+def encode_frames(model, frames, sampling: SamplingConfig, *, vision=None,
+                  batch_size: int = VISION_BATCH,
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  timings: Optional[dict] = None) -> mx.array:
+    """Frames in position order (an iterable of RGB uint8 images) -> pooled visual tokens.
+
+    Each batch goes through tower and projector and is pooled right away (pooling is per
+    frame). `timings` gains the critical-path shares `decode` (waiting for frames),
+    `preprocess`, their sum `frames`, and `vision` (tower, projector, pooling).
+    """
+    cfg = model.config
+    vision = vision or model.vision_tower
+    timings = timings if timings is not None else {}
+    before = {k: timings.get(k, 0.0) for k in ("decode", "preprocess")}
+    watch = Stopwatch(timings)
+    slow, fast, batch, done = [], [], [], 0
+
+    def flush():
+        nonlocal done
+        pixels = preprocess([im for _, im in batch], cfg.preprocess)
+        watch.lap("preprocess")
+        grid = model.projector(vision(pixels))  # (B, G*G, D)
+        g = cfg.vision.grid
+        grid = grid.reshape(len(batch), g, g, -1)
+        pos = [p for p, _ in batch]
+        for stream, out in ((True, slow), (False, fast)):
+            rows = [j for j, p in enumerate(pos) if is_slow(p, sampling) == stream]
+            if rows:
+                out.append(pool_frames(grid[mx.array(rows)], stride_of(stream, sampling),
+                                       sampling.pool_mode))
+        mx.eval(slow, fast)
+        done += len(batch)
+        batch.clear()
+        watch.lap("vision")
+        if progress:
+            progress(done, sampling.num_frames)
+
+    for position, image in enumerate(frames):
+        watch.lap("decode")
+        batch.append((position, image))
+        if len(batch) == batch_size:
+            flush()
+    watch.lap("decode")
+    if batch:
+        flush()
+    tokens = concat_streams(mx.concatenate(slow) if slow else None,
+                            mx.concatenate(fast) if fast else None,
+                            sampling=sampling, newline=model.newline)
+    mx.eval(tokens)
+    watch.lap("vision")
+    timings["frames"] = timings.get("frames", 0.0) + sum(
+        timings[k] - before[k] for k in ("decode", "preprocess"))
+    return tokens
+
+
+def encode_video(model, clip, sampling: SamplingConfig, *, frames_s: float = 0.0, vision=None,
+                 batch_size: int = VISION_BATCH, progress=None,
+                 on_frame: Optional[Callable[[int, int], None]] = None) -> VisualTokens:
+    """Sampled frames -> VisualTokens. `vision` swaps the tower (e.g. a Core ML backend).
+
+    `clip` is a SampledFrames (frames in memory) or a FrameReader, whose frames decode on a
+    worker thread while the tower encodes the ones already there. `frames_s`: the time
+    already spent on the frames (opening the reader, or reading them all), counted in the
+    `frames` stage. `progress(done, total)` follows the tower, `on_frame(done, total)` the
+    frames.
+    """
+    timings = {"frames": frames_s, "vision": 0.0}
+    streaming = not isinstance(clip, SampledFrames)
+    total = sampling.num_frames
+
+    def images():
+        for done, item in enumerate(clip if streaming else clip.images, 1):
+            if on_frame:
+                on_frame(done, total)
+            yield item[1] if streaming else item
+
+    tokens = encode_frames(model, images(), sampling, vision=vision, batch_size=batch_size,
+                           progress=progress, timings=timings)
+    expected = num_visual_tokens(model.config.vision.grid, sampling)
+    assert tokens.shape[0] == expected, (tokens.shape, expected)
+    return VisualTokens(tokens, frames_of(clip) if streaming else clip, timings)
+
+
+def frames_of(reader) -> SampledFrames:
+    """What a FrameReader sampled (without the images, which were not kept)."""
+    return SampledFrames([], list(reader.indices), list(reader.timestamps),
+                         list(reader.streams), reader.exact, list(reader.replaced), reader.info)

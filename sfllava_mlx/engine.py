@@ -1,0 +1,274 @@
+"""The library API (SPEC §7): an Engine holds one loaded model and the video cache; `open`
+checks a video or a picture — the file, the memory plan, the context — before anything is
+decoded, then returns a Session with the options it was opened with.
+
+    from sfllava_mlx import Engine
+    engine = Engine("~/models/ov-0.5b")
+    chat = engine.open("holiday.mp4", recipe="slowfast")
+    for chunk in chat.ask("What happens?"):
+        print(chunk.text, end="")
+
+The steps, each written once: `prepare` (file, recipe, memory plan, cache key), the cache
+lookup, the encode (frames streamed into the tower, or Core ML beside the prefill, or a
+picture's tiles), the conversation with its prefix read back from the cache on a hit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+from .cache import ContentHasher, Fingerprint, VideoCache, image_key, model_identity, video_key
+from .config import SamplingConfig
+from .conversation import Conversation
+from .encode import VisualTokens, encode_video
+from .errors import VideoError
+from .frames import VideoInfo, frames_for_rate, iter_frames, probe, read_frames, video_duration
+from .frames.video import check_readable
+from .image import (ImageError, PictureClip, PictureInfo, encode_image, is_picture,
+                    named_like_picture, num_image_tokens, read_image)
+from .image import probe as probe_picture
+from .memory import MemoryPlan, check, check_context, check_video, plan_tokens
+from .memory import MIN_TEXT_TOKENS
+from .model import load
+from .options import Options
+from .prompt import time_instruction
+from .session import Session
+
+# progress(stage, done, total), stage being "frames", "vision" or "prefill"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Opening:
+    """A media file checked for opening, nothing decoded yet: what it is, how it will be
+    sampled, the memory plan and the cache key."""
+
+    path: str
+    media: str  # "video" or "image"
+    options: Options
+    memory: MemoryPlan
+    started: float  # perf_counter when the request began: the first ttft counts from here
+    sampling: Optional[SamplingConfig] = None  # a video's recipe as sampled (T after --fps)
+    picture: Optional[PictureInfo] = None
+    fingerprint: Optional[Fingerprint] = None
+    key: Optional[object] = None  # cache.CacheKey, where the cache is on
+
+    def reader(self):
+        """A FrameReader of this video's sampled frames, decoding on a worker thread."""
+        s = self.sampling
+        return iter_frames(self.path, num_frames=s.num_frames, slow_every=s.slow_every,
+                           seek=self.options.seek, positions=s.frame_positions)
+
+    def read_all(self):
+        s = self.sampling
+        return read_frames(self.path, num_frames=s.num_frames, slow_every=s.slow_every,
+                           seek=self.options.seek, positions=s.frame_positions)
+
+
+def model_name(path_or_repo: str) -> str:
+    """SPEC §5's model id: the last path part of a directory, or the hub repo id."""
+    expanded = os.path.expanduser(path_or_repo)
+    if os.path.exists(expanded):
+        return os.path.basename(os.path.normpath(expanded))
+    return path_or_repo
+
+
+class Engine:
+    """One loaded model and the persistent video cache, for any number of Sessions."""
+
+    def __init__(self, model, tokenizer=None, *, dtype=None, cache_dir=None):
+        """`model`: a converted model directory or hub repo id, loaded here; or an SFLLaVA
+        already loaded (random weights, tests), with its `tokenizer`."""
+        if tokenizer is None:
+            self.name = model_name(str(model))
+            model, tokenizer = load(str(model), dtype=dtype)
+        else:
+            self.name = model_name(str(model.path)) if getattr(model, "path", None) else "model"
+        self.model, self.tokenizer = model, tokenizer
+        self.store = VideoCache(cache_dir)
+        self._identity: Optional[str] = None
+        self._towers: dict = {}
+
+    @property
+    def identity(self) -> str:
+        """The model's content identity (the cache keys on it), hashed once."""
+        if self._identity is None:
+            self._identity = model_identity(self.model)
+        return self._identity
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    # -- checking ------------------------------------------------------------------------
+    def plan(self, media, **options) -> MemoryPlan:
+        """The memory plan and the context check of opening `media`; UserError if it cannot
+        fit. Decodes nothing."""
+        return self.prepare(media, **options).memory
+
+    def prepare(self, media, **options) -> Opening:
+        started = time.perf_counter()
+        opts = Options.of(**options)
+        path = os.path.expanduser(str(media))
+        if is_picture(path):
+            return self._prepare_picture(path, opts, started)
+        return self._prepare_video(path, opts, started)
+
+    def _context(self, opts: Options) -> tuple[int, str]:
+        limit = min(self.context_length, opts.max_kv_size or self.context_length)
+        return limit, "--max-kv-size" if limit < self.context_length else "the model's context"
+
+    def _prepare_video(self, path: str, opts: Options, started: float) -> Opening:
+        if not os.path.exists(path):
+            raise VideoError(f"video not found: {path}")
+        try:
+            check_readable(path)
+        except VideoError:
+            if os.path.isfile(path) and named_like_picture(path):
+                raise ImageError(f"{path} is not a picture (its content is not JPEG, PNG, "
+                                 "WebP, HEIC or AVIF) nor a video") from None
+            raise
+        sampling = self.model.config.recipe(opts.recipe, opts.num_frames)
+        if opts.fps is not None:
+            info = probe(path)
+            sampling = replace(sampling, num_frames=frames_for_rate(
+                sampling.num_frames, info.num_frames, info.fps, opts.fps))
+        limit, limit_name = self._context(opts)
+        memory = check_video(self.model, sampling, context_limit=limit, context_name=limit_name,
+                             max_tokens=opts.max_tokens, kv_bits=opts.kv_bits,
+                             max_kv_size=opts.max_kv_size)
+        fingerprint = key = None
+        if opts.cache:
+            fingerprint = Fingerprint.of(path)
+            key = video_key(fingerprint, self.identity, self.dtype, sampling, seek=opts.seek,
+                            vision_backend=opts.vision_backend, fps=opts.fps)
+        return Opening(path, "video", opts, memory, started, sampling=sampling,
+                       fingerprint=fingerprint, key=key)
+
+    def _prepare_picture(self, path: str, opts: Options, started: float) -> Opening:
+        info = probe_picture(path)  # ImageError (exit 2) for what cannot be used
+        config = self.model.config
+        tokens = num_image_tokens(config, info.size)
+        inputs = 1
+        if config.image.anyres:
+            from .anyres import plan as tile_plan
+
+            inputs = tile_plan(info.size, config.image, config.vision.image_size,
+                               config.vision.grid).num_tiles
+        limit, limit_name = self._context(opts)
+        check_context(tokens + MIN_TEXT_TOKENS, limit,
+                      f"this picture's {tokens} visual tokens and the prompt", limit_name)
+        memory = check(plan_tokens(self.model, tokens, inputs, max_tokens=opts.max_tokens,
+                                   kv_bits=opts.kv_bits, max_kv_size=opts.max_kv_size),
+                       "this picture", lambda: ["a smaller model"])
+        fingerprint = key = None
+        if opts.cache:
+            fingerprint = Fingerprint.of(path)
+            key = image_key(fingerprint, self.identity, self.dtype, config.image)
+        return Opening(path, "image", opts, memory, started, picture=info,
+                       fingerprint=fingerprint, key=key)
+
+    def cached(self, opening: Opening) -> bool:
+        """Whether the cache holds this opening's visual tokens (nothing to decode)."""
+        return opening.key is not None and self.store.entry_dir(opening.key).is_dir()
+
+    # -- opening ---------------------------------------------------------------------------
+    def open(self, media, *, progress: Optional[Progress] = None, prefill: bool = False,
+             frames=None, tower=None, **options) -> Session:
+        """A Session about `media` (a path, or an Opening from `prepare`), through the cache
+        unless `cache=False`. `prefill=True` also prefills the prompt's prefix now, so the
+        first question prefills only its own tokens. `frames`: a FrameReader-like object
+        already decoding this video (a batch's prefetch), used on a cache miss. `tower`:
+        a stand-in for the vision backend (the profiler's timed tower)."""
+        if isinstance(media, Opening):  # prepared earlier: the request starts now
+            opening = replace(media, started=time.perf_counter())
+        else:
+            opening = self.prepare(media, **options)
+        opts = opening.options
+        entry = None
+        if opening.key is not None:
+            hidden = self.model.config.projector.hidden_size
+            entry = self.store.lookup(opening.key, opening.fingerprint, hidden_size=hidden,
+                                      num_tokens=opening.memory.visual_tokens)
+        conversation = hasher = None
+        if entry is None and opening.key is not None:  # the full hash, while frames decode
+            hasher = ContentHasher(opening.path)
+        if entry is not None:
+            clip = entry.clip
+            if opening.media == "video":
+                clip.info = VideoInfo(**clip.info)
+            else:
+                clip = PictureClip.from_cached(clip)
+            visual = VisualTokens(entry.visual, clip, {"frames": 0.0, "vision": 0.0})
+        elif opening.media == "image":
+            visual = encode_image(self.model, read_image(opening.path, opening.picture),
+                                  progress=_stage(progress, "vision"))
+        elif opts.vision_backend == "coreml":
+            visual, conversation = self._encode_overlapped(opening, tower or self.vision_backend(opts))
+        else:
+            visual = self._encode_streaming(opening, progress, frames, tower)
+        conversation = conversation or self._conversation(opening, visual)
+        session = Session(self, opening, visual, conversation, entry, hasher)
+        if prefill:
+            session.prefill(progress)
+        return session
+
+    def vision_backend(self, opts: Options):
+        """None for MLX's own tower, else the Core ML tower (compiled once per units)."""
+        if opts.vision_backend != "coreml":
+            return None
+        if opts.compute_units not in self._towers:
+            from .coreml_vision import CoreMLVisionTower
+
+            self._towers[opts.compute_units] = CoreMLVisionTower.for_model(self.model,
+                                                                          opts.compute_units)
+        return self._towers[opts.compute_units]
+
+    def _encode_streaming(self, opening: Opening, progress, frames, tower) -> VisualTokens:
+        """Decode on the frame reader's thread while the tower encodes what has arrived:
+        `frames` counts opening the video and the time the tower waited for frames."""
+        tic = time.perf_counter()
+        reader = frames if frames is not None else opening.reader()
+        with reader:
+            return encode_video(self.model, reader, opening.sampling,
+                                frames_s=time.perf_counter() - tic, vision=tower,
+                                on_frame=_stage(progress, "frames"),
+                                progress=_stage(progress, "vision"))
+
+    def _encode_overlapped(self, opening: Opening, tower):
+        """The Core ML tower beside MLX: the slow frames' tokens prefill while the fast
+        frames encode -> (visual tokens, the conversation holding the prefix)."""
+        from .overlap import prefill_overlapped
+
+        tic = time.perf_counter()
+        clip = opening.read_all()
+        conversation = self._conversation(opening, None, clip)
+        visual = prefill_overlapped(conversation, clip, tower, opening.sampling,
+                                    frames_s=time.perf_counter() - tic)
+        return visual, conversation
+
+    def _conversation(self, opening: Opening, visual: Optional[VisualTokens],
+                      clip=None) -> Conversation:
+        opts = opening.options
+        clip = clip if clip is not None else visual.clip
+        preamble = ""
+        if opening.media == "video" and opts.timestamps:
+            info = clip.info
+            preamble = time_instruction(video_duration(info.num_frames, info.fps), clip.timestamps)
+        return Conversation(self.model, self.tokenizer, visual, system_prompt=opts.system_prompt,
+                            preamble=preamble, max_kv_size=opts.max_kv_size,
+                            kv_bits=opts.kv_bits)
+
+
+def _stage(progress: Optional[Progress], stage: str):
+    return (lambda done, total: progress(stage, done, total)) if progress else None
+
+
+__all__ = ["Engine", "Opening", "Session"]

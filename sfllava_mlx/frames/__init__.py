@@ -1,0 +1,44 @@
+"""Frame source: the exact frames of SPEC §2.1, with their timestamps, decoded on a worker thread.
+
+    from sfllava_mlx.frames import read_frames, iter_frames, probe
+
+    clip = read_frames("trip.mp4", num_frames=128, slow_every=4, seek="exact")  # SampledFrames
+
+    with iter_frames("trip.mp4") as reader:        # FrameReader: opens, then decodes on a thread
+        reader.info, reader.indices, reader.timestamps, reader.streams, reader.exact  # known now
+        for position, image in reader:             # position order; decoding runs ahead
+            ...                                    # (H, W, 3) uint8 RGB, upright, read-only
+        reader.replaced                            # complete once the loop ends
+
+Positions i = 0..T-1 take frame `floor((i + 0.5) * N / T)`, N being the frames the stream
+holds in presentation order (not the container's frame count or fps, which may lie). An entry
+of `indices` or `timestamps` can change only for a frame that fails to decode (it is replaced
+by its nearest decodable neighbour, listed in `replaced`), and is final once its position has
+been yielded. Positions that share a frame share one read-only array.
+
+How frames are found. OpenCV's `CAP_PROP_POS_FRAMES` seek maps a frame number to a time with
+the nominal fps (wrong for variable frame rate) and cannot name keyframes, so this module uses
+PyAV, the same FFmpeg underneath:
+- an index of every frame's presentation timestamp and of the keyframes. For MP4/MOV without
+  frame reordering it is the container's sample table (free, no file read); otherwise one
+  pass over the packets (reads the file, decodes nothing).
+- exact mode walks the wanted frames in order and, for each, either keeps decoding forward or
+  seeks to the keyframe at or before it, whichever decodes fewer frames (a seek counts as
+  `SEEK_COST_FRAMES` frames more). That is never worse than one sequential pass nor than one
+  seek per frame, and equals the decode floor (frames from each wanted frame's keyframe to it)
+  up to the seeks' overhead. Frames are identified by their timestamps, not by counting, so
+  variable frame rate and B-frame reordering stay exact. Skipped frames are decoded but never
+  colour-converted (what OpenCV's `grab()` saves).
+- keyframe mode (`seek="keyframe"`) takes, for each position, the keyframe at or before it,
+  decoding keyframes only: fast and approximate; indices and timestamps reported are the
+  keyframes' own.
+- containers without timestamps fall back to one sequential pass that counts frames.
+"""
+
+from .reader import FrameReader, SampledFrames, iter_frames, read_frames
+from .sampling import SEEK_MODES, frames_for_rate, sample_positions, stream_names, video_duration
+from .video import VideoInfo, probe
+
+__all__ = ["FrameReader", "SampledFrames", "VideoInfo", "SEEK_MODES", "frames_for_rate",
+           "iter_frames", "probe", "read_frames", "sample_positions", "stream_names",
+           "video_duration"]

@@ -1,0 +1,206 @@
+"""The sampled frames of one video, decoded on a worker thread while the consumer works."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from ..errors import VideoError
+from ..system import available_memory, physical_memory
+from .sampling import SEEK_MODES, frames_for_rate, sample_positions, stream_names
+from .video import IndexedVideo, VideoInfo, _Decoder, _to_rgb, open_video
+
+PREFETCH = 8  # decoded frames waiting for the consumer (bounds memory)
+_DONE = object()
+
+
+@dataclass
+class SampledFrames:
+    images: list  # np.ndarray uint8 (H, W, 3) RGB, upright, one per position, position order
+    indices: list  # frame index taken per position (the keyframe's in keyframe mode)
+    timestamps: list  # seconds, presentation time of that frame
+    streams: list  # "slow" | "fast" per position
+    exact: bool  # False in keyframe mode
+    replaced: list  # (wanted_index, used_index) for frames that failed to decode
+    info: VideoInfo
+
+
+
+def _available_memory() -> int:
+    """Bytes of memory this process may still use (Linux: MemAvailable; else physical memory)."""
+    return available_memory() or physical_memory() or 1 << 62
+
+
+def _check_memory(info: VideoInfo, held_frames: int) -> None:
+    frame = info.width * info.height * 3
+    decoder = 24 * info.width * info.height * 3 // 2  # reference frames and threads, YUV 4:2:0
+    need = held_frames * frame + decoder
+    available = _available_memory()
+    if need > available:
+        raise VideoError(
+            f"{info.path} is {info.width}x{info.height}: decoding {held_frames} frames of it needs "
+            f"{need / 1e9:.1f} GB, more than the {available / 1e9:.1f} GB of memory available")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reader: header now, frames from a worker thread
+
+
+class FrameReader:
+    """The sampled frames of one video, decoded on a worker thread (see the module docstring).
+
+    Use as a context manager or call close(): leaving early stops the worker.
+    Attributes: info, indices, timestamps, streams, exact, replaced, decoded (frames the decoder
+    produced), seeks, elapsed_s (decoding wall time, once finished).
+    """
+
+    def __init__(self, path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
+                 prefetch: int = PREFETCH, hold_all: bool = False, positions: str = "midpoint",
+                 fps: Optional[float] = None):
+        if seek not in SEEK_MODES:
+            raise ValueError(f"seek must be one of {SEEK_MODES}, not {seek!r}")
+        if num_frames < 1 or slow_every < 1:
+            raise ValueError("num_frames and slow_every must be at least 1")
+        video, self._decoder, first = open_video(path, keyframes_only=seek == "keyframe")
+        index = video.index
+        # Without timestamps there is no seeking: keyframe mode degrades to the exact pass.
+        self.exact = seek == "exact" or index.pts is None
+        try:
+            if self.exact and self._decoder.keyframes_only:
+                self._decoder.close()
+                self._decoder = _Decoder(IndexedVideo(path, index.read_packets), keyframes_only=False)
+            self.info = video.info(first)
+            num_frames = frames_for_rate(num_frames, self.info.num_frames, self.info.fps, fps)
+            wanted = sample_positions(index.n, num_frames, positions)
+            if not self.exact:
+                wanted = [index.keyframes[index.keyframe_before(i)] for i in wanted]
+            self.indices = list(wanted)
+            self.timestamps = [index.timestamp(i) for i in wanted]
+            self.streams = stream_names(num_frames, slow_every)
+            self.replaced: list = []
+            # read_frames holds every distinct frame; a streaming consumer only the prefetch.
+            _check_memory(self.info, len(set(wanted)) if hold_all else prefetch)
+        except BaseException:
+            self._decoder.close()
+            raise
+        self.decoded = self.seeks = 0
+        self.elapsed_s = 0.0
+        self._index = index
+        self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="sfllava-frames", daemon=True)
+        self._thread.start()
+
+    # -- worker ---------------------------------------------------------------------------
+    def _work(self):
+        start = time.perf_counter()
+        try:
+            by_index: dict[int, list[int]] = {}
+            for position, i in enumerate(self.indices):
+                by_index.setdefault(i, []).append(position)
+            for t in sorted(by_index):
+                used, image = self._decode(t)
+                if used != t:
+                    self.replaced.append((t, used))
+                for position in by_index[t]:
+                    self.indices[position] = used
+                    self.timestamps[position] = self._index.timestamp(used)
+                for position in by_index[t]:
+                    if not self._put((position, image)):
+                        return
+            self._put(_DONE)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+        finally:
+            self.decoded, self.seeks = self._decoder.decoded, self._decoder.seeks
+            self.elapsed_s = time.perf_counter() - start
+            self._decoder.close()
+
+    def _decode(self, t: int):
+        d = self._decoder
+        d.goto(t)
+        frame = d.advance_to(t)
+        if frame is not None:
+            return t, _to_rgb(frame, self.info.rotation)
+        return self._nearest(t)
+
+    def _nearest(self, t: int):
+        """The nearest decodable frame to t (the earlier one on a tie)."""
+        d, n = self._decoder, self._index.n
+        radius = 8
+        while True:
+            lo, hi = max(t - radius, 0), min(t + radius, n - 1)
+            d.goto(lo, seek_cost=0)
+            before = after = None
+            while (item := d.peek()) is not None and item[0] <= hi:
+                d.take()
+                if item[0] < t:
+                    before = item
+                elif item[0] > t:
+                    after = item
+                    break
+            candidates = [c for c in (before, after) if c is not None]
+            if candidates:
+                i, frame = min(candidates, key=lambda c: (abs(c[0] - t), c[0]))
+                return i, _to_rgb(frame, self.info.rotation)
+            if lo == 0 and hi == n - 1:
+                raise VideoError(f"{self.info.path}: no frame of the video decodes")
+            radius *= 8
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- consumer -------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                self._thread.join()
+                return
+            if isinstance(item, BaseException):
+                self._thread.join()
+                raise item
+            yield item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def iter_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
+                prefetch: int = PREFETCH, positions: str = "midpoint",
+                fps: Optional[float] = None) -> FrameReader:
+    """Open the video (errors are raised here) and start decoding on a worker thread."""
+    return FrameReader(path, num_frames, slow_every, seek, prefetch, positions=positions, fps=fps)
+
+
+def read_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
+                on_frame: Optional[Callable[[int, np.ndarray], None]] = None,
+                positions: str = "midpoint", fps: Optional[float] = None) -> SampledFrames:
+    """All sampled frames at once. on_frame(position, image) is called as each arrives."""
+    with FrameReader(path, num_frames, slow_every, seek, hold_all=True,
+                     positions=positions, fps=fps) as reader:
+        images = [None] * len(reader.indices)
+        for position, image in reader:
+            images[position] = image
+            if on_frame is not None:
+                on_frame(position, image)
+        return SampledFrames(images, list(reader.indices), list(reader.timestamps),
+                             list(reader.streams), reader.exact, list(reader.replaced), reader.info)
