@@ -16,7 +16,7 @@ TORCH_PIN := torch
 RUN_ENV :=
 endif
 
-.PHONY: setup system-deps demo test profile clean
+.PHONY: setup system-deps demo test lint profile clean
 
 $(BIN)/sfllava: pyproject.toml
 	$(MAKE) system-deps
@@ -47,6 +47,10 @@ demo: setup
 
 test: setup
 	$(RUN_ENV) $(BIN)/python -m pytest -q tests
+
+# ruff's rules are in pyproject.toml; .ci/run lints before it tests.
+lint: setup
+	$(BIN)/ruff check sfllava_mlx app convert tests bench
 
 # A representative profile for the machine at hand: on Linux's CPU backend 128 frames would
 # take most of an hour, so fewer; on a Mac the real case, 128 frames of the 4-bit 1.5B model.

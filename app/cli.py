@@ -60,3 +60,7 @@ def main(argv=None) -> int:
 
 def entry() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":  # python -m sfllava_app.cli (the same as `sfllava`)
+    entry()

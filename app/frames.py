@@ -20,16 +20,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
-from sfllava_mlx.config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
-                                SamplingConfig, VisionConfig)
+from sfllava_mlx.config import (
+    ModelConfig,
+    PreprocessConfig,
+    ProjectorConfig,
+    PromptConfig,
+    SamplingConfig,
+    VisionConfig,
+)
 from sfllava_mlx.errors import UserError
-from sfllava_mlx.pooling import num_visual_tokens
+from sfllava_mlx.tokens import num_visual_tokens
 
 from .fmt import clock
-from .options import add_fps_argument, add_num_frames_argument, add_recipe_argument
-from .options import add_seek_argument
+from .options import (
+    add_fps_argument,
+    add_num_frames_argument,
+    add_recipe_argument,
+    add_seek_argument,
+)
 
 THUMB_WIDTH = 192  # contact sheet: pixels per thumbnail
 SLOW_COLOUR = (255, 140, 0)  # RGB border of slow-stream frames on the contact sheet
@@ -55,7 +63,8 @@ def main(args) -> int:
     sampling = config.recipe(args.recipe, args.num_frames)
     tic = time.perf_counter()
     clip = read_frames(args.video, num_frames=sampling.num_frames, slow_every=sampling.slow_every,
-                       seek=args.seek, positions=sampling.frame_positions, fps=args.fps)
+                       seek=args.seek, positions=sampling.frame_positions, fps=args.fps,
+                       images=bool(args.out))  # pixels only to write them
     sampling = replace(sampling, num_frames=len(clip.indices))  # --fps: this video's count
     elapsed = time.perf_counter() - tic
     if args.out:
@@ -170,14 +179,15 @@ def write_frames(clip, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _imwrite(cv2, path: Path, rgb: np.ndarray) -> None:
+def _imwrite(cv2, path: Path, rgb) -> None:
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
         raise OSError(f"OpenCV could not write {path}")
 
 
-def contact_sheet(clip, thumb_width: int = THUMB_WIDTH) -> np.ndarray:
+def contact_sheet(clip, thumb_width: int = THUMB_WIDTH):
     """All sampled frames in a grid, each labelled with position, index, time and stream."""
     import cv2
+    import numpy as np
 
     h0, w0 = clip.images[0].shape[:2]
     tw = min(thumb_width, w0)

@@ -3,8 +3,13 @@
 import json
 import sys
 
-from .options import add_generation_arguments, add_model_argument, ask_options, picture_note
-from .options import session_options
+from .options import (
+    add_generation_arguments,
+    add_model_argument,
+    ask_options,
+    picture_note,
+    session_options,
+)
 
 
 def add_arguments(p) -> None:

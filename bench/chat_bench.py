@@ -10,7 +10,7 @@ a cached video, as ratios measured side by side in one run.
 - reopen: time to first token of the first question when the video is opened again and
   the video cache hits (visual tokens and prefilled prefix read back from disk).
 
-Each run goes through `app.runner` exactly as `sfllava generate`/`chat` do. The goals of
+Each run goes through the library's Engine / Session exactly as `sfllava generate`/`chat` do. The goals of
 the project's issue 3: follow-up <= 5 % of the first question, reopen <= 10 % of a cold open.
 """
 
@@ -48,25 +48,11 @@ def write_video(path: Path, seconds: float = 20.0, fps: int = 25, size=(640, 360
     return path
 
 
-def options(num_frames: int, **over):
-    a = argparse.Namespace(max_tokens=4, temp=0.0, top_p=1.0, seed=None, system_prompt=None,
-                           num_frames=num_frames, seek="exact", kv_bits=None, max_kv_size=None,
-                           no_cache=False, vision_backend="mlx", compute_units="ALL", json=True)
-    vars(a).update(over)
-    return a
-
-
-def first_token(opened, question, args, start=None):
+def first_token(session, question, start=None):
     """Ask and return the turn once the first token is out (the rest is not timed)."""
-    for _ in opened.ask(question, start_time=start, **{**_ask(args), "max_tokens": 1}):
+    for _ in session.ask(question, start_time=start, max_tokens=1):
         pass
-    return opened.conv.last_turn
-
-
-def _ask(args):
-    from app import runner
-
-    return runner.ask_options(args)
+    return session.last_turn
 
 
 def main() -> int:
@@ -77,29 +63,26 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
 
-    from app import runner
-    from sfllava_mlx.cache import VideoCache
     from sfllava_app.bench.random_weights import random_model
+    from sfllava_mlx import Engine
 
     tmp = Path(tempfile.mkdtemp(prefix="sfllava-chat-bench-"))
     os.environ["XDG_CACHE_HOME"] = str(tmp / "xdg")
     video = write_video(tmp / "clip.mkv")
     tic = time.perf_counter()
     model, tok = random_model(a.size, dtype=mx.float32, num_frames=a.frames)
-    model.identity = f"random-{a.size}-seed0"  # no files to fingerprint
     print(f"model: SF-LLaVA-1.5 {a.size} shapes, random weights, float32, {a.frames} frames "
           f"(built in {time.perf_counter() - tic:.0f} s)", file=sys.stderr)
     # Warm-up on a few tokens: first-call allocations are not the video's cost.
     mx.eval(model.vision_tower(mx.zeros((1, 384, 384, 3))))
     mx.eval(model.language_model(mx.zeros((1, 16), dtype=mx.int32)))
 
-    args = options(a.frames)
-    store = VideoCache()
+    engine = Engine(model, tok)
+    options = dict(num_frames=a.frames, max_tokens=4)
 
     # Cold open: empty cache.
-    start = time.perf_counter()
-    cold = runner.open_video(model, tok, str(video), args, store=store)
-    turn = first_token(cold, QUESTION, args, start)
+    cold = engine.open(video, **options)
+    turn = first_token(cold, QUESTION)
     cold_ttft, cold_timings = turn.timings_s["ttft"], dict(turn.timings_s)
     assert cold.cache == "miss"
     tic = time.perf_counter()
@@ -110,25 +93,24 @@ def main() -> int:
 
     follow = []
     for q in FOLLOW_UPS[:a.runs]:
-        t = first_token(cold, q, args, time.perf_counter())
+        t = first_token(cold, q, time.perf_counter())
         follow.append(t.timings_s["ttft"])
         print(f"follow-up: ttft {follow[-1] * 1000:.0f} ms ({t.prompt_tokens} prompt tokens, "
-              f"context {cold.conv.offset})", file=sys.stderr)
+              f"context {cold.conversation.offset})", file=sys.stderr)
 
     reopen, reopen_timings = [], None
     for _ in range(a.runs):
-        start = time.perf_counter()
-        warm = runner.open_video(model, tok, str(video), args, store=store)
-        t = first_token(warm, QUESTION, args, start)
+        warm = engine.open(video, **options)
+        t = first_token(warm, QUESTION)
         assert warm.cache == "hit" and warm.prefix_from_cache
         reopen.append(t.timings_s["ttft"])
         reopen_timings = dict(t.timings_s)
         print(f"reopen: ttft {reopen[-1] * 1000:.0f} ms {fmt(t.timings_s)}", file=sys.stderr)
 
-    entry = store.entries()[0]
+    entry = engine.store.entries()[0]
     result = {
         "size": a.size, "frames": a.frames, "visual_tokens": int(cold.visual.embeddings.shape[0]),
-        "prefix_tokens": cold.conv.prefix_length(),
+        "prefix_tokens": cold.conversation.prefix_length(),
         "cold_ttft_s": cold_ttft, "cold_timings_s": cold_timings, "save_s": save_s,
         "follow_up_ttft_s": statistics.median(follow), "reopen_ttft_s": statistics.median(reopen),
         "reopen_timings_s": reopen_timings, "cache_entry_bytes": entry.bytes,

@@ -33,9 +33,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sfllava_convert.tiny import (SIGLIP_PREFIX, _split_shards, _write_json, llm_shapes,  # noqa: E402
-                          make_tensor, siglip_shapes, write_safetensors, write_source_checkpoint,
-                          write_tokenizer)
+from sfllava_convert.tiny import (  # noqa: E402
+    SIGLIP_PREFIX,
+    _split_shards,
+    _write_json,
+    llm_shapes,
+    make_tensor,
+    siglip_shapes,
+    write_safetensors,
+    write_source_checkpoint,
+    write_tokenizer,
+)
 
 # SF-LLaVA-1.5-1B: Qwen2.5-1.5B, Oryx-ViT (SPEC §3), mlp2x_gelu projector 1152 -> 1536.
 SHAPES_1_5B = dict(

@@ -38,7 +38,7 @@ def main(path: str) -> int:
         machine = machine or rep.get("machine")
         for row in rep["rows"]:
             c, s, m, sh = row["config"], row["stages"], row["memory_gb"], row.get("share_of_peak", {})
-            pct = lambda k: "-" if sh.get(k) is None else f"{100 * sh[k]:.0f}"  # noqa: E731
+            pct = lambda k, sh=sh: "-" if sh.get(k) is None else f"{100 * sh[k]:.0f}"
             print(" | ".join(str(x) for x in (
                 r["name"], c.get("size"), c.get("recipe") or "-", c.get("dtype"),
                 c.get("q_bits") or 16, c.get("num_frames"), c.get("visual_tokens"),

@@ -15,7 +15,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,15 +35,15 @@ def main() -> None:
 
     import mlx.core as mx
 
-    from app import runner
+    from sfllava_mlx import Engine
     from tests.videos import make_ffv1_video
 
     if opts.model:
-        model, tokenizer = runner.load_model(argparse.Namespace(model=opts.model))
+        engine = Engine(opts.model)
     else:
         from sfllava_app.bench.random_weights import random_model
 
-        model, tokenizer = random_model(opts.random_weights, dtype=mx.float32, q_bits=opts.q_bits)
+        engine = Engine(*random_model(opts.random_weights, dtype=mx.float32, q_bits=opts.q_bits))
     settings = {"recipe": None, f"--fps {opts.fps:g}": opts.fps}
     times = {k: [] for k in settings}
     tokens = {}
@@ -53,19 +52,17 @@ def main() -> None:
         make_ffv1_video(video, int(opts.seconds * 25), width=320, height=240, fps=25.0)
         for run in range(opts.runs + 1):
             for name, fps in settings.items():
-                args = argparse.Namespace(no_cache=True, fps=fps, max_tokens=opts.max_tokens)
-                start = time.perf_counter()
-                opened = runner.open_video(model, tokenizer, video, args)
-                for _ in opened.ask("What happens?", start_time=start, max_tokens=opts.max_tokens):
+                session = engine.open(video, cache=False, fps=fps, max_tokens=opts.max_tokens)
+                for _ in session.ask("What happens?"):
                     pass
-                turn = opened.conv.last_turn
-                tokens[name] = opened.visual.embeddings.shape[0]
+                turn = session.last_turn
+                tokens[name] = session.visual.embeddings.shape[0]
                 if run:  # the first round warms up
                     times[name].append(turn.timings_s["ttft"])
     base, fast = (statistics.median(v) for v in times.values())
     frames = {k: v for k, v in tokens.items()}
     print(f"{opts.seconds:g} s clip, {opts.model or opts.random_weights}: "
-          f"recipe ({model.config.sampling.num_frames} frames, {frames['recipe']} tokens) TTFT "
+          f"recipe ({engine.model.config.recipe().num_frames} frames, {frames['recipe']} tokens) TTFT "
           f"{base:.3f} s; --fps {opts.fps:g} ({list(frames.values())[1]} tokens) TTFT {fast:.3f} s;"
           f" ratio {fast / base:.3f}")
 

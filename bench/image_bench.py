@@ -22,7 +22,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +36,16 @@ QWEN_TINY = dict(QWEN_MID, hidden_size=64, num_hidden_layers=2, num_attention_he
 
 
 def config(family: str, size: str):
-    from sfllava_mlx.config import (ONEVISION_PINPOINTS, ImageConfig, ModelConfig, PreprocessConfig,
-                                    ProjectorConfig, PromptConfig, VisionConfig, family_recipes)
+    from sfllava_mlx.config import (
+        ONEVISION_PINPOINTS,
+        ImageConfig,
+        ModelConfig,
+        PreprocessConfig,
+        ProjectorConfig,
+        PromptConfig,
+        VisionConfig,
+        family_recipes,
+    )
 
     ov = family == "llava-onevision"
     if size == "tiny":
@@ -90,17 +97,13 @@ def photo(dst: Path) -> tuple[Path, Path]:
     return jpeg, video
 
 
-def ttft(model, tokenizer, path, media: str) -> tuple[float, int, dict]:
-    from app import runner
-
-    args = argparse.Namespace(no_cache=True, max_tokens=1)
-    start = time.perf_counter()
-    opened = (runner.open_image if media == "image" else runner.open_video)(
-        model, tokenizer, str(path), args)
-    for _ in opened.ask("What is in this picture?", start_time=start, max_tokens=1):
-        break
-    turn = opened.conv.last_turn
-    return turn.timings_s["ttft"], int(opened.visual.embeddings.shape[0]), dict(turn.timings_s)
+def ttft(engine, path) -> tuple[float, int, dict]:
+    """From the open (the picture's content says picture, the .mkv's video) to the first token."""
+    session = engine.open(path, cache=False, max_tokens=1)
+    for _ in session.ask("What is in this picture?"):
+        pass
+    turn = session.last_turn
+    return turn.timings_s["ttft"], int(session.visual.embeddings.shape[0]), dict(turn.timings_s)
 
 
 def main() -> None:
@@ -115,6 +118,7 @@ def main() -> None:
     import mlx.core as mx
 
     from sfllava_app.bench.random_weights import build_random, random_tokenizer
+    from sfllava_mlx import Engine
 
     tokenizer = random_tokenizer()
     rows = []
@@ -123,15 +127,16 @@ def main() -> None:
         for size in opts.sizes.split(","):
             for family in opts.families.split(","):
                 model = build_random(config(family, size), mx.float32, label=f"{family} {size}")
+                engine = Engine(model, tokenizer)
                 row = {"size": size, "family": family, "image_mode": model.config.image.mode}
                 media_paths = (("image", jpeg), ("video", video))
                 for _ in range(opts.warmup):
-                    for media, path in media_paths:
-                        ttft(model, tokenizer, path, media)
+                    for _media, path in media_paths:
+                        ttft(engine, path)
                 timed = {"image": [], "video": []}
                 for _ in range(opts.runs):  # alternating: a load that drifts hits both alike
                     for media, path in media_paths:
-                        timed[media].append(ttft(model, tokenizer, path, media))
+                        timed[media].append(ttft(engine, path))
                         print(f"{size} {family} {media}: ttft {timed[media][-1][0]:.3f} s",
                               file=sys.stderr, flush=True)
                 for media, _ in media_paths:

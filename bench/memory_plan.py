@@ -28,18 +28,14 @@ def one_run(size: str, frames: int, q_bits: int, max_tokens: int, video: str) ->
     """In this process: plan, then run, and report both."""
     import mlx.core as mx
 
-    from app import runner
-    from sfllava_mlx.memory import plan_memory
     from sfllava_app.bench.random_weights import random_model
+    from sfllava_mlx import Engine
 
-    model, tokenizer = random_model(size, dtype=mx.float32, q_bits=q_bits or None,
-                                    num_frames=frames)
-    plan = plan_memory(model, model.config.sampling, max_tokens=max_tokens)
-    args = argparse.Namespace(no_cache=True, max_tokens=max_tokens, temp=0.0, top_p=1.0,
-                              seed=None, seek="exact")
+    engine = Engine(*random_model(size, dtype=mx.float32, q_bits=q_bits or None, num_frames=frames))
+    plan = engine.plan(video, cache=False, max_tokens=max_tokens)  # what `open` checks
     mx.reset_peak_memory()
-    video_ = runner.open_video(model, tokenizer, video, args)
-    for _ in video_.ask("Describe the video.", max_tokens=max_tokens):
+    session = engine.open(video, cache=False, max_tokens=max_tokens)
+    for _ in session.ask("Describe the video."):
         pass
     return {"size": size, "frames": frames, "q_bits": q_bits, "estimate_gb": plan.total / 1e9,
             "weights_gb": plan.weights / 1e9, "kv_gb": plan.kv_cache / 1e9,
@@ -69,10 +65,9 @@ def measure(opts) -> None:
 def table(_opts) -> None:
     import mlx.core as mx
 
-    from sfllava_mlx.memory import plan_memory, largest_fitting_frames
-    from sfllava_mlx.model import SFLLaVA
     from sfllava_app.bench.random_weights import model_config, quantize_language_model
-    from sfllava_mlx.model import cast_model
+    from sfllava_mlx.memory import largest_fitting_frames, plan_video
+    from sfllava_mlx.model import SFLLaVA, cast_model
 
     print("| LLM | frames | KV 16-bit | total | total with --kv-bits 8 |")
     print("|---|---|---|---|---|")
@@ -84,16 +79,16 @@ def table(_opts) -> None:
         quantize_language_model(model, 4)
         models[size] = model
         for frames in (128, 256, 512):
-            s = type(config.sampling)(num_frames=frames)
-            p = plan_memory(model, s)
-            q = plan_memory(model, s, kv_bits=8)
+            s = config.recipe(num_frames=frames)
+            p = plan_video(model, s)
+            q = plan_video(model, s, kv_bits=8)
             print(f"| {size} 4-bit | {frames} | {p.kv_cache / 1e9:.2f} GB | {p.total / 1e9:.2f} GB"
                   f" | {q.total / 1e9:.2f} GB |")
     print()
     print("| LLM | 8 GB | 16 GB | 32 GB | 8 GB, --kv-bits 8 | 16 GB, --kv-bits 8 | 32 GB, --kv-bits 8 |")
     print("|---|---|---|---|---|---|---|")
     for size, model in models.items():
-        s = type(model.config.sampling)(num_frames=4096)
+        s = model.config.recipe(num_frames=4096)
         cells = []
         for kv_bits in (None, 8):
             for gb in (8, 16, 32):

@@ -74,8 +74,11 @@ def write_checkpoint(path: Path, shapes: dict, seed: int = 0) -> Path:
     float32 (mlx-vlm keeps a checkpoint's dtype; bfloat16 has no fast CPU path), with the
     small test tokenizer plus <image>/<video> and the processor files mlx-vlm reads."""
     import torch
-    from transformers import (AutoTokenizer, LlavaOnevisionConfig,
-                              LlavaOnevisionForConditionalGeneration)
+    from transformers import (
+        AutoTokenizer,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+    )
 
     from sfllava_convert.tiny import write_tokenizer
 
@@ -157,18 +160,22 @@ def side_ours(model_dir: str, frames, max_tokens: int, warmup_frames: int) -> di
     from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
     from sfllava_mlx import load
-    from sfllava_mlx.generate import Conversation, encode_video
+    from sfllava_mlx.conversation import Conversation
+    from sfllava_mlx.encode import encode_video
+    from sfllava_mlx.frames import SampledFrames, stream_names
 
     model, tokenizer = load(model_dir)
     tokenizer._detokenizer = NaiveStreamingDetokenizer(tokenizer._tokenizer)
 
     def run(images, n_tokens):
-        model.config.use_recipe("native", num_frames=len(images))
+        n = len(images)
+        sampling = model.config.recipe("native", num_frames=n)
         mx.clear_cache()
         mx.reset_peak_memory()
-        clip = argparse.Namespace(images=list(images), timings={"frames": 0.0})
+        clip = SampledFrames(list(images), list(range(n)), [0.0] * n,
+                             stream_names(n, sampling.slow_every), True, [], None)
         start = Clock()
-        visual = encode_video(model, clip)
+        visual = encode_video(model, clip, sampling)
         conv = Conversation(model, tokenizer, visual, system_prompt=SYSTEM)
         ids = (conv.prefix_tokens() + [-1] * int(visual.embeddings.shape[0])
                + conv.question_tokens(QUESTION))

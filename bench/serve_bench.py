@@ -195,7 +195,7 @@ def queued_memory(model_dir, media, tmp, n=8, frames=128) -> dict:
             c = s.client()
             idle = vm_hwm_mb(s.proc.pid)
             with ThreadPoolExecutor(len(batch)) as pool:
-                list(pool.map(lambda v: c.chat.completions.create(
+                list(pool.map(lambda v, c=c: c.chat.completions.create(
                     model="tiny", max_tokens=4, messages=[first_message(str(v), QUESTION)],
                     extra_body={"sfllava": {"num_frames": frames}}), batch))
             out[label] = {"idle_hwm_mb": idle, "peak_hwm_mb": vm_hwm_mb(s.proc.pid)}
@@ -253,12 +253,12 @@ def main() -> int:
 
 def report(results: dict) -> None:
     for name, r in results.items():
-        t, l = r["ttft"], r["latency"]
+        t, lat = r["ttft"], r["latency"]
         print(f"[{name}, {r['frames']} frames]")
         print(f"  first TTFT {t['first_ttft_s'] * 1000:.1f} ms, follow-up {t['follow_up_ttft_s'] * 1000:.1f} ms"
               f" -> follow-up / first = {t['ratio']:.3f} (prefilled {t['prefilled_tokens']})")
-        print(f"  API {l['api_s'] * 1000:.1f} ms vs generate {l['generate_s'] * 1000:.1f} ms -> "
-              f"{l['ratio']:.3f}x, +{l['added_s'] * 1000:.1f} ms (HTTP+queue {l['http_and_queue_s'] * 1000:.1f} ms)")
+        print(f"  API {lat['api_s'] * 1000:.1f} ms vs generate {lat['generate_s'] * 1000:.1f} ms -> "
+              f"{lat['ratio']:.3f}x, +{lat['added_s'] * 1000:.1f} ms (HTTP+queue {lat['http_and_queue_s'] * 1000:.1f} ms)")
         print(f"  /health throughout: slowest of {r['health']['polls']} answers "
               f"{r['health']['worst_s'] * 1000:.0f} ms")
         if "throughput" in r:

@@ -57,7 +57,7 @@ def _param_shapes(model) -> dict:
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
-def _build_weights(src, p: layouts.Plan, dtype: mx.Dtype) -> dict:
+def _build_weights(src, p: layouts.TensorMap, dtype: mx.Dtype) -> dict:
     """The MLX weights, lazily: nothing is read until the writer evaluates it."""
     out = {}
     for rule in p.rules:
@@ -83,8 +83,8 @@ def check_destination(dst: Path, force: bool, src: Optional[Path] = None) -> Non
         raise UserError(f"{dst} exists and is not a directory")
 
 
-def plan_conversion(hf_path: str, allow_pickle: bool = False):
-    """Read and check everything, convert nothing: (source, model config, plan, empty model)."""
+def prepare_conversion(hf_path: str, allow_pickle: bool = False):
+    """Read and check everything, convert nothing: (source, model config, tensor map, empty model)."""
     from sfllava_mlx.model import SFLLaVA  # the runtime model defines every expected shape
 
     from .hub import resolve_source
@@ -102,7 +102,7 @@ def plan_conversion(hf_path: str, allow_pickle: bool = False):
             f"the tokenizer has {n_tok} tokens but the LLM only {cfg.text_config['vocab_size']} "
             "embeddings (vocab_size)")
     model = SFLLaVA(cfg)  # parameters stay lazy: only their shapes are read here
-    p = layouts.plan(layout, shapes, cfg, _param_shapes(model), aliases)
+    p = layouts.map_tensors(layout, shapes, cfg, _param_shapes(model), aliases)
     if not p.ok:
         raise CheckpointError(layouts.summary_line(p), details=layouts.report(
             p, {n: t.shape for n, t in src.tensors.items()}))
@@ -128,7 +128,7 @@ def convert(
     if quantize and q_bits not in (2, 3, 4, 5, 6, 8):
         raise UserError(f"--q-bits {q_bits} is not supported (4 or 8)")
 
-    src, cfg, p, model = plan_conversion(hf_path, allow_pickle)
+    src, cfg, p, model = prepare_conversion(hf_path, allow_pickle)
     out_dtype = dtype or default_dtype(src.dtype)
     model.load_weights(list(_build_weights(src, p, getattr(mx, out_dtype)).items()), strict=True)
     # The model's lazy weights hold what they need of each source file: dropping the reader's

@@ -11,7 +11,7 @@ transformers computes it for one picture:
   (int(h // r), int(w // r)) where r = sqrt(h w / (N G²)) > 1.1, an image newline after
   each row; the base image's G x G tokens first, without newlines.
 
-The geometry is integer arithmetic on the picture's size (`plan`), so the token count is
+The geometry is integer arithmetic on the picture's size (`tiling`), so the token count is
 known from the header alone (the cache and the memory plan use it before decoding). The
 features stay MLX arrays on the default device throughout.
 """
@@ -69,7 +69,7 @@ def unpadded_slices(size: tuple[int, int], grid: tuple[int, int]) -> tuple[slice
 
 
 @dataclass(frozen=True)
-class AnyresPlan:
+class Tiling:
     size: tuple  # the picture's (height, width), upright
     tile: int  # S: tile side in pixels (the tower's image size)
     grid: int  # G: tokens per tile side
@@ -100,7 +100,7 @@ class AnyresPlan:
         return self.grid * self.grid + h * (w + 1)
 
 
-def plan(size: tuple[int, int], image: ImageConfig, tile: int, grid: int) -> AnyresPlan:
+def tiling(size: tuple[int, int], image: ImageConfig, tile: int, grid: int) -> Tiling:
     """The whole geometry of one (height, width) picture, from its size alone."""
     best = select_best_resolution(size, image.grid_pinpoints)
     resized = patch_output_size(size, best)
@@ -110,7 +110,7 @@ def plan(size: tuple[int, int], image: ImageConfig, tile: int, grid: int) -> Any
     h, w = rows.stop - rows.start, cols.stop - cols.start
     ratio = math.sqrt(h * w / (image.max_tiles * grid ** 2))
     final = (int(h // ratio), int(w // ratio)) if ratio > DOWNSAMPLE_ABOVE else (h, w)
-    return AnyresPlan(tuple(size), tile, grid, best, resized, offset, tiles, rows, cols, final)
+    return Tiling(tuple(size), tile, grid, best, resized, offset, tiles, rows, cols, final)
 
 
 def pil_filter(name: str):
@@ -120,7 +120,7 @@ def pil_filter(name: str):
             "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}[name]
 
 
-def tile_pixels(rgb, p: AnyresPlan, resample: str = "bicubic") -> np.ndarray:
+def tile_pixels(rgb, p: Tiling, resample: str = "bicubic") -> np.ndarray:
     """A PIL RGB picture -> uint8 (1 + tiles, S, S, 3): base image, then tiles row-major.
 
     The same Pillow calls as transformers' PIL processor, so the same pixels: the picture
@@ -148,7 +148,7 @@ def resize_hw(x: mx.array, height: int, width: int) -> mx.array:
     return mx.einsum("jw,iwd->ijd", ww, x)
 
 
-def pack(features: mx.array, p: AnyresPlan, newline: mx.array) -> mx.array:
+def pack(features: mx.array, p: Tiling, newline: mx.array) -> mx.array:
     """(1 + tiles, G*G, D) projected features -> (tokens, D): the base image's grid, then
     the unpadded (and downsampled) tile grid with `newline` after each row."""
     G = p.grid

@@ -195,7 +195,7 @@ class ModelConfig:
         return name == "slowfast" and self.recipes["slowfast"] != self.recipes["native"]
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         if d.get("model_type") != "sfllava":
             raise ValueError("config.json is not an sfllava model (model_type != 'sfllava')")
         sampling = _from_dict(SamplingConfig, d.get("sampling"))
@@ -237,7 +237,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def read(cls, model_dir) -> "ModelConfig":
+    def read(cls, model_dir) -> ModelConfig:
         """config.json of a converted model; a missing or foreign one is the user's error."""
         from .errors import CheckpointError
 

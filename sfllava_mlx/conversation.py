@@ -9,8 +9,9 @@ conversation is copied (the KV prefix, `kv.copy_prefix`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, stream_generate
@@ -46,6 +47,7 @@ class Chunk:
     text: str
     token: int
     finish_reason: Optional[str] = None
+    logprobs: Optional[mx.array] = None  # the log-softmax over the vocabulary for this step
 
 
 def prefill(language_model, cache: list, *, embeddings: Optional[mx.array] = None,
@@ -107,7 +109,7 @@ class Conversation:
         self.prefix_done = True
         self.unreported = None
 
-    def branch(self, turns: int, length: int) -> Optional["Conversation"]:
+    def branch(self, turns: int, length: int) -> Optional[Conversation]:
         """A new conversation holding this one's first `turns` turns, its KV cache copied up
         to `length` tokens; None where the cache cannot be cut back (rotating)."""
         if not self.prefix_done:
@@ -237,7 +239,7 @@ class Conversation:
                     turn.tokens.append(r.token)
                     logprobs.append(r.logprobs[r.token])
                     mx.async_eval(logprobs[-1])
-                yield Chunk(r.text, r.token, r.finish_reason)
+                yield Chunk(r.text, r.token, r.finish_reason, r.logprobs)
         finally:
             timings["generate"] = time.perf_counter() - tic
             turn.logprobs = [x.item() for x in logprobs]

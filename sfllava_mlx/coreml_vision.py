@@ -147,7 +147,7 @@ class CoreMLVisionTower:
         )
 
     @classmethod
-    def for_model(cls, model, compute_units: str = "ALL") -> "CoreMLVisionTower":
+    def for_model(cls, model, compute_units: str = "ALL") -> CoreMLVisionTower:
         """For a loaded SFLLaVA: features come back in its projector's dtype."""
         return cls(model.path, model.config, compute_units, dtype=model.projector.linear_1.weight.dtype)
 

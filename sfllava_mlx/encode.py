@@ -4,15 +4,17 @@ time, so memory holds one batch of full grids, never all 128."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import mlx.core as mx
 
 from .config import VISION_BATCH, SamplingConfig
 from .frames import SampledFrames
-from .pooling import concat_streams, is_slow, num_visual_tokens, pool_frames, stride_of
+from .pooling import concat_streams, is_slow, pool_frames, stride_of
 from .preprocess import preprocess
+from .tokens import num_visual_tokens
 
 
 @dataclass

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Optional
 
 from .cache import ContentHasher, Fingerprint, VideoCache, image_key, model_identity, video_key
 from .config import SamplingConfig
@@ -27,11 +28,18 @@ from .encode import VisualTokens, encode_video
 from .errors import VideoError
 from .frames import VideoInfo, frames_for_rate, iter_frames, probe, read_frames, video_duration
 from .frames.video import check_readable
-from .image import (ImageError, PictureClip, PictureInfo, encode_image, is_picture,
-                    named_like_picture, num_image_tokens, read_image)
+from .image import (
+    ImageError,
+    PictureClip,
+    PictureInfo,
+    encode_image,
+    is_picture,
+    named_like_picture,
+    num_image_tokens,
+    read_image,
+)
 from .image import probe as probe_picture
-from .memory import MemoryPlan, check, check_context, check_video, plan_tokens
-from .memory import MIN_TEXT_TOKENS
+from .memory import MIN_TEXT_TOKENS, MemoryPlan, check, check_context, check_video, plan_tokens
 from .model import load
 from .options import Options
 from .prompt import time_instruction
@@ -86,7 +94,7 @@ class Engine:
             self.name = model_name(str(model))
             model, tokenizer = load(str(model), dtype=dtype)
         else:
-            self.name = model_name(str(model.path)) if getattr(model, "path", None) else "model"
+            self.name = model_name(str(model.path)) if model.path else "model"
         self.model, self.tokenizer = model, tokenizer
         self.store = VideoCache(cache_dir)
         self._identity: Optional[str] = None
@@ -158,9 +166,9 @@ class Engine:
         tokens = num_image_tokens(config, info.size)
         inputs = 1
         if config.image.anyres:
-            from .anyres import plan as tile_plan
+            from .anyres import tiling
 
-            inputs = tile_plan(info.size, config.image, config.vision.image_size,
+            inputs = tiling(info.size, config.image, config.vision.image_size,
                                config.vision.grid).num_tiles
         limit, limit_name = self._context(opts)
         check_context(tokens + MIN_TEXT_TOKENS, limit,
@@ -181,10 +189,10 @@ class Engine:
 
     # -- opening ---------------------------------------------------------------------------
     def open(self, media, *, progress: Optional[Progress] = None, prefill: bool = False,
-             frames=None, tower=None, **options) -> Session:
+             reader=None, tower=None, **options) -> Session:
         """A Session about `media` (a path, or an Opening from `prepare`), through the cache
         unless `cache=False`. `prefill=True` also prefills the prompt's prefix now, so the
-        first question prefills only its own tokens. `frames`: a FrameReader-like object
+        first question prefills only its own tokens. `reader`: a FrameReader-like object
         already decoding this video (a batch's prefetch), used on a cache miss. `tower`:
         a stand-in for the vision backend (the profiler's timed tower)."""
         if isinstance(media, Opening):  # prepared earlier: the request starts now
@@ -213,7 +221,7 @@ class Engine:
         elif opts.vision_backend == "coreml":
             visual, conversation = self._encode_overlapped(opening, tower or self.vision_backend(opts))
         else:
-            visual = self._encode_streaming(opening, progress, frames, tower)
+            visual = self._encode_streaming(opening, progress, reader, tower)
         conversation = conversation or self._conversation(opening, visual)
         session = Session(self, opening, visual, conversation, entry, hasher)
         if prefill:
@@ -231,11 +239,11 @@ class Engine:
                                                                           opts.compute_units)
         return self._towers[opts.compute_units]
 
-    def _encode_streaming(self, opening: Opening, progress, frames, tower) -> VisualTokens:
+    def _encode_streaming(self, opening: Opening, progress, reader, tower) -> VisualTokens:
         """Decode on the frame reader's thread while the tower encodes what has arrived:
         `frames` counts opening the video and the time the tower waited for frames."""
         tic = time.perf_counter()
-        reader = frames if frames is not None else opening.reader()
+        reader = reader if reader is not None else opening.reader()
         with reader:
             return encode_video(self.model, reader, opening.sampling,
                                 frames_s=time.perf_counter() - tic, vision=tower,

@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -268,23 +269,23 @@ class PictureClip:
     kind: str = "image"
 
     @classmethod
-    def of(cls, info: PictureInfo, config: ModelConfig) -> "PictureClip":
+    def of(cls, info: PictureInfo, config: ModelConfig) -> PictureClip:
         d = {"kind": "image", "format": info.format, "width": info.width, "height": info.height,
              "orientation": info.orientation, "mode": config.image.mode}
         if config.image.anyres:
-            p = anyres.plan(info.size, config.image, config.vision.image_size, config.vision.grid)
+            p = anyres.tiling(info.size, config.image, config.vision.image_size, config.vision.grid)
             d.update(tiles=list(p.tiles), grid=list(p.final))
         return cls(d)
 
     @classmethod
-    def from_cached(cls, cached) -> "PictureClip":
-        return cls(dict(getattr(cached, "info", None) or {}))
+    def from_cached(cls, cached) -> PictureClip:
+        return cls(dict(cached.info or {}))
 
 
 def num_image_tokens(config: ModelConfig, size: tuple[int, int]) -> int:
     """Visual tokens of a (height, width) picture under the config's image recipe."""
     if config.image.anyres:
-        return anyres.plan(size, config.image, config.vision.image_size, config.vision.grid).num_tokens
+        return anyres.tiling(size, config.image, config.vision.image_size, config.vision.grid).num_tokens
     return config.vision.num_patches
 
 
@@ -314,7 +315,7 @@ def image_pixels(picture: Picture, config: ModelConfig) -> np.ndarray:
     image then the tiles in row-major order (anyres)."""
     S = config.vision.image_size
     if config.image.anyres:
-        p = anyres.plan(picture.info.size, config.image, S, config.vision.grid)
+        p = anyres.tiling(picture.info.size, config.image, S, config.vision.grid)
         return anyres.tile_pixels(picture.image, p, config.image.resample)
     from .preprocess import resize_frame
 
@@ -342,7 +343,7 @@ def encode_image(model, picture: Picture, *, batch_size: int = VISION_BATCH,
             progress(min(i + batch_size, x.shape[0]), x.shape[0])
     feats = mx.concatenate(feats) if len(feats) > 1 else feats[0]  # (N, G*G, D)
     if config.image.anyres:
-        p = anyres.plan(picture.info.size, config.image, config.vision.image_size, config.vision.grid)
+        p = anyres.tiling(picture.info.size, config.image, config.vision.image_size, config.vision.grid)
         if model.newline is None:
             raise ImageError(f"image.mode {config.image.mode} places an image newline but the "
                              "model has none")

@@ -11,13 +11,14 @@ Videos, pictures and random-weight models all go through `check`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Optional
 
 from .config import PREFILL_STEP, VISION_BATCH, ModelConfig, SamplingConfig
 from .errors import ContextOverflowError, MemoryPlanError
-from .pooling import num_visual_tokens
 from .system import memory_limit
+from .tokens import num_visual_tokens
 
 GB = 1e9
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens

@@ -30,12 +30,15 @@ class SFLLaVA(nn.Module):
         self.vision_tower = VisionTower(config.vision)
         self.projector = Projector(config.projector)
         self.language_model = qwen2.Model(qwen2.ModelArgs.from_dict(config.text_config))
-        if config.projector.image_newline:  # LLaVA-OneVision / LLaVA-Video: placed by the recipe
-            self.image_newline = mx.zeros((config.projector.hidden_size,))
+        # LLaVA-OneVision / LLaVA-Video: a learned vector, placed by the recipe's newline rule
+        self.image_newline = (mx.zeros((config.projector.hidden_size,))
+                              if config.projector.image_newline else None)
+        self.path: Optional[Path] = None  # the model directory it was loaded from
+        self.identity: Optional[str] = None  # set where there is no directory (random weights)
 
     @property
     def newline(self):
-        return getattr(self, "image_newline", None)
+        return self.image_newline
 
     def embed_tokens(self, ids) -> mx.array:
         return self.language_model.model.embed_tokens(mx.array(ids, dtype=mx.int32))

@@ -57,7 +57,7 @@ class Options:
                             f"not {getattr(self, name)!r}")
 
     @classmethod
-    def of(cls, **given) -> "Options":
+    def of(cls, **given) -> Options:
         """Options from keyword arguments; a name that is no option is a TypeError."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(given) - known)
@@ -66,7 +66,7 @@ class Options:
                             f"{', '.join(sorted(known))}")
         return cls(**given)
 
-    def replace(self, **changes) -> "Options":
+    def replace(self, **changes) -> Options:
         return replace(self, **changes)
 
     def prefix_identity(self) -> tuple:

@@ -8,7 +8,8 @@ family runs this one code path.
 import mlx.core as mx
 
 from .config import SamplingConfig
-from .resize import pooled_size, resize_grid
+from .resize import resize_grid
+from .tokens import pooled_size
 
 
 def pool_frames(x: mx.array, stride: int, mode: str = "auto") -> mx.array:
@@ -24,13 +25,6 @@ def pool_frames(x: mx.array, stride: int, mode: str = "auto") -> mx.array:
     g = G // stride
     x = x[:, : g * stride, : g * stride]
     return x.reshape(T, g, stride, g, stride, D).mean(axis=(2, 4))
-
-
-def pooled_grid(grid: int, stride: int, mode: str) -> int:
-    """The side of a pooled grid."""
-    if mode == "average":
-        return grid // stride
-    return pooled_size(grid, stride)
 
 
 def is_slow(position: int, sampling: SamplingConfig) -> bool:
@@ -75,14 +69,3 @@ def concat_streams(slow, fast, *, sampling: SamplingConfig = None, newline=None)
     if sampling.newline == "one_token":
         parts.append(newline.astype(parts[0].dtype)[None])
     return mx.concatenate(parts, axis=0)
-
-
-def num_visual_tokens(grid: int, sampling: SamplingConfig) -> int:
-    total = 0
-    n_slow = len(range(0, sampling.num_frames, sampling.slow_every))
-    for frames, stride in ((n_slow, sampling.slow_stride),
-                           (sampling.num_frames - n_slow, sampling.fast_stride)):
-        g = pooled_grid(grid, stride, sampling.pool_mode)
-        per_frame = {"grid": g * (g + 1), "frame": g * g + 1}.get(sampling.newline, g * g)
-        total += frames * per_frame
-    return total + (1 if sampling.newline == "one_token" else 0)

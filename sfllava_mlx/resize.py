@@ -6,8 +6,6 @@ antialias. A separable resize is two small matrix products, which MLX runs on th
 default device, so the grid never leaves it.
 """
 
-import math
-
 import mlx.core as mx
 import numpy as np
 
@@ -55,6 +53,3 @@ def resize_grid(x: mx.array, size: int, mode: str) -> mx.array:
     x = mx.einsum("ih,...hwd->...iwd", wh, x)
     return mx.einsum("jw,...iwd->...ijd", ww, x)
 
-
-def pooled_size(grid: int, stride: int) -> int:
-    return math.ceil(grid / stride)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 from .cache import prefix_key
 from .conversation import Chunk, Conversation, Turn
@@ -131,7 +132,7 @@ class Session:
         return self.conversation.prefill_prefix(
             (lambda d, t: progress("prefill", d, t)) if progress else None)
 
-    def branch(self, turns: int, length: int) -> Optional["Session"]:
+    def branch(self, turns: int, length: int) -> Optional[Session]:
         """A Session holding this one's first `turns` turns (its KV cache copied up to
         `length` tokens), or None where the cache cannot be cut back. It stores nothing."""
         conversation = self.conversation.branch(turns, length)

@@ -20,9 +20,10 @@ import copy
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -88,8 +89,12 @@ def pinpoints() -> list:
 def build_model(*, tied: bool = True, feature_layer: int = -1, seed: int = SEED,
                 sharpen: bool = True, vocab: int = LLM_VOCAB):
     """A random LlavaOnevisionForConditionalGeneration in float32, eval mode."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              Qwen2Config, SiglipVisionConfig)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     t = TINY_OV
     vc = SiglipVisionConfig(hidden_size=t["vision_hidden"], intermediate_size=t["vision_mlp"],

@@ -43,7 +43,7 @@ class Server:
                 self._ready.set()
         self._ready.set()  # it exited
 
-    def wait(self, timeout: float = 180) -> "Server":
+    def wait(self, timeout: float = 180) -> Server:
         assert self._ready.wait(timeout), "the server never said it was listening"
         assert self.url, "the server exited:\n" + "\n".join(self.log)
         return self

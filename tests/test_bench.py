@@ -19,8 +19,15 @@ from sfllava_app import bench
 from sfllava_app.bench import hardware
 from sfllava_app.bench import random_weights as rw
 from sfllava_app.cli import main as cli_main
-from sfllava_mlx.config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
-                                SamplingConfig, VisionConfig, family_recipes)
+from sfllava_mlx.config import (
+    ModelConfig,
+    PreprocessConfig,
+    ProjectorConfig,
+    PromptConfig,
+    SamplingConfig,
+    VisionConfig,
+    family_recipes,
+)
 from sfllava_mlx.errors import UserError
 from sfllava_mlx.memory import weight_bytes
 from sfllava_mlx.model import SFLLaVA, cast_model
@@ -103,7 +110,7 @@ def test_onevision_shapes_and_recipes():
             27, 729, 27, 26, 26)
         assert (v.hidden_act, v.pos_interpolation) == ("gelu_pytorch_tanh", "bicubic")
         assert c.recipes == family_recipes("llava-onevision", "bilinear", "one_token")
-        from sfllava_mlx.pooling import num_visual_tokens
+        from sfllava_mlx.tokens import num_visual_tokens
 
         # native: 32 x 14 x 14 + 1; slowfast: 32 x 14 x 14 + 96 x 7 x 7 + 1 (SPEC §2.9)
         assert num_visual_tokens(27, c.recipes["native"]) == 6273

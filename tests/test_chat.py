@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_chat_support import FAST, demo_model, demo_video, env, json_lines, run_inprocess, sfllava_cmd
+from tests.test_chat_support import (
+    FAST,
+    demo_model,
+    demo_video,
+    env,
+    json_lines,
+    run_inprocess,
+    sfllava_cmd,
+)
 
 QUESTION = "What happens in this video?"
 FOLLOW_UP = "What color is the car?"

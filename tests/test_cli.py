@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 
-
 from tests.conftest import REPO, convert_checkpoint, run_env, sfllava, sfllava_command
 
 

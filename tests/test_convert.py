@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sfllava_convert.tiny import read_tensors, read_source_tensors, write_source_checkpoint
+from sfllava_convert.tiny import read_source_tensors, read_tensors, write_source_checkpoint
 
 TOWER = "model.vision_tower.vision_tower."
 SIG = TOWER + "vision_model."

@@ -31,8 +31,8 @@ from sfllava_mlx.coreml_vision import (
     read_package_metadata,
     vision_fingerprint,
 )
-from sfllava_mlx.overlap import overlap_seconds, prefill_while_encoding
 from sfllava_mlx.errors import CheckpointError, UserError
+from sfllava_mlx.overlap import overlap_seconds, prefill_while_encoding
 from tests.conftest import LAYOUTS, MAX_TOKENS, QUESTION, with_image_size
 
 BATCH = 4
@@ -171,8 +171,13 @@ def random_model_dir(path: Path, hidden_act: str, pos_interpolation: str) -> Pat
     layer before the last block."""
     from mlx.utils import tree_flatten, tree_map
 
-    from sfllava_mlx.config import (PreprocessConfig, ProjectorConfig, PromptConfig,
-                                    SamplingConfig, VisionConfig)
+    from sfllava_mlx.config import (
+        PreprocessConfig,
+        ProjectorConfig,
+        PromptConfig,
+        SamplingConfig,
+        VisionConfig,
+    )
     from sfllava_mlx.model import SFLLaVA
 
     vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -496,8 +501,8 @@ def test_coreml_features_match_mlx_tower(model_dir, units):
 def test_generate_answers_the_same_with_either_backend(work, converted, videos):
     from sfllava_convert.coreml import export
     from sfllava_mlx import load
-    from sfllava_mlx.coreml_vision import CoreMLVisionTower
     from sfllava_mlx.conversation import Conversation
+    from sfllava_mlx.coreml_vision import CoreMLVisionTower
     from sfllava_mlx.encode import encode_video
     from sfllava_mlx.frames import read_frames
 

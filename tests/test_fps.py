@@ -203,9 +203,9 @@ def test_a_video_past_the_context_is_refused_before_decoding(tmp_path, converted
 
 def test_the_plan_counts_the_kv_cache_and_long_videos():
     """Plan arithmetic at the real shapes (lazy random weights: nothing allocated)."""
+    from sfllava_app.bench.random_weights import model_config
     from sfllava_mlx.memory import kv_bytes_per_token, plan_video
     from sfllava_mlx.model import SFLLaVA
-    from sfllava_app.bench.random_weights import model_config
 
     config = model_config("1.5b")
     model = SFLLaVA(config)

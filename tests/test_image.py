@@ -24,11 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.conftest import MAX_TOKENS, QUESTION, FOLLOW_UP, convert_checkpoint, sfllava
+from tests.conftest import FOLLOW_UP, MAX_TOKENS, QUESTION, convert_checkpoint, sfllava
 from tests.onevision_reference import IMAGE_MEAN, IMAGE_STD, TINY_OV
-from tests.test_image_support import (DISPLAYED, TINY_PINPOINTS, HFImageReference, bad_pictures,
-                                      exif_rotated_pair, onevision_checkpoint, picture_array,
-                                      save_picture, single_answer, single_visual_tokens)
+from tests.test_image_support import (
+    DISPLAYED,
+    TINY_PINPOINTS,
+    HFImageReference,
+    bad_pictures,
+    exif_rotated_pair,
+    onevision_checkpoint,
+    picture_array,
+    save_picture,
+    single_answer,
+    single_visual_tokens,
+)
 
 LOGPROB_TOL = 5e-4
 MARGIN = 1e-2
@@ -182,7 +191,9 @@ def test_anyres_geometry_matches_transformers():
     """Token counts from the size alone: equal to the LlavaOnevision processor's count, for
     the real 384 px grid and random picture sizes (1 px to 6000 px a side)."""
     from transformers.image_processing_utils import select_best_resolution
-    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.processing_llava_onevision import (
+        LlavaOnevisionProcessor,
+    )
 
     from sfllava_mlx import anyres
     from sfllava_mlx.config import ONEVISION_PINPOINTS, ImageConfig
@@ -196,10 +207,10 @@ def test_anyres_geometry_matches_transformers():
     sizes = [(1080, 1920), (1920, 1080), (1, 1), (384, 384), (6000, 1)] + [
         (rng.randint(1, 6000), rng.randint(1, 6000)) for _ in range(500)]
     for h, w in sizes:
-        p = anyres.plan((h, w), cfg, 384, 27)
+        p = anyres.tiling((h, w), cfg, 384, 27)
         assert p.best == tuple(select_best_resolution((h, w), ONEVISION_PINPOINTS))
         assert p.num_tokens == count(h, w, 384, 384), (h, w)
-    assert anyres.plan((1080, 1920), cfg, 384, 27).num_tokens == 729 + 60 * 109
+    assert anyres.tiling((1080, 1920), cfg, 384, 27).num_tokens == 729 + 60 * 109
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,7 +227,7 @@ def test_onevision_picture(name, ov, mlx_ov, hf, hf_answers, pictures):
     model, tokenizer = mlx_ov
     path = pictures[name]
     w, h, _ = PICTURES[name]
-    p = anyres.plan((h, w), model.config.image, S, G)
+    p = anyres.tiling((h, w), model.config.image, S, G)
     case = {"square": p.downsampled and p.tiles == (4, 4),
             "wide": p.unpadded[0] < p.tiles[0] * G and not p.downsampled,
             "tall": p.unpadded[1] < p.tiles[1] * G,

@@ -23,8 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.onevision_reference import (IMAGE_TOKEN, TINY_OV, _greedy, _Text, build_model,
-                                       float64_copy, write_checkpoint)
+from tests.onevision_reference import (
+    IMAGE_TOKEN,
+    TINY_OV,
+    _greedy,
+    _Text,
+    build_model,
+    float64_copy,
+    write_checkpoint,
+)
 from tests.reference import Answer
 
 S = TINY_OV["image_size"]  # 28 px tiles, patch 4: G = 7

@@ -14,8 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import (FOLLOW_UP, LAYOUTS, MAX_TOKENS, QUESTION, TINY, json_lines, sfllava,
-                            with_image_size)
+from tests.conftest import (
+    FOLLOW_UP,
+    LAYOUTS,
+    MAX_TOKENS,
+    QUESTION,
+    TINY,
+    json_lines,
+    sfllava,
+    with_image_size,
+)
 
 LOGPROB_TOL = 5e-4  # the bound for `generate --json` logprobs
 # float32 against float32: both sides differ only by summation order, ~1e-6 relative.

@@ -30,11 +30,22 @@ if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the fixtures are written with transformers 5's save_pretrained names (SPEC §3 "
                 "llava-hf) and call its 5.x model API", allow_module_level=True)
 
-from tests.conftest import MAX_TOKENS, QUESTION, convert_checkpoint, sfllava
-from tests.onevision_reference import (ONEVISION_NATIVE, TINY_OV, HFVideoReference, Mistakes,
-                                       RecipeReference, build_model, decoded, frame_positions,
-                                       llava_video_native, replace_recipe, slowfast_recipe,
-                                       visual_token_count, write_checkpoint)
+from tests.conftest import MAX_TOKENS, QUESTION, convert_checkpoint, sfllava  # noqa: E402
+from tests.onevision_reference import (  # noqa: E402
+    ONEVISION_NATIVE,
+    TINY_OV,
+    HFVideoReference,
+    Mistakes,
+    RecipeReference,
+    build_model,
+    decoded,
+    frame_positions,
+    llava_video_native,
+    replace_recipe,
+    slowfast_recipe,
+    visual_token_count,
+    write_checkpoint,
+)
 
 LOGPROB_TOL = 5e-4  # the issue's bound for `generate --json` logprobs (float32 vs float64)
 MARGIN = 1e-2  # greedy top-1 vs top-2 log-probability: float32 noise cannot flip a token
@@ -383,3 +394,30 @@ def test_overlapped_prefill_places_the_newlines(name, recipe, ov):
     conv.restore_prefix(conv.cache)
     assert ([r.token for r in conv.ask(QUESTION, max_tokens=MAX_TOKENS)]
             == [r.token for r in expected.ask(QUESTION, max_tokens=MAX_TOKENS)])
+
+
+# ---------------------------------------------------------------------------------------
+# The library API (SPEC §7): one Engine, Sessions of either recipe, each exact
+# ---------------------------------------------------------------------------------------
+
+
+def test_api_sessions_of_both_recipes_match_their_references(ov, refs, videos):
+    """Native and slowfast Sessions on one Engine, their turns interleaved: native is
+    transformers' video path, slowfast the SPEC §2.9 reference, and opening slowfast leaves
+    the native Session (and the model) as they were."""
+    from sfllava_mlx import Engine
+
+    engine = Engine(ov["save_pretrained"]["dst"])
+    sessions = {r: engine.open(videos["main"], recipe=r, cache=False) for r in ("native", "slowfast")}
+    got = {}
+    for recipe in ("slowfast", "native"):
+        for _ in sessions[recipe].ask(QUESTION, max_tokens=MAX_TOKENS):
+            pass
+        got[recipe] = sessions[recipe].record()
+    assert got["native"]["recipe"] == "native" and got["slowfast"]["recipe"] == "slowfast"
+    assert_same_answer(got["native"], refs.hf("save_pretrained", videos["main"]), "API native")
+    assert_same_answer(got["slowfast"], refs.recipe("save_pretrained", videos["main"],
+                                                    slowfast_recipe(ONEVISION_NATIVE)),
+                       "API slowfast")
+    assert sessions["slowfast"].training_free and not sessions["native"].training_free
+    assert engine.model.config.recipe("native") == engine.model.config.recipes["native"]

@@ -23,10 +23,21 @@ if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the sources are written with transformers 5's save_pretrained names (SPEC §3 "
                 "llava-hf)", allow_module_level=True)
 
-from tests.onevision_reference import (IMAGE_MEAN, LLM_VOCAB, ONEVISION_NATIVE, TINY_OV,
-                                       TOKENIZER_VOCAB, VIDEO_MEAN, VIDEO_STD, build_model,
-                                       frame_positions, llava_video_native, slowfast_recipe,
-                                       state_dict, write_checkpoint)
+from tests.onevision_reference import (  # noqa: E402
+    IMAGE_MEAN,
+    LLM_VOCAB,
+    ONEVISION_NATIVE,
+    TINY_OV,
+    TOKENIZER_VOCAB,
+    VIDEO_MEAN,
+    VIDEO_STD,
+    build_model,
+    frame_positions,
+    llava_video_native,
+    slowfast_recipe,
+    state_dict,
+    write_checkpoint,
+)
 
 VISION = "model.vision_tower."
 TEXT_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -330,8 +341,8 @@ def spliced_logits(model, tokenizer, video, num_frames: int) -> np.ndarray:
     """The runtime's own pipeline on the native recipe: frames, visual tokens, splice, logits."""
     import mlx.core as mx
 
-    from sfllava_mlx.frames import read_frames
     from sfllava_mlx.encode import encode_video
+    from sfllava_mlx.frames import read_frames
     from sfllava_mlx.prompt import first_turn_tokens
 
     s = model.config.recipe("native", num_frames)

@@ -42,8 +42,8 @@ def plain(work, videos):
 
 
 def visual_tokens(model, video):
-    from sfllava_mlx.frames import read_frames
     from sfllava_mlx.encode import encode_video
+    from sfllava_mlx.frames import read_frames
 
     s = model.config.recipe()
     return encode_video(model, read_frames(video, num_frames=s.num_frames, slow_every=s.slow_every), s)

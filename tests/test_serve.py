@@ -22,8 +22,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MAX_TOKENS, QUESTION, json_lines, run_env, sfllava
-from tests.serve_support import (Server, chatty_model, data_url, first_message, truncated_mp4,
-                                 video_part, wait_until)
+from tests.serve_support import (
+    Server,
+    chatty_model,
+    data_url,
+    first_message,
+    truncated_mp4,
+    video_part,
+    wait_until,
+)
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -377,7 +384,7 @@ def test_requests_waiting_in_the_queue_are_served_first_come_first_served(chatty
         for _ in range(3):
             short.append(pool.submit(ask, c, messages, max_tokens=3, model="chatty"))
             queued = len(short)
-            wait_until(lambda: server_status(chatty)["queued"] >= queued or long.done())
+            wait_until(lambda n=queued: server_status(chatty)["queued"] >= n or long.done())
         results = [long.result()] + [f.result() for f in short]
     assert [r.usage.completion_tokens for r in results] == [2000, 3, 3, 3]
     assert all(extra(r)["timings_s"]["queue"] > 0 for r in results[1:])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from ..options import add_generation_arguments, add_model_argument
 
+
 def add_arguments(p) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="video files, and directories searched recursively for videos")

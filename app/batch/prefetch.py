@@ -11,13 +11,14 @@ at S x S (128 x 384 x 384 x 3 bytes = 57 MB each), whatever the videos' size.
 
 `take(i)` hands over a `Prefetched`: the opening (or the error preparing it raised, raised
 again by `opening()`, as `generate` would) and the FrameReader-like frames that
-`Engine.open(..., frames=...)` encodes as they arrive.
+`Engine.open(..., reader=...)` encodes as they arrive.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from sfllava_mlx.preprocess import resize_frame
 

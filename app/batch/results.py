@@ -20,9 +20,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 # The fields of `generate --json` (SPEC §4), null in an error line.
 ANSWER_FIELDS = ("text", "tokens", "logprobs", "prompt_tokens", "visual_tokens", "timings_s",

@@ -44,7 +44,7 @@ class Batch:
         self.group = group
         self.rank, self.size = group.rank, group.size
         self.out = Path(os.path.abspath(args.out))
-        self.recipe = getattr(args, "recipe", None) or "native"
+        self.recipe = args.recipe
 
     def say(self, text: str) -> None:
         if self.rank == 0:
@@ -86,8 +86,8 @@ class Batch:
                 return 0
             raise UserError(f"no video found in {' '.join(self.args.paths)}"
                             + (f" ({skipped} other files)" if skipped else ""))
-        wanted = self.plan(videos)
-        self.report_plan(videos, skipped, wanted)
+        wanted = self.schedule(videos)
+        self.report_schedule(videos, skipped, wanted)
         mine = [v for v, r in zip(self.todo, self.ranks) if r == self.rank]
         try:
             self.answer(mine)
@@ -155,7 +155,7 @@ class Batch:
             videos.append(Item(len(videos), c.video, c.path, info.fingerprint, info.duration, []))
         return videos, skipped
 
-    def plan(self, videos: list[Item]) -> list:
+    def schedule(self, videos: list[Item]) -> list:
         """The (video, key) of every pair in input order; sets each video's pending prompts
         (a pair whose content another video of this run answers is not answered twice),
         `self.todo` (videos with pending prompts) and `self.ranks` (who answers each)."""
@@ -175,7 +175,7 @@ class Batch:
         self.pending_pairs = sum(len(v.pending) for v in self.todo)
         return wanted
 
-    def report_plan(self, videos, skipped, wanted) -> None:
+    def report_schedule(self, videos, skipped, wanted) -> None:
         skip = (f" ({skipped} {'file is not a video' if skipped == 1 else 'files are not videos'}"
                 ": skipped)" if skipped else "")
         where = f" over {self.size} processes" if self.size > 1 else ""
@@ -209,7 +209,7 @@ class Batch:
 
         mx.reset_peak_memory()
         try:
-            session = self.engine.open(prefetched.opening(), frames=prefetched.frames)
+            session = self.engine.open(prefetched.opening(), reader=prefetched.frames)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # the batch goes on: one error line per prompt

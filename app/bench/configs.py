@@ -98,7 +98,7 @@ def parse_backend(text: str) -> str:
     raise UserError(f"--vision-backend {text}: use mlx or coreml[:{'|'.join(COMPUTE_UNITS)}]")
 
 
-def backend_options(args, cfg: "Config") -> dict:
+def backend_options(args, cfg: Config) -> dict:
     """The Session options of one configuration (its recipe, frames and vision backend)."""
     name, _, units = cfg.backend.partition(":")
     return dict(recipe=cfg.recipe, num_frames=cfg.num_frames, seek=args.seek,
@@ -112,7 +112,7 @@ def backend_options(args, cfg: "Config") -> dict:
 
 def longest_video(config, rows: list[Config]) -> int:
     """The visual tokens of the longest video the rows will prefill."""
-    from sfllava_mlx.pooling import num_visual_tokens
+    from sfllava_mlx.tokens import num_visual_tokens
 
     return max(num_visual_tokens(config.vision.grid, config.recipe(row.recipe, row.num_frames))
                for row in rows)

@@ -35,12 +35,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from sfllava_mlx.config import (ModelConfig, PreprocessConfig, ProjectorConfig, PromptConfig,
-                                VisionConfig, family_recipes)
+from sfllava_mlx.config import (
+    ModelConfig,
+    PreprocessConfig,
+    ProjectorConfig,
+    PromptConfig,
+    VisionConfig,
+    family_recipes,
+)
 from sfllava_mlx.errors import UserError
 from sfllava_mlx.memory import check, plan_tokens
 from sfllava_mlx.model import SFLLaVA, cast_model
-from sfllava_mlx.pooling import num_visual_tokens
+from sfllava_mlx.tokens import num_visual_tokens
 
 # One table a family: size -> the LLM's shape (mlx-lm qwen2 ModelArgs fields).
 # Qwen2.5 LLMs of SF-LLaVA-1.5 (SPEC §1): 1B = Qwen2.5-1.5B, 3B, 7B.

@@ -18,8 +18,6 @@ import sys
 
 from ..options import add_generation_arguments, add_model_argument
 
-COMMANDS = ("/help", "/reset", "/frames", "/stats", "/save", "/video", "/image", "/quit")
-
 
 def add_arguments(p) -> None:
     p.add_argument("file", metavar="FILE",

@@ -10,8 +10,7 @@ from typing import Optional
 from sfllava_mlx.errors import ContextOverflowError
 
 from ..options import ask_options, picture_note, session_options
-from . import COMMANDS
-from .chat import Chat
+from .chat import COMMANDS, Chat
 
 
 def main(args) -> int:

@@ -10,8 +10,7 @@ from typing import Optional
 from sfllava_mlx.errors import ContextOverflowError, UserError
 
 from ..options import ask_options, picture_note, session_options
-from . import COMMANDS
-from .chat import Chat, media_word
+from .chat import COMMANDS, Chat, media_word
 
 
 def main(args) -> int:

@@ -37,11 +37,11 @@ class HeldConversations:
     def __init__(self, max_held: int, keep_answers: int = 1024):
         self.max_held = max(1, max_held)
         self.keep_answers = keep_answers
-        self._held: "OrderedDict[int, Held]" = OrderedDict()
+        self._held: OrderedDict[int, Held] = OrderedDict()
         # The tokens of answers this server wrote, by their text: a turn replayed after its
         # conversation was dropped gets the model's own tokens back (text -> tokens is not
         # one-to-one: an answer can split a character, or a word, unlike the tokenizer).
-        self._answers: "OrderedDict[str, list]" = OrderedDict()
+        self._answers: OrderedDict[str, list] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._held)

@@ -62,8 +62,8 @@ class Worker:
     def __init__(self, args):
         self.args = args  # the server's flags: each request's defaults
         self.engine = None
-        self.held = HeldConversations(getattr(args, "max_conversations", 4))
-        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.held = HeldConversations(args.max_conversations)
+        self._queue: queue.Queue[Optional[Job]] = queue.Queue()
         self._ready = threading.Event()
         self._load_error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="sfllava-model", daemon=True)

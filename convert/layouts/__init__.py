@@ -9,8 +9,8 @@ SPEC §2.6 has no place for it) or unknown (an error).
 
 from .configs import model_config, text_config, vision_config
 from .names import HF, LAYOUTS, ORYX, SIGLIP, canonical_names, detect_layout
-from .rules import Plan, Rule, group_dropped, plan, report, summary_line, transform
+from .rules import Rule, TensorMap, group_dropped, map_tensors, report, summary_line, transform
 
-__all__ = ["HF", "LAYOUTS", "ORYX", "Plan", "Rule", "SIGLIP", "canonical_names", "detect_layout",
-           "group_dropped", "model_config", "plan", "report", "summary_line", "text_config",
+__all__ = ["HF", "LAYOUTS", "ORYX", "TensorMap", "Rule", "SIGLIP", "canonical_names", "detect_layout",
+           "group_dropped", "model_config", "map_tensors", "report", "summary_line", "text_config",
            "transform", "vision_config"]

@@ -19,9 +19,21 @@ from sfllava_mlx.config import (
 )
 from sfllava_mlx.errors import CheckpointError
 
-from .names import (DEFAULT_FEATURE_LAYER, GELU_NAMES, HF, HF_SIGLIP_DEFAULTS, HF_VISION_FIELDS,
-                    KNOWN_SIGLIP_TOWERS, NEWLINE, ORYX, ORYX_DEFAULTS, ORYX_PREFIX,
-                    POS_INTERPOLATION, SIGLIP, SIGLIP_PREFIX)
+from .names import (
+    DEFAULT_FEATURE_LAYER,
+    GELU_NAMES,
+    HF,
+    HF_SIGLIP_DEFAULTS,
+    HF_VISION_FIELDS,
+    KNOWN_SIGLIP_TOWERS,
+    NEWLINE,
+    ORYX,
+    ORYX_DEFAULTS,
+    ORYX_PREFIX,
+    POS_INTERPOLATION,
+    SIGLIP,
+    SIGLIP_PREFIX,
+)
 
 # ----------------------------------------------------------------------------------------
 # Configuration

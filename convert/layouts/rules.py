@@ -83,7 +83,7 @@ class Rule:
 
 
 @dataclass
-class Plan:
+class TensorMap:
     rules: list = field(default_factory=list)
     dropped: dict = field(default_factory=dict)  # source name -> reason
     missing: list = field(default_factory=list)  # source names
@@ -158,13 +158,13 @@ def _leftover_reason(layout: str, name: str, cfg: ModelConfig) -> tuple[str, str
     return "unexpected", ""
 
 
-def plan(layout: str, shapes: dict, cfg: ModelConfig, param_shapes: dict,
-         aliases: Optional[dict] = None) -> Plan:
+def map_tensors(layout: str, shapes: dict, cfg: ModelConfig, param_shapes: dict,
+         aliases: Optional[dict] = None) -> TensorMap:
     """Match every MLX parameter to its source tensors and check every shape.
 
     `shapes` is keyed by the names the rules read; `aliases` maps them to the checkpoint's
-    own names, which the plan then uses (a missing tensor keeps the rules' name)."""
-    p = _plan(layout, shapes, cfg, param_shapes)
+    own names, which the map then uses (a missing tensor keeps the rules' name)."""
+    p = _map_tensors(layout, shapes, cfg, param_shapes)
     real = (aliases or {}).get
     for rule in p.rules:
         rule.sources = [real(n, n) for n in rule.sources]
@@ -175,8 +175,8 @@ def plan(layout: str, shapes: dict, cfg: ModelConfig, param_shapes: dict,
     return p
 
 
-def _plan(layout: str, shapes: dict, cfg: ModelConfig, param_shapes: dict) -> Plan:
-    p = Plan()
+def _map_tensors(layout: str, shapes: dict, cfg: ModelConfig, param_shapes: dict) -> TensorMap:
+    p = TensorMap()
     used = set()
     for target, shape in param_shapes.items():
         sources, kind = _sources_for(layout, target)
@@ -205,7 +205,7 @@ def _plan(layout: str, shapes: dict, cfg: ModelConfig, param_shapes: dict) -> Pl
     return p
 
 
-def report(p: Plan, shapes: dict) -> str:
+def report(p: TensorMap, shapes: dict) -> str:
     """The tensor report of a failed map: missing, mis-shaped, unexpected, separators."""
     lines = []
     if p.missing:
@@ -253,7 +253,7 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}" if n == 1 else f"{n} {what.replace('tensor', 'tensors')}"
 
 
-def summary_line(p: Plan) -> str:
+def summary_line(p: TensorMap) -> str:
     """One sentence for the error's first line."""
     parts = []
     if p.missing:

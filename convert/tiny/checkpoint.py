@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 
-from .tensors import (LAYOUTS, ST_DTYPES, llm_shapes,
-                      make_tensor, oryx_shapes, projector_shapes, siglip_shapes, split_shards,
-                      write_json, write_safetensors)
+from .tensors import (
+    LAYOUTS,
+    ST_DTYPES,
+    llm_shapes,
+    make_tensor,
+    oryx_shapes,
+    projector_shapes,
+    siglip_shapes,
+    split_shards,
+    write_json,
+    write_safetensors,
+)
 from .tokenizer import SPECIAL_TOKENS, write_tokenizer
 
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"

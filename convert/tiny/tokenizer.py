@@ -45,7 +45,16 @@ Yes. No. Maybe. I do not know. It is not clear from the video. Please answer the
 
 def build_tokenizer(vocab_size: int = 640):
     """A Qwen2-style byte-level BPE tokenizer trained on CORPUS (deterministic)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()

@@ -52,7 +52,7 @@ class Fingerprint:
     mtime_ns: int  # a hint only
 
     @classmethod
-    def of(cls, path) -> "Fingerprint":
+    def of(cls, path) -> Fingerprint:
         path = os.path.abspath(path)
         st = os.stat(path)
         size, sampled = sampled_digest(path)
@@ -82,10 +82,9 @@ def model_identity(model) -> str:
     """A stable id of a model's weights and tokenizer: the content of its JSON files and
     the sampled fingerprint of every other file (weights: their headers and sampled data
     blocks). A model built in memory (benchmarks) sets `model.identity` itself."""
-    given = getattr(model, "identity", None)
-    if given:
-        return str(given)
-    path = getattr(model, "path", None)
+    if model.identity:
+        return str(model.identity)
+    path = model.path
     if path is None:
         raise ValueError("model has neither a path nor an identity: it cannot be cached")
     h = hashlib.sha256()

@@ -39,8 +39,17 @@ from typing import Optional
 import mlx.core as mx
 
 from ..kv import copy_prefix
-from .files import (META_FILE, CorruptEntry, check_file, dir_bytes, file_record, identity,
-                    publish, read_json, write_json)
+from .files import (
+    META_FILE,
+    CorruptEntry,
+    check_file,
+    dir_bytes,
+    file_record,
+    identity,
+    publish,
+    read_json,
+    write_json,
+)
 from .fingerprint import Fingerprint, content_digest
 from .keys import CacheKey
 
@@ -102,14 +111,14 @@ def _plain(value):
 
 
 def clip_record(clip) -> dict:
-    info = getattr(clip, "info", None)
+    """What an entry keeps of a clip (SampledFrames, or a picture's PictureClip)."""
     return {
-        "indices": _plain(list(getattr(clip, "indices", []) or [])),
-        "timestamps": _plain(list(getattr(clip, "timestamps", []) or [])),
-        "streams": _plain(list(getattr(clip, "streams", []) or [])),
-        "exact": bool(getattr(clip, "exact", True)),
-        "replaced": _plain(list(getattr(clip, "replaced", []) or [])),
-        "info": _plain(info) if info is not None else {},
+        "indices": _plain(list(clip.indices)),
+        "timestamps": _plain(list(clip.timestamps)),
+        "streams": _plain(list(clip.streams)),
+        "exact": bool(clip.exact),
+        "replaced": _plain(list(clip.replaced)),
+        "info": _plain(clip.info) if clip.info is not None else {},
     }
 
 

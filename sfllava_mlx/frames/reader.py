@@ -5,15 +5,17 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import VideoError
 from ..system import available_memory, physical_memory
 from .sampling import SEEK_MODES, frames_for_rate, sample_positions, stream_names
 from .video import IndexedVideo, VideoInfo, _Decoder, _to_rgb, open_video
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PREFETCH = 8  # decoded frames waiting for the consumer (bounds memory)
 _DONE = object()
@@ -56,12 +58,14 @@ class FrameReader:
 
     Use as a context manager or call close(): leaving early stops the worker.
     Attributes: info, indices, timestamps, streams, exact, replaced, decoded (frames the decoder
-    produced), seeks, elapsed_s (decoding wall time, once finished).
+    produced), seeks, elapsed_s (decoding wall time, once finished). With `images=False` the
+    frames are decoded (a frame that fails is still replaced) but not converted to RGB: the
+    positions come with None, for a caller that needs indices and timestamps only.
     """
 
     def __init__(self, path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
                  prefetch: int = PREFETCH, hold_all: bool = False, positions: str = "midpoint",
-                 fps: Optional[float] = None):
+                 fps: Optional[float] = None, images: bool = True):
         if seek not in SEEK_MODES:
             raise ValueError(f"seek must be one of {SEEK_MODES}, not {seek!r}")
         if num_frames < 1 or slow_every < 1:
@@ -84,12 +88,13 @@ class FrameReader:
             self.streams = stream_names(num_frames, slow_every)
             self.replaced: list = []
             # read_frames holds every distinct frame; a streaming consumer only the prefetch.
-            _check_memory(self.info, len(set(wanted)) if hold_all else prefetch)
+            _check_memory(self.info, (len(set(wanted)) if hold_all else prefetch) if images else 0)
         except BaseException:
             self._decoder.close()
             raise
         self.decoded = self.seeks = 0
         self.elapsed_s = 0.0
+        self._images = images
         self._index = index
         self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
         self._stop = threading.Event()
@@ -126,8 +131,11 @@ class FrameReader:
         d.goto(t)
         frame = d.advance_to(t)
         if frame is not None:
-            return t, _to_rgb(frame, self.info.rotation)
+            return t, self._image(frame)
         return self._nearest(t)
+
+    def _image(self, frame):
+        return _to_rgb(frame, self.info.rotation) if self._images else None
 
     def _nearest(self, t: int):
         """The nearest decodable frame to t (the earlier one on a tie)."""
@@ -147,7 +155,7 @@ class FrameReader:
             candidates = [c for c in (before, after) if c is not None]
             if candidates:
                 i, frame = min(candidates, key=lambda c: (abs(c[0] - t), c[0]))
-                return i, _to_rgb(frame, self.info.rotation)
+                return i, self._image(frame)
             if lo == 0 and hi == n - 1:
                 raise VideoError(f"{self.info.path}: no frame of the video decodes")
             radius *= 8
@@ -193,10 +201,12 @@ def iter_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "e
 
 def read_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
                 on_frame: Optional[Callable[[int, np.ndarray], None]] = None,
-                positions: str = "midpoint", fps: Optional[float] = None) -> SampledFrames:
-    """All sampled frames at once. on_frame(position, image) is called as each arrives."""
+                positions: str = "midpoint", fps: Optional[float] = None,
+                images: bool = True) -> SampledFrames:
+    """All sampled frames at once. on_frame(position, image) is called as each arrives.
+    `images=False`: indices and timestamps only (`images` holds None)."""
     with FrameReader(path, num_frames, slow_every, seek, hold_all=True,
-                     positions=positions, fps=fps) as reader:
+                     positions=positions, fps=fps, images=images) as reader:
         images = [None] * len(reader.indices)
         for position, image in reader:
             images[position] = image

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
-
 SEEK_MODES = ("exact", "keyframe")
 
 
@@ -19,6 +17,8 @@ def sample_positions(n_frames: int, num_frames: int = 128, rule: str = "midpoint
     if n_frames < 1 or num_frames < 1:
         raise ValueError("need at least one frame and one position")
     if rule == "linspace":
+        import numpy as np  # only here: `sfllava frames --json` stays clear of numpy's import
+
         return [int(i) for i in np.linspace(0, n_frames - 1, num_frames).astype(int)]
     if rule != "midpoint":
         raise ValueError(f"unknown frame_positions rule {rule!r}")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import bisect
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import av
-import numpy as np
 
 from ..errors import VideoError
 
@@ -196,7 +196,7 @@ class _IndexMismatch(Exception):
 class _Decoder:
     """Decodes one stream forward, seeking to keyframes when that is cheaper."""
 
-    def __init__(self, video: "IndexedVideo", keyframes_only: bool):
+    def __init__(self, video: IndexedVideo, keyframes_only: bool):
         self.path, self.index = video.path, video.index
         self.keyframes_only = keyframes_only
         self.decoded = 0  # frames out of the decoder
@@ -313,9 +313,12 @@ class _Decoder:
         return None
 
 
-def _to_rgb(frame, rotation: int) -> np.ndarray:
+def _to_rgb(frame, rotation: int):
+    """(H, W, 3) uint8 RGB, upright, read-only."""
     image = frame.to_ndarray(format="rgb24")
     if rotation:
+        import numpy as np
+
         image = np.ascontiguousarray(np.rot90(image, rotation // 90))
     image.flags.writeable = False
     return image
