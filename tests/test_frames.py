@@ -18,6 +18,7 @@ import pytest
 from sfllava_mlx import frames as F
 from sfllava_mlx.errors import VideoError
 from sfllava_mlx.frames import reader as frame_reader
+from sfllava_mlx.frames import index as frame_index
 from sfllava_mlx.frames import video as frame_video
 from tests.videos import (
     corrupt_frames,
@@ -392,12 +393,12 @@ def test_a_misleading_sample_table_is_not_trusted(tmp_path, monkeypatch):
     indexed instead, and the frames stay exact."""
     path = tmp_path / "v.mp4"
     make_ffmpeg_video(path, 120, gop=40)
-    real = frame_video._rows_from_sample_table
+    real = frame_index._rows_from_sample_table
 
     def shifted(*args):
         rows, truncated = real(*args)
         return [(ts + 7, key) for ts, key in rows], truncated
 
-    monkeypatch.setattr(frame_video, "_rows_from_sample_table", shifted)
+    monkeypatch.setattr(frame_index, "_rows_from_sample_table", shifted)
     clip = F.read_frames(path, num_frames=16)
     assert_exact(clip, decode_all(path), 120)
