@@ -598,3 +598,37 @@ def test_batch_answers_the_part_of_every_video(tmp_path, converted, engine):
     assert "2 to answer" in r.stderr and r.returncode == 0, r.stderr
     records = json_lines(out.read_text())
     assert len(records) == 4 and all(x["error"] is None for x in records if x["part"]["end"] == 5)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_terminal_part_and_back(tmp_path, converted, videos):
+    """In a terminal: the header shows the part; /part back is quick and says it kept."""
+    import shlex
+
+    from tests.test_chat import Terminal, at_prompt
+    from tests.test_chat_support import env, sfllava_cmd
+
+    command = " ".join(map(shlex.quote, sfllava_cmd() + [
+        "chat", str(videos["main"]), "--model", str(converted[LAYOUT]), "--num-frames", "8",
+        "--max-tokens", "2"]))
+    term = Terminal(command, env(tmp_path / "xdg"), width=140)
+    try:
+        screen = term.wait_for(at_prompt, timeout=120)
+        assert "part   " not in screen
+        term.send("/part 4-0:12", "Enter")
+        screen = term.wait_for(lambda s: "on part 0:04-0:12 in" in s and at_prompt(s))
+        assert "part   0:04-0:12 (the video's own times) · 80 of the video's 160 frames" in screen
+        term.send("/stats", "Enter")
+        term.wait_for(lambda s: s.count("80 of the video's 160 frames") == 2 and at_prompt(s))
+        term.send("/part", "Enter")
+        term.wait_for(lambda s: "on the whole video in" in s and "(kept: nothing encoded again)"
+                      in s and at_prompt(s))
+        term.send("/part 20-", "Enter")
+        term.wait_for(lambda s: "error: the part 0:20- starts at or past the end of the video"
+                      in s and at_prompt(s))
+        term.send("/help", "Enter")
+        term.wait_for(lambda s: "/part T0-T1" in s and at_prompt(s))
+        term.send("C-d")
+        term.wait_for(lambda s: "EXIT=0" in s)
+    finally:
+        term.close()

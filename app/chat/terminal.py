@@ -161,11 +161,12 @@ def run_command(chat: Chat, ui, line: str, info: dict) -> Optional[str]:
 
 def stats_rows(chat: Chat, info: dict) -> list:
     from ..fmt import clock
-    from .ui import video_summary
+    from .ui import part_summary, video_summary
 
     session = chat.session
     conversation = session.conversation
     rows = [(media_word(session), video_summary(session.path, session.clip)),
+            *([("part", part_summary(session))] if session.part is not None else []),
             ("model", f"{info['name']} · {info['params']} parameters · {info['dtype']}"),
             ("visual tokens", str(session.visual.embeddings.shape[0])),
             ("cache", f"{session.cache} (opened in {session.open_s:.2f} s)"),
