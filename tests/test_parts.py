@@ -494,6 +494,11 @@ def test_chat_header_help_and_transcript_show_the_part(tmp_path, engine, videos)
     assert chat.part("") is True and chat.session is session  # the kept whole-video Session
     text = chat.transcript.markdown("video", session.path, "m")
     assert "part 0:04-0:12)*" in text and "the whole video)*" in text
+    # The whole video's Session and the last three parts' are kept; older parts are let go.
+    for text in ("1-2", "2-3", "3-4"):
+        assert chat.part(text) is False
+    assert chat.part("0:04-0:12") is False  # the first part, dropped by now: opened again
+    assert chat.part("3-4") is True and chat.part("") is True and chat.session is session
 
 
 # ----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from sfllava_mlx.frames import Part
 
 USAGE = ("usage: /part T0-T1 (seconds, or [H:]M:SS such as 45:00-47:00; either end may be "
          "left out: /part 45:00-, /part -47:00); /part alone: the whole video")
-KEEP_PARTS = 4  # part Sessions kept beside the whole video's (each holds its tokens and KV)
+KEEP_PARTS = 3  # part Sessions kept beside the whole video's: 4 in all, as serve holds 4
 
 
 def parse(text: str) -> Optional[Part]:
