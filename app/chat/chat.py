@@ -62,17 +62,14 @@ class Chat:
         self.kept.keep(self.session)
         session = self.kept.get(part)
         resumed = session is not None
-        if session is self.session:
+        if resumed:
             if part is not None:
-                session.reset()  # the same part again: a new conversation about it
-        elif resumed:
-            if part is not None:
-                session.reset()
-            session.resume(progress)
+                session.reset()  # /part T0-T1 starts a new conversation about the part
+            if session is not self.session:
+                session.resume(progress)
         else:
-            options = {**session_options(self.args), "start": None, "end": None}
-            if part is not None:
-                options.update(start=part.start, end=part.end)
+            options = {**session_options(self.args), "start": part and part.start,
+                       "end": part and part.end}
             session = self.engine.open(self.session.path, progress=progress,
                                        prefill=progress is not None, **options)
         self.session = session
