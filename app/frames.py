@@ -1,11 +1,13 @@
 """`sfllava frames`: show (and save) the frames the model will see (SPEC §4).
 
     sfllava frames VIDEO [--model DIR] [--recipe native|slowfast] [--num-frames T]
-                   [--seek exact|keyframe] [--out DIR] [--json]
+                   [--seek exact|keyframe] [--fps F] [--start T0] [--end T1] [--out DIR] [--json]
 
 A table of the sample positions (frame index, timestamp, slow or fast stream); `--out` writes
 each sampled frame as a lossless PNG at the video's own resolution, upright (`NNN.png`, in
-position order), and `contact.png`, a labelled sheet of all of them.
+position order), and `contact.png`, a labelled sheet of all of them. With `--start` /
+`--end` only that part of the video is sampled (SPEC §2.12); indices and timestamps stay the
+video's own.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .fmt import clock
 from .options import (
     add_fps_argument,
     add_num_frames_argument,
+    add_part_arguments,
     add_recipe_argument,
     add_seek_argument,
 )
@@ -51,36 +54,41 @@ def add_arguments(p) -> None:
     add_recipe_argument(p)
     add_fps_argument(p)
     add_seek_argument(p)
+    add_part_arguments(p)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write NNN.png per position and contact.png into DIR")
     p.add_argument("--json", action="store_true", help="print JSON (stdout carries only JSON)")
 
 
 def main(args) -> int:
-    from sfllava_mlx.frames import read_frames
+    from sfllava_mlx.frames import Part, read_frames
 
+    part = Part.of(args.start, args.end)  # bad text: one line, before the video is opened
     config = model_config(args.model)
     sampling = config.recipe(args.recipe, args.num_frames)
     tic = time.perf_counter()
     clip = read_frames(args.video, num_frames=sampling.num_frames, slow_every=sampling.slow_every,
                        seek=args.seek, positions=sampling.frame_positions, fps=args.fps,
-                       images=bool(args.out))  # pixels only to write them
+                       images=bool(args.out), part=part)  # pixels only to write them
     sampling = replace(sampling, num_frames=len(clip.indices))  # --fps: this video's count
     elapsed = time.perf_counter() - tic
     if args.out:
         write_frames(clip, Path(args.out))
     if args.json:
-        print(json.dumps({
+        doc = {
             "frames": [{"index": i, "timestamp": round(t, 6), "stream": s}
                        for i, t, s in zip(clip.indices, clip.timestamps, clip.streams)],
             "exact": clip.exact,
             "recipe": args.recipe,
             "visual_tokens": num_visual_tokens(config.vision.grid, sampling),
             "timings_s": {"frames": round(elapsed, 6)},
-        }))
+        }
+        if part is not None:  # the part asked for, in seconds
+            doc["part"] = part.to_json()
+        print(json.dumps(doc))
         report_notes(clip, stream=sys.stderr)
     else:
-        print_table(clip, elapsed, args.out)
+        print_table(clip, elapsed, args.out, part)
         print(recipe_line(config, args.recipe, sampling))
     return 0
 
@@ -115,6 +123,12 @@ def describe(info) -> str:
             f"{info.num_frames} frames, {info.fps:.3f} fps, {info.duration:.2f} s")
 
 
+def part_line(part, clip) -> str:
+    """The part sampled and what it holds, in the video's time."""
+    return (f"part {part.label()}: frames {min(clip.indices)} to {max(clip.indices)} "
+            "(the video's own indices and times)")
+
+
 def report_notes(clip, stream) -> None:
     """Approximate sampling, replaced frames, a damaged file: one line each."""
     if not clip.exact:
@@ -128,12 +142,14 @@ def report_notes(clip, stream) -> None:
         print(f"note: {note}", file=stream)
 
 
-def print_table(clip, elapsed: float, out) -> None:
+def print_table(clip, elapsed: float, out, part=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     console.print(describe(clip.info), highlight=False)
+    if part is not None:
+        console.print(part_line(part, clip), highlight=False)
     table = Table()
     for name in ("position", "index", "timestamp", "time", "stream"):
         table.add_column(name, justify="left" if name == "stream" else "right")

@@ -25,6 +25,7 @@ def add_generation_arguments(p, json: bool = True) -> None:
                    help="tell the model when each frame was taken (LLaVA-Video's time "
                         "instruction): for \"when does ...\" questions")
     add_seek_argument(p)
+    add_part_arguments(p)
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache")
     p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache size")
     p.add_argument("--no-cache", action="store_true", help="do not use the video cache")
@@ -66,13 +67,23 @@ def add_fps_argument(p) -> None:
                         "clip costs fewer tokens")
 
 
+def add_part_arguments(p) -> None:
+    # Kept as text here: the library reads the time (one parser, one-line errors, exit 2).
+    p.add_argument("--start", default=None, metavar="T0",
+                   help="only the part of the video from T0 (seconds such as 75, or "
+                        "[H:]M:SS[.f] such as 45:00), at the recipe's whole frame budget")
+    p.add_argument("--end", default=None, metavar="T1",
+                   help="only the part of the video before T1 (the same forms as --start)")
+
+
 def session_options(args) -> dict:
     """The library's open() options from generate's flags (Options checks them)."""
     return dict(recipe=args.recipe, num_frames=args.num_frames, fps=args.fps, seek=args.seek,
                 timestamps=args.timestamps, system_prompt=args.system_prompt,
                 kv_bits=args.kv_bits, max_kv_size=args.max_kv_size,
                 vision_backend=args.vision_backend, compute_units=args.compute_units,
-                cache=not args.no_cache, max_tokens=args.max_tokens)
+                cache=not args.no_cache, max_tokens=args.max_tokens,
+                start=args.start, end=args.end)
 
 
 def ask_options(args) -> dict:

@@ -1,6 +1,7 @@
 """Frame sampling benchmark (issue 4): the sampler against the two simple ways, side by side.
 
-    python bench/frames_bench.py [--dir DIR] [--repeats 2] [--num-frames 128] [--only long|short]
+    python bench/frames_bench.py [--dir DIR] [--repeats 2] [--num-frames 128]
+                                 [--only long|short|part]
 
 Makes with ffmpeg (once, kept in DIR) a 20-minute 640x360 and a 2-minute 1280x720 H.264 file,
 25 fps, a keyframe every 10 s, and reads the SPEC §2.1 frames of each with:
@@ -17,12 +18,18 @@ over wanted frames, of the frames from the keyframe before each to it.
 Then the same as users run it, each in a fresh process (interpreter start and imports
 included): `sfllava frames FILE --json` (exact and `--seek keyframe`) against a fresh
 Python that imports OpenCV and seeks per frame.
+
+A part of a long file (SPEC §2.12, `--only part`): `sfllava frames` of the 2-minute part
+10:00-12:00 of the 20-minute file (`--start 10:00 --end 12:00`) beside a 2-minute file made
+the same way at the same size (and the 2-minute 1280x720 file, and the whole 20-minute
+file), each in a fresh process, interleaved; with the frames each decodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -37,7 +44,9 @@ from sfllava_mlx import frames as F
 FILES = {
     "long": dict(name="long-640x360-20min.mp4", size="640x360", seconds=1200),
     "short": dict(name="short-1280x720-2min.mp4", size="1280x720", seconds=120),
+    "clip": dict(name="clip-640x360-2min.mp4", size="640x360", seconds=120),  # the part's twin
 }
+PART = ("10:00", "12:00")  # a 2-minute part of the 20-minute file
 FPS, GOP = 25, 250  # a keyframe every 10 s
 
 
@@ -168,6 +177,54 @@ def fresh_processes(path: Path, wanted: list, repeats: int) -> dict:
     return best
 
 
+def part_of_long_file(folder: Path, num_frames: int, repeats: int) -> dict:
+    """`sfllava frames` of a 2-minute part of the 20-minute file beside whole 2-minute files,
+    each in a fresh process (best of `repeats`, interleaved), and the frames each decodes."""
+    paths = {}
+    for key in ("long", "clip", "short"):
+        spec = FILES[key]
+        paths[key] = folder / spec["name"]
+        make_file(paths[key], spec["size"], spec["seconds"])
+        paths[key].read_bytes()  # into the page cache
+    part = ["--start", PART[0], "--end", PART[1]]
+    rows = {  # name -> (file, flags)
+        f"part {PART[0]}-{PART[1]} of the 20-minute 640x360 file": ("long", part),
+        "the 2-minute 640x360 file": ("clip", []),
+        "the 2-minute 1280x720 file": ("short", []),
+        "the whole 20-minute 640x360 file": ("long", []),
+    }
+    n = str(num_frames)
+    best = {name: float("inf") for name in rows}
+    for rep in range(repeats):
+        for name, (key, flags) in rows.items():
+            cmd = sfllava_command() + ["frames", str(paths[key]), "--json", "--num-frames", n, *flags]
+            tic = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - tic
+            best[name] = min(best[name], wall)
+            print(f"  rep {rep} fresh {name}: {wall:.2f} s", flush=True)
+    decoded = {}
+    for name, (key, flags) in rows.items():
+        chosen = F.Part.of(*PART) if flags else None
+        with F.iter_frames(paths[key], num_frames=num_frames, part=chosen) as reader:
+            for _ in reader:
+                pass
+        decoded[name] = {"decoded": reader.decoded, "seeks": reader.seeks,
+                         "first": reader.indices[0], "last": reader.indices[-1]}
+    return {"wall_s": best, "decoded": decoded, "repeats": repeats}
+
+
+def part_markdown(report: dict) -> str:
+    base = report["wall_s"]["the 2-minute 640x360 file"]
+    lines = ["| `sfllava frames --json`, fresh process | wall s | vs the 2-minute 640x360 file "
+             "| frames decoded (seeks) | frames sampled |", "|---|---|---|---|---|"]
+    for name, wall in report["wall_s"].items():
+        d = report["decoded"][name]
+        lines.append(f"| {name} | {wall:.2f} | {wall / base:.2f}x | {d['decoded']} ({d['seeks']}) "
+                     f"| {d['first']} to {d['last']} |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     lines = [f"**{report['file']}**: {report['frames']} frames, {report['size']}, "
              f"{report['keyframes']} keyframes; {report['distinct']} distinct wanted frames; "
@@ -193,14 +250,14 @@ def main():
     ap.add_argument("--dir", default="/tmp/sfllava-frames-bench", help="where the files are kept")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--num-frames", type=int, default=128)
-    ap.add_argument("--only", choices=list(FILES), default=None)
+    ap.add_argument("--only", choices=["long", "short", "part"], default=None)
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
     reports = []
     for key, spec in FILES.items():
-        if args.only and key != args.only:
+        if key == "clip" or (args.only and key != args.only):
             continue
         path = folder / spec["name"]
         make_file(path, spec["size"], spec["seconds"])
@@ -209,10 +266,17 @@ def main():
         wanted = F.sample_positions(report["frames"], args.num_frames)
         report["fresh"] = fresh_processes(path, wanted, args.repeats)
         reports.append(report)
-    print(f"\nmachine: {platform.system()} {platform.machine()}, {__import__('os').cpu_count()} cores; "
+    print(f"\nmachine: {platform.system()} {platform.machine()}, {os.cpu_count()} cores; "
           f"OpenCV {cv2.__version__}, PyAV {__import__('av').__version__}; best of {args.repeats}\n")
     for r in reports:
         print(markdown(r) + "\n")
+    if args.only in (None, "part"):
+        load = os.getloadavg()
+        part = part_of_long_file(folder, args.num_frames, args.repeats)
+        print(f"A part of the long file (best of {args.repeats}; load average {load[0]:.2f} "
+              f"before, {os.getloadavg()[0]:.2f} after):\n")
+        print(part_markdown(part) + "\n")
+        reports.append({"part": part})
     if args.json:
         Path(args.json).write_text(json.dumps(reports, indent=2))
 

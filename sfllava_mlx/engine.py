@@ -26,7 +26,16 @@ from .config import SamplingConfig
 from .conversation import Conversation
 from .encode import VisualTokens, encode_video
 from .errors import VideoError
-from .frames import VideoInfo, frames_for_rate, iter_frames, probe, read_frames, video_duration
+from .frames import (
+    Span,
+    VideoInfo,
+    frames_for_rate,
+    iter_frames,
+    probe,
+    read_frames,
+    span_of,
+    video_duration,
+)
 from .frames.video import check_readable
 from .image import (
     ImageError,
@@ -63,17 +72,20 @@ class Opening:
     picture: Optional[PictureInfo] = None
     fingerprint: Optional[Fingerprint] = None
     key: Optional[object] = None  # cache.CacheKey, where the cache is on
+    span: Optional[Span] = None  # a part's frames (SPEC §2.12); None: the whole video
 
     def reader(self):
         """A FrameReader of this video's sampled frames, decoding on a worker thread."""
         s = self.sampling
         return iter_frames(self.path, num_frames=s.num_frames, slow_every=s.slow_every,
-                           seek=self.options.seek, positions=s.frame_positions)
+                           seek=self.options.seek, positions=s.frame_positions,
+                           part=self.options.part)
 
     def read_all(self):
         s = self.sampling
         return read_frames(self.path, num_frames=s.num_frames, slow_every=s.slow_every,
-                           seek=self.options.seek, positions=s.frame_positions)
+                           seek=self.options.seek, positions=s.frame_positions,
+                           part=self.options.part)
 
 
 def model_name(path_or_repo: str) -> str:
@@ -144,10 +156,16 @@ class Engine:
                                  "WebP, HEIC or AVIF) nor a video") from None
             raise
         sampling = self.model.config.recipe(opts.recipe, opts.num_frames)
+        # A part is found (or refused) on the index: nothing decoded (SPEC §2.12).
+        span = span_of(path, opts.part) if opts.part is not None else None
         if opts.fps is not None:
-            info = probe(path)
+            if span is not None:  # --fps over the part's frames alone
+                count, rate = span.count, span.rate
+            else:
+                info = probe(path)
+                count, rate = info.num_frames, info.fps
             sampling = replace(sampling, num_frames=frames_for_rate(
-                sampling.num_frames, info.num_frames, info.fps, opts.fps))
+                sampling.num_frames, count, rate, opts.fps))
         limit, limit_name = self._context(opts)
         memory = check_video(self.model, sampling, context_limit=limit, context_name=limit_name,
                              max_tokens=opts.max_tokens, kv_bits=opts.kv_bits,
@@ -156,9 +174,9 @@ class Engine:
         if opts.cache:
             fingerprint = Fingerprint.of(path)
             key = video_key(fingerprint, self.identity, self.dtype, sampling, seek=opts.seek,
-                            vision_backend=opts.vision_backend, fps=opts.fps)
+                            vision_backend=opts.vision_backend, fps=opts.fps, part=opts.part)
         return Opening(path, "video", opts, memory, started, sampling=sampling,
-                       fingerprint=fingerprint, key=key)
+                       fingerprint=fingerprint, key=key, span=span)
 
     def _prepare_picture(self, path: str, opts: Options, started: float) -> Opening:
         info = probe_picture(path)  # ImageError (exit 2) for what cannot be used

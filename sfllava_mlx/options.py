@@ -8,13 +8,15 @@ from typing import Optional
 
 from .config import RECIPES
 from .errors import UserError
+from .frames.part import Part
 from .frames.sampling import SEEK_MODES
 
 VISION_BACKENDS = ("mlx", "coreml")
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 KV_BITS = (4, 8)
 # Options that mean something for a video only (a picture follows the model's image recipe).
-VIDEO_ONLY = ("recipe", "num_frames", "fps", "timestamps", "seek", "vision_backend")
+VIDEO_ONLY = ("recipe", "num_frames", "fps", "timestamps", "seek", "vision_backend", "start",
+              "end")
 
 
 def flag(name: str) -> str:
@@ -35,8 +37,14 @@ class Options:
     compute_units: str = "ALL"  # Core ML's, with vision_backend="coreml"
     cache: bool = True  # the persistent video cache
     max_tokens: int = 512  # the longest answer the memory plan makes room for
+    # A part of the video (SPEC §2.12): seconds, or time text such as "45:00" (kept as seconds)
+    start: Optional[float] = None
+    end: Optional[float] = None
 
     def __post_init__(self):
+        part = Part.of(self.start, self.end)  # refuses bad text, negative times, start >= end
+        object.__setattr__(self, "start", part.start if part else None)
+        object.__setattr__(self, "end", part.end if part else None)
         self._one_of("recipe", RECIPES)
         self._one_of("seek", SEEK_MODES)
         self._one_of("vision_backend", VISION_BACKENDS)
@@ -65,6 +73,11 @@ class Options:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}: the options are "
                             f"{', '.join(sorted(known))}")
         return cls(**given)
+
+    @property
+    def part(self) -> Optional[Part]:
+        """The part of the video to sample, or None for the whole video."""
+        return Part.of(self.start, self.end)
 
     def replace(self, **changes) -> Options:
         return replace(self, **changes)

@@ -74,6 +74,11 @@ class Session:
         return self.options.recipe
 
     @property
+    def part(self):
+        """The part of the video this Session is about (frames.Part), None for the whole."""
+        return self.options.part if self.media == "video" else None
+
+    @property
     def training_free(self) -> bool:
         return self.media == "video" and self.engine.model.config.training_free(self.options.recipe)
 
@@ -121,11 +126,23 @@ class Session:
             "cache": self.cache,
             "finish_reason": turn.finish_reason,
             "recipe": self.recipe,
+            "part": self.part.to_json() if self.part is not None else None,
         }
 
     def reset(self) -> None:
         """The same video, a new conversation (no re-encoding)."""
         self.conversation.reset()
+
+    def resume(self, progress=None) -> None:
+        """Take this Session up again after others were used (chat's /part back to a kept
+        one): its prefix is prefilled now if it was not, and its next answer counts from
+        its own question and reports only its own work. Its visual tokens were kept, not
+        encoded again: its cache state reads "hit" (or "off" without the cache)."""
+        self.prefill(progress)
+        self.conversation.unreported = None  # the open's work: no answer of now did it
+        self._first = False
+        if self.cache == "miss":
+            self.cache = "hit"
 
     def prefill(self, progress=None) -> float:
         """Prefill the prefix now (chat does it before the first question); seconds spent."""

@@ -17,8 +17,8 @@ import pytest
 
 from sfllava_mlx import frames as F
 from sfllava_mlx.errors import VideoError
-from sfllava_mlx.frames import reader as frame_reader
 from sfllava_mlx.frames import index as frame_index
+from sfllava_mlx.frames import reader as frame_reader
 from sfllava_mlx.frames import video as frame_video
 from tests.videos import (
     corrupt_frames,

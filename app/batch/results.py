@@ -10,7 +10,7 @@ the part files removed: at every instant each answer is in `--out` or in a part 
 
 A line is one (video, prompt) pair; the pair is done when a line with the same key exists:
 the video's content fingerprint (its path where the file could not be read), the prompt,
-the model's identity and the recipe.
+the model's identity, the recipe and the part (`--start` / `--end`).
 """
 
 from __future__ import annotations
@@ -30,15 +30,21 @@ ANSWER_FIELDS = ("text", "tokens", "logprobs", "prompt_tokens", "visual_tokens",
                  "peak_memory_gb", "cache", "finish_reason")
 
 
-def pair_key(fingerprint: Optional[str], video: str, prompt: str, model: str, recipe: str) -> str:
+def pair_key(fingerprint: Optional[str], video: str, prompt: str, model: str, recipe: str,
+             part: Optional[dict] = None) -> str:
+    """`part`: the `part` field of the lines ({"start", "end"} in seconds, SPEC §2.12), None
+    for the whole video (whose keys stay as they always were)."""
     what = f"fp:{fingerprint}" if fingerprint else f"path:{video}"
-    return json.dumps([what, prompt, model, recipe])
+    key = [what, prompt, model, recipe]
+    if part is not None:
+        key.append([part.get("start"), part.get("end")])
+    return json.dumps(key)
 
 
 def record_key(rec: dict) -> Optional[str]:
     try:
         return pair_key(rec.get("fingerprint"), rec["video"], rec["prompt"],
-                        rec["model_identity"], rec.get("recipe") or "native")
+                        rec["model_identity"], rec.get("recipe") or "native", rec.get("part"))
     except (KeyError, TypeError, AttributeError):
         return None
 

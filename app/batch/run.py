@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from sfllava_mlx.errors import UserError
+from sfllava_mlx.options import Options
 
 from ..fmt import count
 from ..options import ask_options, session_options
@@ -45,6 +46,7 @@ class Batch:
         self.rank, self.size = group.rank, group.size
         self.out = Path(os.path.abspath(args.out))
         self.recipe = args.recipe
+        self.part = None  # every video's part (SPEC §2.12), as the lines carry it
 
     def say(self, text: str) -> None:
         if self.rank == 0:
@@ -104,6 +106,8 @@ class Batch:
         from sfllava_mlx import Engine
 
         self.prompts = inputs.read_prompts(self.args)
+        part = Options.of(**session_options(self.args)).part  # a bad --start: refused here
+        self.part = part.to_json() if part is not None else None
         if self.out.is_dir():
             raise UserError(f"--out {self.args.out} is a directory; name a .jsonl file")
         try:
@@ -129,7 +133,7 @@ class Batch:
 
     # -- 2. what to answer ---------------------------------------------------------------
     def key(self, fingerprint, video, prompt) -> str:
-        return results.pair_key(fingerprint, video, prompt, self.identity, self.recipe)
+        return results.pair_key(fingerprint, video, prompt, self.identity, self.recipe, self.part)
 
     def discover(self):
         g = self.group
@@ -238,7 +242,8 @@ class Batch:
 
     def write(self, v: Item, prompt: str, answer: Optional[dict], error: Optional[str]) -> None:
         rec = {"video": v.video, "prompt": prompt, "fingerprint": v.fingerprint,
-               "model": self.args.model, "model_identity": self.identity, "recipe": self.recipe}
+               "model": self.args.model, "model_identity": self.identity, "recipe": self.recipe,
+               "part": self.part}
         if answer is None:
             rec.update(dict.fromkeys(results.ANSWER_FIELDS))
         else:  # generate --json's object, whatever fields it has

@@ -1,7 +1,8 @@
 """`sfllava chat FILE --model DIR`: chat about a video or a picture in the terminal (SPEC §4).
 
 FILE is a picture when its content is one (JPEG, PNG, WebP, HEIC: SPEC §2.11), a video
-otherwise; `/image FILE` and `/video FILE` switch to another.
+otherwise; `/image FILE` and `/video FILE` switch to another; `/part T0-T1` talks about a part
+of the video at the whole frame budget, `/part` goes back to the whole video (`parts.py`).
 
 In a terminal (`terminal.py`): a header, progress while the video is opened, answers
 streamed as they are written (Markdown once done), a status line per answer, commands

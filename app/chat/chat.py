@@ -1,14 +1,18 @@
 """One chat: the engine, the Session about the current video or picture, and the transcript
-across /reset and /video. What the terminal and the piped mode share."""
+across /reset, /video and /part. What the terminal and the piped mode share."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sfllava_mlx.errors import UserError
+
 from ..options import session_options
+from . import parts
 from .transcript import Switch, Transcript, write_atomic
 
-COMMANDS = ("/help", "/reset", "/frames", "/stats", "/save", "/video", "/image", "/quit")
+COMMANDS = ("/help", "/reset", "/frames", "/stats", "/save", "/video", "/image", "/part",
+            "/quit")
 
 
 def media_word(session) -> str:
@@ -22,6 +26,7 @@ class Chat:
     session: object  # sfllava_mlx.Session
     transcript: Transcript = field(default_factory=Transcript)
     turns_total: int = 0
+    kept: parts.KeptSessions = field(default_factory=parts.KeptSessions)  # /part's, by part
 
     def reset(self) -> None:
         self.session.reset()
@@ -42,10 +47,43 @@ class Chat:
         session = self.engine.open(path, progress=progress, prefill=progress is not None,
                                    **session_options(self.args))
         self.session = session
+        self.kept.clear()  # another file: the parts of the old one are no use
         self.transcript.entries.append(Switch(path, media_word(session)))
         session.save()
+
+    def part(self, text: str, progress=None) -> bool:
+        """/part T0-T1: a new conversation about that part of the video, at the recipe's
+        whole frame budget; /part alone: back to the whole video's conversation. A Session
+        kept from before is taken up again (nothing encoded); returns whether one was."""
+        part = parts.parse(text)
+        if self.session.media != "video":
+            raise UserError("/part is for a video: a picture has no parts")
+        self.session.save()
+        self.kept.keep(self.session)
+        session = self.kept.get(part)
+        resumed = session is not None
+        if resumed:
+            if part is not None:
+                session.reset()  # /part T0-T1 starts a new conversation about the part
+            if session is not self.session:
+                session.resume(progress)
+        else:
+            options = {**session_options(self.args), "start": part and part.start,
+                       "end": part and part.end}
+            session = self.engine.open(self.session.path, progress=progress,
+                                       prefill=progress is not None, **options)
+        self.session = session
+        self.kept.keep(session)
+        self.transcript.entries.append(Switch(session.path, "video", part=part_label(session)))
+        session.save()
+        return resumed
 
     def save(self, path: str):
         text = self.transcript.markdown(media_word(self.session), self.session.path,
                                         self.engine.name)
         return write_atomic(path, text)
+
+
+def part_label(session) -> str:
+    """What the header and the transcript say of a Session's part."""
+    return f"part {session.part.label()}" if session.part is not None else "the whole video"

@@ -64,6 +64,8 @@ def command(chat: Chat, line: str) -> Optional[str]:
         chat.save(rest)
     elif cmd in ("/video", "/image") and rest:
         chat.switch(rest, picture=cmd == "/image")
+    elif cmd == "/part":
+        chat.part(rest)
     else:
         print(f"note: {cmd} is ignored when reading questions from a pipe", file=sys.stderr)
     return None

@@ -10,7 +10,7 @@ from typing import Optional
 from sfllava_mlx.errors import ContextOverflowError, UserError
 
 from ..options import ask_options, picture_note, session_options
-from .chat import COMMANDS, Chat, media_word
+from .chat import COMMANDS, Chat, media_word, part_label
 
 
 def main(args) -> int:
@@ -143,16 +143,30 @@ def run_command(chat: Chat, ui, line: str, info: dict) -> Optional[str]:
             ui.note("opening stopped: still on " + Path(session.path).name)
             return None
         ui.header(chat.session, info)
+    elif cmd == "/part":
+        if session.media != "video":
+            raise UserError("/part is for a video: a picture has no parts")
+        tic = time.perf_counter()
+        try:
+            with ui.opening(session.path) as progress:
+                resumed = chat.part(rest, progress)
+        except KeyboardInterrupt:
+            ui.note("opening stopped: still on " + part_label(session))
+            return None
+        ui.header(chat.session, info)
+        kept = " (kept: nothing encoded again)" if resumed else ""
+        ui.note(f"on {part_label(chat.session)} in {time.perf_counter() - tic:.2f} s{kept}")
     return None
 
 
 def stats_rows(chat: Chat, info: dict) -> list:
     from ..fmt import clock
-    from .ui import video_summary
+    from .ui import part_summary, video_summary
 
     session = chat.session
     conversation = session.conversation
     rows = [(media_word(session), video_summary(session.path, session.clip)),
+            *([("part", part_summary(session))] if session.part is not None else []),
             ("model", f"{info['name']} · {info['params']} parameters · {info['dtype']}"),
             ("visual tokens", str(session.visual.embeddings.shape[0])),
             ("cache", f"{session.cache} (opened in {session.open_s:.2f} s)"),

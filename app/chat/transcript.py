@@ -1,4 +1,4 @@
-"""What `/save` writes: the conversation as Markdown, across /reset and /video, written
+"""What `/save` writes: the conversation as Markdown, across /reset, /video and /part, written
 whole (temporary file, then rename)."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Switch:
     path: str
     media: str = "video"  # or "picture"
     reset_before: bool = False
+    part: str = ""  # /part: "part 45:00-47:00" or "the whole video"
 
 
 @dataclass
@@ -45,7 +46,8 @@ class Transcript:
             if ex.reset_before:
                 lines += ["", "---", "", "*(new conversation)*"]
             if isinstance(ex, Switch):
-                lines += ["", "---", "", f"*({ex.media}: `{ex.path}`)*"]
+                part = f", {ex.part}" if ex.part else ""
+                lines += ["", "---", "", f"*({ex.media}: `{ex.path}`{part})*"]
                 continue
             lines += ["", f"**You:** {ex.question}", "", ex.answer.strip() or "*(no answer)*"]
             if ex.stopped:

@@ -28,6 +28,9 @@ Ask anything about the video or picture; the conversation keeps its context.
   /save FILE     write the conversation as Markdown
   /video FILE    switch to another video (or picture)
   /image FILE    switch to a picture (JPEG, PNG, WebP, HEIC)
+  /part T0-T1    a new conversation about that part of the video, at the whole frame
+                 budget (45:00-47:00, 45:00-, -47:00; seconds work too)
+  /part          back to the whole video's conversation (kept: nothing encoded again)
   /quit          leave (Ctrl-D and Ctrl-C at the prompt leave too)
 
 Ctrl-C while an answer is written stops it and keeps the conversation."""
@@ -76,6 +79,9 @@ class ChatUI:
         lines = Text()
         lines.append("video  ", style="bold")
         lines.append(video_summary(video.path, clip) + "\n")
+        if video.part is not None:
+            lines.append("part   ", style="bold")
+            lines.append(part_summary(video) + "\n")
         lines.append("model  ", style="bold")
         lines.append(f"{model_info['name']} · {model_info['params']} parameters · "
                      f"{model_info['size']} · {model_info['dtype']}\n")
@@ -213,6 +219,15 @@ class _AnswerView:
         if self.stopped:
             return Group(body, Text("[stopped]", style="yellow"))
         return body
+
+
+def part_summary(session) -> str:
+    """The part a Session samples: its times and how many of the video's frames it holds."""
+    text = f"{session.part.label()} (the video's own times)"
+    span, info = session.opening.span, info_get(session.clip.info, "num_frames")
+    if span is not None and info:
+        text += f" · {span.count} of the video's {info} frames"
+    return text
 
 
 FAMILY_NAMES = {"sf-llava-1.5": "SF-LLaVA-1.5", "llava-onevision": "LLaVA-OneVision",

@@ -85,6 +85,11 @@ def check_options(args) -> list:
         raise UserError("--max-upload-mb must be positive")
     if args.max_conversations < 1:
         raise UserError("--max-conversations must be at least 1")
+    from sfllava_mlx.options import Options
+
+    from ..options import session_options
+
+    Options.of(**session_options(args))  # the requests' defaults (a bad --start, ...)
     dirs = args.media_dir or [os.getcwd()]
     for d in dirs:
         if not os.path.isdir(d):

@@ -177,7 +177,7 @@ def parse_chat(body) -> ChatRequest:
 
 def parse_options(o: dict) -> dict:
     """The `sfllava` object: SPEC §2.9-2.10 and §4's per-request sampling options."""
-    known = ("recipe", "num_frames", "fps", "timestamps", "seek")
+    known = ("recipe", "num_frames", "fps", "timestamps", "seek", "start", "end")
     unknown = sorted(set(o) - set(known))
     if unknown:
         fail(f"unknown sfllava option(s): {', '.join(unknown)} (known: {', '.join(known)})",
@@ -201,7 +201,24 @@ def parse_options(o: dict) -> dict:
         if not isinstance(o["timestamps"], bool):
             fail("sfllava.timestamps must be a boolean", "invalid_value", "sfllava.timestamps")
         out["timestamps"] = o["timestamps"]
+    out.update(parse_part(o))
     return out
+
+
+def parse_part(o: dict) -> dict:
+    """`start` / `end` (SPEC §2.12): seconds, or time text such as "45:00"."""
+    from sfllava_mlx.errors import UserError
+    from sfllava_mlx.frames import Part
+
+    given = {k: o[k] for k in ("start", "end") if o.get(k) is not None}
+    if not given:
+        return {}
+    try:
+        part = Part.of(given.get("start"), given.get("end"),
+                       names=("sfllava.start", "sfllava.end"))
+    except UserError as e:
+        fail(str(e), "invalid_value", str(e).split()[0])  # the message opens with the name
+    return {k: getattr(part, k) for k in given}
 
 
 def load_json(text: bytes):

@@ -1,6 +1,7 @@
 """The cache's keys, each built here and nowhere else: what a video's visual tokens depend on
-(its content, the model, the frame sampling, the dtype, the vision backend: not temperature,
-seed or system prompt), what a picture's do, and what a prefilled prefix depends on."""
+(its content, the model, the frame sampling and the part sampled, the dtype, the vision
+backend: not temperature, seed or system prompt), what a picture's do, and what a prefilled
+prefix depends on."""
 
 from __future__ import annotations
 
@@ -33,12 +34,15 @@ class CacheKey:
 
 def video_key(fingerprint: Fingerprint, model: str, dtype: str, sampling: SamplingConfig, *,
               seek: str = "exact", vision_backend: str = "mlx",
-              fps: Optional[float] = None) -> CacheKey:
-    """`sampling`: this video's recipe as sampled (its T after --fps); `fps`: the --fps."""
+              fps: Optional[float] = None, part=None) -> CacheKey:
+    """`sampling`: this video's recipe as sampled (its T after --fps); `fps`: the --fps;
+    `part`: the frames.Part sampled (SPEC §2.12), None for the whole video."""
     recipe = {k: v for k, v in asdict(sampling).items()
               if k not in ("num_frames", "slow_every") and v != getattr(SamplingConfig, k)}
     if fps is not None:
         recipe["fps"] = float(fps)
+    if part is not None:  # the whole video keeps the key it always had
+        recipe["part"] = [part.start, part.end]
     return CacheKey(fingerprint.size, fingerprint.sampled, model, sampling.num_frames,
                     sampling.slow_every, seek, dtype, vision_backend, recipe)
 

@@ -3,6 +3,7 @@
     from sfllava_mlx.frames import read_frames, iter_frames, probe
 
     clip = read_frames("trip.mp4", num_frames=128, slow_every=4, seek="exact")  # SampledFrames
+    clip = read_frames("film.mkv", part=Part.of("45:00", "47:00"))  # that part alone (§2.12)
 
     with iter_frames("trip.mp4") as reader:        # FrameReader: opens, then decodes on a thread
         reader.info, reader.indices, reader.timestamps, reader.streams, reader.exact  # known now
@@ -15,6 +16,11 @@ holds in presentation order (not the container's frame count or fps, which may l
 of `indices` or `timestamps` can change only for a frame that fails to decode (it is replaced
 by its nearest decodable neighbour, listed in `replaced`), and is final once its position has
 been yielded. Positions that share a frame share one read-only array.
+
+A part (`part=Part.of(start, end)`, SPEC §2.12) keeps only the frames with start <= t < end:
+N is their number, the positions and `fps` run over them alone, indices and timestamps stay
+the video's own. It is found on the index (refused there, before any frame is decoded, when
+it holds no frame) and the decoder seeks straight into it.
 
 How frames are found. OpenCV's `CAP_PROP_POS_FRAMES` seek maps a frame number to a time with
 the nominal fps (wrong for variable frame rate) and cannot name keyframes, so this module uses
@@ -35,10 +41,19 @@ PyAV, the same FFmpeg underneath:
 - containers without timestamps fall back to one sequential pass that counts frames.
 """
 
+from .part import Part, Span, span_of
 from .reader import FrameReader, SampledFrames, iter_frames, read_frames
-from .sampling import SEEK_MODES, frames_for_rate, sample_positions, stream_names, video_duration
+from .sampling import (
+    SEEK_MODES,
+    format_time,
+    frames_for_rate,
+    parse_time,
+    sample_positions,
+    stream_names,
+    video_duration,
+)
 from .video import VideoInfo, probe
 
-__all__ = ["FrameReader", "SampledFrames", "VideoInfo", "SEEK_MODES", "frames_for_rate",
-           "iter_frames", "probe", "read_frames", "sample_positions", "stream_names",
-           "video_duration"]
+__all__ = ["FrameReader", "Part", "SampledFrames", "Span", "VideoInfo", "SEEK_MODES",
+           "format_time", "frames_for_rate", "iter_frames", "parse_time", "probe", "read_frames",
+           "sample_positions", "span_of", "stream_names", "video_duration"]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..errors import VideoError
 from ..system import available_memory, physical_memory
+from .part import Part, Span, locate
 from .sampling import SEEK_MODES, frames_for_rate, sample_positions, stream_names
 from .video import IndexedVideo, VideoInfo, _Decoder, _to_rgb, open_video
 
@@ -65,12 +66,15 @@ class FrameReader:
 
     def __init__(self, path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
                  prefetch: int = PREFETCH, hold_all: bool = False, positions: str = "midpoint",
-                 fps: Optional[float] = None, images: bool = True):
+                 fps: Optional[float] = None, images: bool = True, part: Optional[Part] = None):
         if seek not in SEEK_MODES:
             raise ValueError(f"seek must be one of {SEEK_MODES}, not {seek!r}")
         if num_frames < 1 or slow_every < 1:
             raise ValueError("num_frames and slow_every must be at least 1")
-        video, self._decoder, first = open_video(path, keyframes_only=seek == "keyframe")
+        spans = []  # the part's frames, found (or refused) before any frame is decoded
+        video, self._decoder, first = open_video(
+            path, keyframes_only=seek == "keyframe",
+            on_index=None if part is None else lambda index: spans.append(locate(index, part)))
         index = video.index
         # Without timestamps there is no seeking: keyframe mode degrades to the exact pass.
         self.exact = seek == "exact" or index.pts is None
@@ -79,8 +83,10 @@ class FrameReader:
                 self._decoder.close()
                 self._decoder = _Decoder(IndexedVideo(path, index.read_packets), keyframes_only=False)
             self.info = video.info(first)
-            num_frames = frames_for_rate(num_frames, self.info.num_frames, self.info.fps, fps)
-            wanted = sample_positions(index.n, num_frames, positions)
+            # A part: every rule runs over its frames alone (SPEC §2.12).
+            self.span = span = spans[-1] if spans else Span(0, index.n, self.info.fps)
+            num_frames = frames_for_rate(num_frames, span.count, span.rate, fps)
+            wanted = [span.first + i for i in sample_positions(span.count, num_frames, positions)]
             if not self.exact:
                 wanted = [index.keyframes[index.keyframe_before(i)] for i in wanted]
             self.indices = list(wanted)
@@ -138,11 +144,12 @@ class FrameReader:
         return _to_rgb(frame, self.info.rotation) if self._images else None
 
     def _nearest(self, t: int):
-        """The nearest decodable frame to t (the earlier one on a tie)."""
-        d, n = self._decoder, self._index.n
+        """The nearest decodable frame to t (the earlier one on a tie), inside the part."""
+        d = self._decoder
+        first, last = min(t, self.span.first), max(t, self.span.stop - 1)
         radius = 8
         while True:
-            lo, hi = max(t - radius, 0), min(t + radius, n - 1)
+            lo, hi = max(t - radius, first), min(t + radius, last)
             d.goto(lo, seek_cost=0)
             before = after = None
             while (item := d.peek()) is not None and item[0] <= hi:
@@ -156,8 +163,9 @@ class FrameReader:
             if candidates:
                 i, frame = min(candidates, key=lambda c: (abs(c[0] - t), c[0]))
                 return i, self._image(frame)
-            if lo == 0 and hi == n - 1:
-                raise VideoError(f"{self.info.path}: no frame of the video decodes")
+            if lo == first and hi == last:
+                what = "video" if (first, last) == (0, self._index.n - 1) else "part"
+                raise VideoError(f"{self.info.path}: no frame of the {what} decodes")
             radius *= 8
 
     def _put(self, item) -> bool:
@@ -194,19 +202,21 @@ class FrameReader:
 
 def iter_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
                 prefetch: int = PREFETCH, positions: str = "midpoint",
-                fps: Optional[float] = None) -> FrameReader:
-    """Open the video (errors are raised here) and start decoding on a worker thread."""
-    return FrameReader(path, num_frames, slow_every, seek, prefetch, positions=positions, fps=fps)
+                fps: Optional[float] = None, part: Optional[Part] = None) -> FrameReader:
+    """Open the video (errors are raised here) and start decoding on a worker thread.
+    `part`: sample only that part of the video (SPEC §2.12)."""
+    return FrameReader(path, num_frames, slow_every, seek, prefetch, positions=positions, fps=fps,
+                       part=part)
 
 
 def read_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
                 on_frame: Optional[Callable[[int, np.ndarray], None]] = None,
                 positions: str = "midpoint", fps: Optional[float] = None,
-                images: bool = True) -> SampledFrames:
+                images: bool = True, part: Optional[Part] = None) -> SampledFrames:
     """All sampled frames at once. on_frame(position, image) is called as each arrives.
     `images=False`: indices and timestamps only (`images` holds None)."""
     with FrameReader(path, num_frames, slow_every, seek, hold_all=True,
-                     positions=positions, fps=fps, images=images) as reader:
+                     positions=positions, fps=fps, images=images, part=part) as reader:
         images = [None] * len(reader.indices)
         for position, image in reader:
             images[position] = image

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
+from ..errors import UserError
+
 SEEK_MODES = ("exact", "keyframe")
+# SPEC §2.12's times: seconds (75, 75.5) or [H:]M:SS[.f] (1:15, 01:15.5, 0:01:15).
+_SECONDS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)")
+_CLOCK = re.compile(r"(?:(\d+):)?(\d+):([0-5]\d(?:\.\d*)?)")
+TIME_FORMS = "seconds such as 75 or 75.5, or [H:]M:SS[.f] such as 1:15 or 0:01:15.5"
 
 
 def sample_positions(n_frames: int, num_frames: int = 128, rule: str = "midpoint") -> list[int]:
@@ -42,6 +49,46 @@ def frames_for_rate(num_frames: int, n_frames: int, average_rate: float,
     if not duration:  # no frame rate to go by: every frame counts as one second apart
         duration = float(n_frames)
     return min(num_frames, max(1, math.ceil(duration * fps)))
+
+
+def parse_time(value, name: str = "--start") -> float:
+    """Seconds from SPEC §2.12's time text (or a number as it is); UserError naming `name`
+    for text that is not a time and for a negative time."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            raise UserError(f"{name} must be a time, not {value!r}")
+    elif isinstance(value, str):
+        text = value.strip()
+        negative = text.startswith("-")
+        body = text[1:].strip() if negative else text
+        if (m := _SECONDS.fullmatch(body)) is not None:
+            seconds = float(m.group(1))
+        elif (m := _CLOCK.fullmatch(body)) is not None and (m.group(1) is None
+                                                            or int(m.group(2)) < 60):
+            hours, minutes, secs = m.groups()
+            seconds = int(hours or 0) * 3600 + int(minutes) * 60 + float(secs)
+        else:
+            raise UserError(f"{name} {value!r} is not a time ({TIME_FORMS})")
+        seconds = -seconds if negative else seconds
+    else:
+        raise UserError(f"{name} must be a time ({TIME_FORMS}), not {value!r}")
+    if seconds < 0:
+        raise UserError(f"{name} must not be negative, not {value}")
+    return seconds
+
+
+def format_time(seconds: float) -> str:
+    """A time as a person reads it (the form parse_time reads back): 75 -> 1:15, 0.5 -> 0:00.5,
+    3725.25 -> 1:02:05.25."""
+    whole = math.floor(seconds)
+    fraction = f"{seconds - whole:.3f}"  # "0.250", or "1.000" where it rounds up
+    if fraction.startswith("1"):
+        whole, fraction = whole + 1, ""
+    fraction = fraction[1:].rstrip("0").rstrip(".")  # "" or ".25"
+    h, rest = divmod(whole, 3600)
+    m, s = divmod(rest, 60)
+    return (f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}") + fraction
 
 
 def stream_names(num_frames: int, slow_every: int = 4) -> list[str]:

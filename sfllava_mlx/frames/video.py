@@ -265,16 +265,17 @@ def probe(path) -> VideoInfo:
     return video.info(first)
 
 
-def open_video(path, keyframes_only: bool):
-    """(video, its decoder at the start, the first decodable frame)."""
-    video = IndexedVideo(path)
+def open_video(path, keyframes_only: bool, on_index=None):
+    """(video, its decoder at the start, the first decodable frame). `on_index(index)` is
+    called once the index is built, before any frame is decoded (it may refuse)."""
+    video = _indexed(path, on_index)
     decoder = _Decoder(video, keyframes_only)
     try:
         try:
             item = decoder.peek()
         except _IndexMismatch:  # the sample table misled: index the packets themselves
             decoder.close()
-            video = IndexedVideo(path, read_packets=True)
+            video = _indexed(path, on_index, read_packets=True)
             decoder = _Decoder(video, keyframes_only)
             item = decoder.peek()
         if item is None:
@@ -283,6 +284,19 @@ def open_video(path, keyframes_only: bool):
         decoder.close()
         raise
     return video, decoder, item[1]
+
+
+def _indexed(path, on_index, read_packets: bool = False) -> IndexedVideo:
+    video = IndexedVideo(path, read_packets)
+    if on_index is not None:
+        try:
+            on_index(video.index)
+        except BaseException:
+            container = video.take_container()
+            if container is not None:
+                container.close()
+            raise
+    return video
 
 
 def check_readable(path, packets: int = 64) -> None:
