@@ -14,7 +14,8 @@ VISION_BACKENDS = ("mlx", "coreml")
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 KV_BITS = (4, 8)
 # Options that mean something for a video only (a picture follows the model's image recipe).
-VIDEO_ONLY = ("recipe", "num_frames", "fps", "timestamps", "seek", "vision_backend")
+VIDEO_ONLY = ("recipe", "num_frames", "fps", "timestamps", "seek", "vision_backend",
+              "subtitles", "subtitle_lang", "speech_model")
 
 
 def flag(name: str) -> str:
@@ -35,6 +36,9 @@ class Options:
     compute_units: str = "ALL"  # Core ML's, with vision_backend="coreml"
     cache: bool = True  # the persistent video cache
     max_tokens: int = 512  # the longest answer the memory plan makes room for
+    subtitles: str = "auto"  # auto | off | speech | a subtitle file (SPEC §2.13)
+    subtitle_lang: Optional[str] = None  # the embedded stream (or sidecar) in this language
+    speech_model: Optional[str] = None  # Whisper: a directory or hub id (default: turbo)
 
     def __post_init__(self):
         self._one_of("recipe", RECIPES)
@@ -50,6 +54,13 @@ class Options:
                 raise UserError(f"{flag(name)} must be a whole number of at least 1, not {value!r}")
         if self.fps is not None and not (isinstance(self.fps, (int, float)) and self.fps > 0):
             raise UserError(f"--fps must be positive, not {self.fps!r}")
+        if not (isinstance(self.subtitles, str) and self.subtitles.strip()):
+            raise UserError("--subtitles must be auto, off, speech or a subtitle file, not "
+                            f"{self.subtitles!r}")
+        for name in ("subtitle_lang", "speech_model"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise UserError(f"{flag(name)} must be a non-empty text, not {value!r}")
 
     def _one_of(self, name: str, allowed: tuple) -> None:
         if getattr(self, name) not in allowed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Optional
 
 from .cache import prefix_key
@@ -66,6 +67,18 @@ class Session:
     def clip(self):
         return self.visual.clip
 
+    @cached_property
+    def subtitles(self):
+        """The subtitle lines its sampled frames selected (`subtitles.SubtitleLines`: the
+        track they came from, the lines), or None without subtitles (SPEC §2.13)."""
+        track = self.opening.subtitles
+        return track.select(self.clip.timestamps) if track is not None else None
+
+    @property
+    def warnings(self) -> list:
+        """What the user should hear about opening it (a broken sidecar ignored, ...)."""
+        return self.opening.warnings
+
     @property
     def recipe(self) -> str:
         """The recipe a turn record names: the video's, or the picture's image mode."""
@@ -121,6 +134,7 @@ class Session:
             "cache": self.cache,
             "finish_reason": turn.finish_reason,
             "recipe": self.recipe,
+            "subtitles": self.subtitles.record() if self.subtitles is not None else None,
         }
 
     def reset(self) -> None:

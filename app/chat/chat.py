@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from ..options import session_options
 from .transcript import Switch, Transcript, write_atomic
 
-COMMANDS = ("/help", "/reset", "/frames", "/stats", "/save", "/video", "/image", "/quit")
+COMMANDS = ("/help", "/reset", "/frames", "/subs", "/stats", "/save", "/video", "/image",
+            "/quit")
 
 
 def media_word(session) -> str:

@@ -35,10 +35,10 @@ PyAV, the same FFmpeg underneath:
 - containers without timestamps fall back to one sequential pass that counts frames.
 """
 
-from .reader import FrameReader, SampledFrames, iter_frames, read_frames
+from .reader import FrameReader, SampledFrames, iter_frames, read_frames, sampled_timestamps
 from .sampling import SEEK_MODES, frames_for_rate, sample_positions, stream_names, video_duration
 from .video import VideoInfo, probe
 
 __all__ = ["FrameReader", "SampledFrames", "VideoInfo", "SEEK_MODES", "frames_for_rate",
-           "iter_frames", "probe", "read_frames", "sample_positions", "stream_names",
-           "video_duration"]
+           "iter_frames", "probe", "read_frames", "sample_positions", "sampled_timestamps",
+           "stream_names", "video_duration"]

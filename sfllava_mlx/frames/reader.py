@@ -49,6 +49,29 @@ def _check_memory(info: VideoInfo, held_frames: int) -> None:
             f"{need / 1e9:.1f} GB, more than the {available / 1e9:.1f} GB of memory available")
 
 
+def wanted_frames(index, num_frames: int, positions: str, exact: bool) -> list[int]:
+    """The frame each position takes (SPEC §2.1, §2.9): in keyframe mode, the keyframe at
+    or before it."""
+    wanted = sample_positions(index.n, num_frames, positions)
+    if not exact:
+        wanted = [index.keyframes[index.keyframe_before(i)] for i in wanted]
+    return wanted
+
+
+def sampled_timestamps(path, num_frames: int = 128, seek: str = "exact",
+                       positions: str = "midpoint") -> list[float]:
+    """The timestamps a FrameReader of these settings reports, from the video's index alone
+    (nothing decoded; the MP4 sample table, or one pass over the packets): they differ
+    only where a frame fails to decode and a neighbour takes its place."""
+    video = IndexedVideo(path)
+    container = video.take_container()
+    if container is not None:
+        container.close()
+    index = video.index
+    exact = seek == "exact" or index.pts is None
+    return [index.timestamp(i) for i in wanted_frames(index, num_frames, positions, exact)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The reader: header now, frames from a worker thread
 
@@ -80,9 +103,7 @@ class FrameReader:
                 self._decoder = _Decoder(IndexedVideo(path, index.read_packets), keyframes_only=False)
             self.info = video.info(first)
             num_frames = frames_for_rate(num_frames, self.info.num_frames, self.info.fps, fps)
-            wanted = sample_positions(index.n, num_frames, positions)
-            if not self.exact:
-                wanted = [index.keyframes[index.keyframe_before(i)] for i in wanted]
+            wanted = wanted_frames(index, num_frames, positions, self.exact)
             self.indices = list(wanted)
             self.timestamps = [index.timestamp(i) for i in wanted]
             self.streams = stream_names(num_frames, slow_every)
