@@ -144,3 +144,71 @@ def question_with(events, question: str) -> str:
     """The first question's text after `<image>\\n`: SUB, then the question."""
     sub = block(events)
     return f"{sub}\n{question}" if sub else question
+
+
+# ----------------------------------------------------------------------------------------
+# Speech
+
+
+def write_tiny_whisper(path: Path, seed: int = 0, width: int = 64, layers: int = 1,
+                       heads: int = 2, text_ctx: int = 64) -> Path:
+    """A random-weight Whisper in mlx-whisper's directory layout (config.json +
+    weights.safetensors): the multilingual vocabulary and 80 mel bins of whisper-tiny,
+    tiny widths, and a short text context (answers of at most 32 tokens a window)."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_whisper.whisper import ModelDimensions, Whisper
+
+    dims = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=width, n_audio_head=heads,
+                n_audio_layer=layers, n_vocab=51865, n_text_ctx=text_ctx, n_text_state=width,
+                n_text_head=heads, n_text_layer=layers)
+    mx.random.seed(seed)
+    model = Whisper(ModelDimensions(**dims), mx.float32)
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "weights.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps({"model_type": "whisper", **dims}))
+    return path
+
+
+def add_audio(video: Path, out: Path, *, delay: float = 0.0, codec: str = "pcm_s16le",
+              rate: int = 48000, seconds: float = 12.0) -> Path:
+    """`video` (its frames copied) with a stereo track of beeps that starts `delay` seconds
+    into it."""
+    source = (f"aevalsrc=0.5*sin(2*PI*440*t)*lt(mod(t\\,2)\\,1)|0.3*sin(2*PI*660*t)"
+              f":s={rate}:d={seconds}")
+    args = ["ffmpeg", "-v", "error", "-y", "-i", str(video)]
+    if delay:
+        args += ["-itsoffset", str(delay)]
+    args += ["-f", "lavfi", "-i", source, "-map", "0:v", "-map", "1:a", "-c:v", "copy",
+             "-c:a", codec, str(out)]
+    subprocess.run(args, check=True, capture_output=True)
+    return out
+
+
+def ffmpeg_audio(video: Path):
+    """ffmpeg's own decode of the first audio track to 16 kHz mono float32."""
+    import numpy as np
+
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-map", "0:a:0", "-f",
+                          "f32le", "-ac", "1", "-ar", "16000", "-"], check=True,
+                         capture_output=True).stdout
+    return np.frombuffer(raw, np.float32)
+
+
+def audio_start(video: Path) -> float:
+    """When the audio track starts on the video's clock, by ffprobe."""
+    import json
+
+    out = json.loads(subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_type,start_time:format=start_time",
+         "-of", "json", str(video)], check=True, capture_output=True, text=True).stdout)
+    audio = next(s for s in out["streams"] if s["codec_type"] == "audio")
+    return float(audio["start_time"]) - float(out["format"].get("start_time", 0.0))
+
+
+def kept_seconds(segments, times) -> list:
+    """SPEC §2.13's rule over (start, end, text) in seconds: in time order, text only."""
+    shown = sorted((s for s in segments if s[2] and s[1] > s[0]), key=lambda s: (s[0], s[1]))
+    return [s for s in shown if any(s[0] <= t < s[1] for t in times)]

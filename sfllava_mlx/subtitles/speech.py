@@ -30,6 +30,7 @@ SAMPLE_RATE = 16000  # what Whisper listens at
 INSTALL = "pip install 'sfllava-mlx[speech]'"
 WEIGHT_FILES = ("weights.safetensors", "weights.npz")  # mlx-whisper's model directory
 SETTINGS_VERSION = 1  # bump when what is transcribed, or how, changes
+SEED = 0  # of mlx-whisper's sampling, when it falls back to a temperature above 0
 
 # progress(done, total) in seconds of audio
 Progress = Callable[[int, int], None]
@@ -44,7 +45,11 @@ class SpeechError(UserError):
 
 
 def require_whisper() -> None:
-    if importlib.util.find_spec("mlx_whisper") is None:
+    try:
+        found = importlib.util.find_spec("mlx_whisper") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        found = False
+    if not found:
         raise SpeechError(f"--subtitles speech needs mlx-whisper, which is not installed: {INSTALL}")
 
 
@@ -153,7 +158,7 @@ def transcribe(audio: Audio, model_dir: str, progress: Optional[Progress] = None
         whisper.ModelHolder.get_model(model_dir, mx.float16 if half_precision() else mx.float32)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SpeechError(f"cannot load the Whisper model {model_dir}: {e}") from None
-    with _progress_to(whisper, progress):
+    with _progress_to(whisper, progress), _fixed_seed():
         result = whisper.transcribe(audio.samples, path_or_hf_repo=model_dir, verbose=None,
                                     fp16=half_precision())
     segments = [{"start": float(s["start"]) + audio.offset, "end": float(s["end"]) + audio.offset,
@@ -163,6 +168,26 @@ def transcribe(audio: Audio, model_dir: str, progress: Optional[Progress] = None
 
 def events_of(transcript: dict) -> list[Event]:
     return in_time_order(Event(s["start"], s["end"], s["text"]) for s in transcript["segments"])
+
+
+class _fixed_seed:
+    """mlx-whisper's temperature fallback samples from MLX's global random state: each
+    transcript runs from seed 0 (the same audio gives the same text whatever ran before:
+    the cache holds what a rerun would say), and the caller's random stream goes on from a
+    seed drawn from it beforehand (MLX cannot hand a random state back)."""
+
+    def __enter__(self):
+        import mlx.core as mx
+
+        self.onward = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
+        mx.random.seed(SEED)
+        return self
+
+    def __exit__(self, *exc):
+        import mlx.core as mx
+
+        mx.random.seed(self.onward)
+        return False
 
 
 _hook = threading.Lock()  # one transcription at a time swaps mlx-whisper's progress bar
