@@ -75,15 +75,17 @@ def main(args) -> int:
     if args.out:
         write_frames(clip, Path(args.out))
     if args.json:
-        print(json.dumps({
+        doc = {
             "frames": [{"index": i, "timestamp": round(t, 6), "stream": s}
                        for i, t, s in zip(clip.indices, clip.timestamps, clip.streams)],
             "exact": clip.exact,
             "recipe": args.recipe,
             "visual_tokens": num_visual_tokens(config.vision.grid, sampling),
             "timings_s": {"frames": round(elapsed, 6)},
-            "subtitles": lines.listing() if lines is not None else None,
-        }))
+        }
+        if lines is not None:  # with subtitles: the lines the frames select (SPEC §4)
+            doc["subtitles"] = lines.listing()
+        print(json.dumps(doc))
         report_notes(clip, stream=sys.stderr)
         warn(warnings)
     else:

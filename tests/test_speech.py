@@ -232,3 +232,21 @@ def test_the_api_raises_the_same_errors(converted, videos):
     engine = Engine(converted[LAYOUT])
     with pytest.raises(UserError, match="no audio track"):
         engine.plan(videos["main"], subtitles="speech")
+
+
+def test_a_terminal_gets_a_progress_bar_and_a_pipe_none():
+    import io
+
+    from sfllava_app.subtitles import SPEECH_LABEL, speech_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    with speech_progress(screen) as progress:
+        progress("frames", 1, 8)  # other stages draw nothing
+        progress("speech", 30, 60)
+    assert SPEECH_LABEL in screen.getvalue()
+    with speech_progress(io.StringIO()) as progress:
+        assert progress is None

@@ -184,7 +184,7 @@ def test_subtitle_lang_picks_the_stream_and_the_sidecar(place, tmp_path, videos)
         subs = frames_json(two, "--subtitle-lang", lang)["subtitles"]
         assert subs["language"] == "fre" and subs["lines"] == records(kept(FRENCH, times))
     code, out, err = run_inprocess(["frames", two, "--json", "--subtitle-lang", "de"])
-    assert code == 0 and json.loads(out)["subtitles"] is None
+    assert code == 0 and "subtitles" not in json.loads(out)
     assert "warning: no subtitles in 'de'" in err and "eng" in err
 
     side = tmp_path / "side"
@@ -201,7 +201,7 @@ def test_subtitle_lang_picks_the_stream_and_the_sidecar(place, tmp_path, videos)
 
 
 def test_off_and_a_file_given_by_name(place, tmp_path, expected):
-    assert frames_json(place / "srt.mkv", "--subtitles", "off")["subtitles"] is None
+    assert "subtitles" not in frames_json(place / "srt.mkv", "--subtitles", "off")
     other = write_vtt(tmp_path / "named.vtt", FRENCH)
     subs = frames_json(place / "srt.mkv", "--subtitles", other)["subtitles"]
     assert subs["source"] == "file" and subs["path"] == str(other)
@@ -476,3 +476,11 @@ def test_the_header_constant_is_lmms_evals_wording():
 
     assert SUBTITLES_HEADER == HEADER
     assert subtitle_block(["a", "b"]) == HEADER + "a\nb" and subtitle_block([]) == ""
+
+
+def test_subtitle_options_are_checked(engine, place):
+    for bad in (dict(subtitles=""), dict(subtitles=None), dict(subtitle_lang=" "),
+                dict(speech_model=3)):
+        with pytest.raises(UserError) as e:
+            engine.plan(place / "srt.mkv", **bad)
+        assert "--subtitle" in str(e.value) or "--speech-model" in str(e.value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sfllava_mlx.subtitles.sources import MODES
+
 from ..options import session_options
 from .transcript import Switch, Transcript, write_atomic
 
@@ -40,8 +42,11 @@ class Chat:
 
             probe(path)  # refused as a picture before anything else
         self.session.save()
+        options = session_options(self.args)
+        if options["subtitles"] not in MODES:  # --subtitles FILE was the first video's
+            options["subtitles"] = "auto"
         session = self.engine.open(path, progress=progress, prefill=progress is not None,
-                                   **session_options(self.args))
+                                   **options)
         self.session = session
         self.transcript.entries.append(Switch(path, media_word(session)))
         session.save()
