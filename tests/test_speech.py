@@ -250,3 +250,22 @@ def test_a_terminal_gets_a_progress_bar_and_a_pipe_none():
     assert SPEECH_LABEL in screen.getvalue()
     with speech_progress(io.StringIO()) as progress:
         assert progress is None
+
+
+def test_the_default_model_comes_from_the_hub_only_when_speech_is_asked(converted, talking,
+                                                                        monkeypatch, tmp_path):
+    """Without the network (here: the hub offline) the default model cannot come: one line
+    naming it, before the audio is decoded; asking for no speech never reaches the hub."""
+    import sfllava_mlx.subtitles.speech as speech
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(speech, "decode_audio", lambda *a: pytest.fail("audio decoded first"))
+    engine = Engine(converted[LAYOUT], cache_dir=tmp_path)
+    with pytest.raises(UserError) as e:
+        engine.open(talking["pcm"], subtitles="speech", num_frames=8)
+    assert speech.DEFAULT_SPEECH_MODEL in str(e.value) and "\n" not in str(e.value)
+    calls = []
+    monkeypatch.setattr(speech, "download", lambda *a: calls.append(a))
+    engine.open(talking["pcm"], num_frames=8)  # auto: no subtitles here, no hub
+    assert not calls

@@ -418,16 +418,23 @@ def test_chat_says_where_the_subtitles_came_from_and_lists_them(place, converted
     assert "A red car turns left" in shown and "Only an unsampled frame" not in shown
 
 
-def test_batch_lines_carry_the_subtitles(place, converted, tmp_path, expected):
+def test_batch_lines_carry_the_subtitles(place, converted, tmp_path, expected, videos):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    # Another video: batch answers a video's content once, whatever lies beside its copies.
+    shutil.copy(videos["other"], broken / "clip.mkv")
+    (broken / "clip.srt").write_text("not subtitles\n")
     out = tmp_path / "r.jsonl"
-    r = sfllava(["batch", place / "srt.mkv", place / "side-vtt" / "clip.mkv", "--model",
-                 converted[LAYOUT], "--prompt", QUESTION, "--max-tokens", MAX_TOKENS, "--out", out,
-                 "--no-cache"], tmp_path)
+    r = sfllava(["batch", place / "srt.mkv", place / "side-vtt" / "clip.mkv", broken / "clip.mkv",
+                 "--model", converted[LAYOUT], "--prompt", QUESTION, "--max-tokens", MAX_TOKENS,
+                 "--out", out, "--no-cache"], tmp_path)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [x["subtitles"]["source"] for x in lines] == ["embedded", "sidecar"]
-    assert all(x["subtitles"]["lines"] == len(expected) for x in lines)
+    assert [x["subtitles"]["source"] for x in lines[:2]] == ["embedded", "sidecar"]
+    assert all(x["subtitles"]["lines"] == len(expected) for x in lines[:2])
     assert lines[0]["tokens"] == lines[1]["tokens"]  # the same frames and the same lines
+    assert lines[2]["subtitles"] is None and lines[2]["error"] is None  # a warning, no more
+    assert f"warning: {broken / 'clip.mkv'}: ignoring the subtitles" in r.stderr
 
 
 def test_serve_takes_subtitles_per_request(place, converted, tmp_path, expected, reference):

@@ -100,13 +100,14 @@ def transcribe(track: SubtitleTrack, video: str, transcripts=None, fingerprint=N
     written, where it is on). `progress(done, total)` in seconds of audio."""
     if track.events is not None:
         return track
+    model_dir = speech.model_directory(track.model)  # a hub id fetched (or refused) first
     hasher = None
     if transcripts is not None and fingerprint is not None:
         from ..cache.fingerprint import ContentHasher
 
         hasher = ContentHasher(video)  # the full hash, while the audio is transcribed
     audio = speech.decode_audio(video)
-    result = speech.transcribe(audio, speech.model_directory(track.model), progress)
+    result = speech.transcribe(audio, model_dir, progress)
     result["model"] = track.model
     if hasher is not None:
         transcripts.store(transcript_key(fingerprint, track.model), fingerprint, result,
