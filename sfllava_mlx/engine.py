@@ -139,7 +139,8 @@ class Engine:
     # -- checking ------------------------------------------------------------------------
     def plan(self, media, **options) -> MemoryPlan:
         """The memory plan and the context check of opening `media`; UserError if it cannot
-        fit. Decodes nothing."""
+        fit. Decodes nothing. It counts the subtitle lines the frames will select; speech not
+        transcribed yet is not counted here (`open` transcribes it, then checks again)."""
         return self.prepare(media, **options).memory
 
     def prepare(self, media, **options) -> Opening:
