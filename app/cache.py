@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from sfllava_mlx.cache import VideoCache, max_cache_bytes
+from sfllava_mlx.cache import TranscriptCache, VideoCache, max_cache_bytes
 
 
 def add_arguments(p) -> None:
@@ -18,7 +18,9 @@ def main(args) -> int:
     store = VideoCache()
     if args.action == "clear":
         n = store.clear()
-        print(f"removed {n} cached video{'s' if n != 1 else ''} from {store.root.parent}")
+        speech = TranscriptCache(store.root.parent).clear()
+        also = f" and {speech} transcript{'s' if speech != 1 else ''}" if speech else ""
+        print(f"removed {n} cached video{'s' if n != 1 else ''}{also} from {store.root.parent}")
         return 0
     entries = store.entries()
     total = sum(e.bytes for e in entries)

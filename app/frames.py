@@ -1,13 +1,14 @@
 """`sfllava frames`: show (and save) the frames the model will see (SPEC §4).
 
     sfllava frames VIDEO [--model DIR] [--recipe native|slowfast] [--num-frames T]
-                   [--seek exact|keyframe] [--fps F] [--start T0] [--end T1] [--out DIR] [--json]
+                   [--seek exact|keyframe] [--fps F] [--start T0] [--end T1]
+                   [--subtitles auto|off|speech|FILE] [--out DIR] [--json]
 
-A table of the sample positions (frame index, timestamp, slow or fast stream); `--out` writes
-each sampled frame as a lossless PNG at the video's own resolution, upright (`NNN.png`, in
-position order), and `contact.png`, a labelled sheet of all of them. With `--start` /
-`--end` only that part of the video is sampled (SPEC §2.12); indices and timestamps stay the
-video's own.
+A table of the sample positions (frame index, timestamp, slow or fast stream) and the
+subtitle lines those frames select (SPEC §2.13); `--out` writes each sampled frame as a
+lossless PNG at the video's own resolution, upright (`NNN.png`, in position order), and
+`contact.png`, a labelled sheet of all of them. With `--start` / `--end` only that part of
+the video is sampled (SPEC §2.12); indices and timestamps stay the video's own.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ from .options import (
     add_part_arguments,
     add_recipe_argument,
     add_seek_argument,
+    add_subtitle_arguments,
 )
+from .subtitles import listing_table, speech_progress, summary, warn
 
 THUMB_WIDTH = 192  # contact sheet: pixels per thumbnail
 SLOW_COLOUR = (255, 140, 0)  # RGB border of slow-stream frames on the contact sheet
@@ -55,6 +58,7 @@ def add_arguments(p) -> None:
     add_fps_argument(p)
     add_seek_argument(p)
     add_part_arguments(p)
+    add_subtitle_arguments(p)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write NNN.png per position and contact.png into DIR")
     p.add_argument("--json", action="store_true", help="print JSON (stdout carries only JSON)")
@@ -72,6 +76,7 @@ def main(args) -> int:
                        images=bool(args.out), part=part)  # pixels only to write them
     sampling = replace(sampling, num_frames=len(clip.indices))  # --fps: this video's count
     elapsed = time.perf_counter() - tic
+    lines, warnings = subtitle_lines(args, clip)
     if args.out:
         write_frames(clip, Path(args.out))
     if args.json:
@@ -85,12 +90,50 @@ def main(args) -> int:
         }
         if part is not None:  # the part asked for, in seconds
             doc["part"] = part.to_json()
+        if lines is not None:  # with subtitles: the lines the frames select (SPEC §4)
+            doc["subtitles"] = lines.listing()
         print(json.dumps(doc))
         report_notes(clip, stream=sys.stderr)
+        warn(warnings)
     else:
         print_table(clip, elapsed, args.out, part)
         print(recipe_line(config, args.recipe, sampling))
+        print_subtitles(lines, warnings)
     return 0
+
+
+def subtitle_lines(args, clip):
+    """(the subtitle lines the sampled frames select or None, warnings): what generate
+    would put before the question. Speech is transcribed (or read from the cache)."""
+    from sfllava_mlx.options import Options
+    from sfllava_mlx.subtitles import resolve, transcribe
+
+    opts = Options(subtitles=args.subtitles, subtitle_lang=args.subtitle_lang,
+                   speech_model=args.speech_model)  # checks the values
+    transcripts = fingerprint = None
+    if opts.subtitles == "speech":
+        from sfllava_mlx.cache import Fingerprint, TranscriptCache
+
+        transcripts, fingerprint = TranscriptCache(), Fingerprint.of(args.video)
+    found = resolve(args.video, opts.subtitles, opts.subtitle_lang, opts.speech_model,
+                    transcripts, fingerprint)
+    if found.track is None:
+        return None, found.warnings
+    with speech_progress() as progress:
+        track = transcribe(found.track, args.video, transcripts, fingerprint,
+                           progress=(lambda done, total: progress("speech", done, total))
+                           if progress else None)
+    return track.select(clip.timestamps), found.warnings
+
+
+def print_subtitles(lines, warnings) -> None:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    console.print(summary(lines))
+    if lines is not None and lines.lines:
+        console.print(listing_table(lines))
+    warn(warnings, stream=sys.stdout)
 
 
 def model_config(model) -> ModelConfig:

@@ -10,6 +10,7 @@ from .options import (
     picture_note,
     session_options,
 )
+from .subtitles import speech_progress, summary, warn
 
 
 def add_arguments(p) -> None:
@@ -29,9 +30,14 @@ def main(args) -> int:
     if args.image is not None:
         probe(args.image)  # not a picture, empty or huge: refused before the model loads
     engine = Engine(args.model)
-    session = engine.open(args.image or args.video, **session_options(args))
+    with speech_progress() as progress:  # a bar while speech is transcribed (a terminal)
+        session = engine.open(args.image or args.video, progress=progress,
+                              **session_options(args))
+    warn(session.warnings)
     if not args.json and session.media == "video":
         report_sampling(session.clip)
+        if session.subtitles is not None:
+            print(f"note: {summary(session.subtitles)}", file=sys.stderr)
     if session.media == "image" and picture_note(session.options):
         print(picture_note(session.options), file=sys.stderr)
     for chunk in session.ask(args.prompt, **ask_options(args)):

@@ -26,6 +26,7 @@ def add_generation_arguments(p, json: bool = True) -> None:
                         "instruction): for \"when does ...\" questions")
     add_seek_argument(p)
     add_part_arguments(p)
+    add_subtitle_arguments(p)
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache")
     p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache size")
     p.add_argument("--no-cache", action="store_true", help="do not use the video cache")
@@ -52,6 +53,26 @@ def add_num_frames_argument(p) -> None:
 def add_seek_argument(p) -> None:
     p.add_argument("--seek", choices=SEEK_MODES, default="exact",
                    help="exact frames (default) or the keyframe at or before each position")
+
+
+def add_subtitle_arguments(p) -> None:
+    p.add_argument("--subtitles", default="auto", metavar="auto|off|speech|FILE",
+                   help="what is said, given to the model with the lines the sampled frames "
+                        "select: auto (default: the video's own subtitle stream, else a "
+                        "subtitle file beside it with its name), off, speech (the audio "
+                        "transcribed on device; needs 'sfllava-mlx[speech]'), or a subtitle "
+                        "file (SRT, WebVTT, ASS/SSA)")
+    p.add_argument("--subtitle-lang", default=None, metavar="L",
+                   help="the subtitles in language L (e.g. en or eng): the stream tagged L, "
+                        "or clip.L.srt beside the video")
+    p.add_argument("--speech-model", default=None, metavar="M",
+                   help="the Whisper model of --subtitles speech: an mlx-whisper directory or "
+                        "a hub id (default: mlx-community/whisper-large-v3-turbo)")
+
+
+def subtitle_options(args) -> dict:
+    return dict(subtitles=args.subtitles, subtitle_lang=args.subtitle_lang,
+                speech_model=args.speech_model)
 
 
 def positive_float(text: str) -> float:
@@ -83,7 +104,7 @@ def session_options(args) -> dict:
                 kv_bits=args.kv_bits, max_kv_size=args.max_kv_size,
                 vision_backend=args.vision_backend, compute_units=args.compute_units,
                 cache=not args.no_cache, max_tokens=args.max_tokens,
-                start=args.start, end=args.end)
+                start=args.start, end=args.end, **subtitle_options(args))
 
 
 def ask_options(args) -> dict:

@@ -18,10 +18,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from .cache import ContentHasher, Fingerprint, VideoCache, image_key, model_identity, video_key
+from .cache import (
+    ContentHasher,
+    Fingerprint,
+    TranscriptCache,
+    VideoCache,
+    image_key,
+    model_identity,
+    video_key,
+)
 from .config import SamplingConfig
 from .conversation import Conversation
 from .encode import VisualTokens, encode_video
@@ -33,6 +41,7 @@ from .frames import (
     iter_frames,
     probe,
     read_frames,
+    sampled_timestamps,
     span_of,
     video_duration,
 )
@@ -51,10 +60,12 @@ from .image import probe as probe_picture
 from .memory import MIN_TEXT_TOKENS, MemoryPlan, check, check_context, check_video, plan_tokens
 from .model import load
 from .options import Options
-from .prompt import time_instruction
+from .prompt import encode, time_instruction
 from .session import Session
+from .subtitles import SubtitleTrack, resolve, transcribe
 
-# progress(stage, done, total), stage being "frames", "vision" or "prefill"
+# progress(stage, done, total), stage being "speech" (seconds of audio transcribed),
+# "frames", "vision" or "prefill"
 Progress = Callable[[str, int, int], None]
 
 
@@ -73,6 +84,8 @@ class Opening:
     fingerprint: Optional[Fingerprint] = None
     key: Optional[object] = None  # cache.CacheKey, where the cache is on
     span: Optional[Span] = None  # a part's frames (SPEC §2.12); None: the whole video
+    subtitles: Optional[SubtitleTrack] = None  # what is said (SPEC §2.13); None: nothing
+    warnings: list = field(default_factory=list)  # for the user, e.g. a broken sidecar
 
     def reader(self):
         """A FrameReader of this video's sampled frames, decoding on a worker thread."""
@@ -109,6 +122,7 @@ class Engine:
             self.name = model_name(str(model.path)) if model.path else "model"
         self.model, self.tokenizer = model, tokenizer
         self.store = VideoCache(cache_dir)
+        self.transcripts = TranscriptCache(self.store.root.parent)  # speech, beside the videos
         self._identity: Optional[str] = None
         self._towers: dict = {}
 
@@ -130,7 +144,8 @@ class Engine:
     # -- checking ------------------------------------------------------------------------
     def plan(self, media, **options) -> MemoryPlan:
         """The memory plan and the context check of opening `media`; UserError if it cannot
-        fit. Decodes nothing."""
+        fit. Decodes nothing. It counts the subtitle lines the frames will select; speech not
+        transcribed yet is not counted here (`open` transcribes it, then checks again)."""
         return self.prepare(media, **options).memory
 
     def prepare(self, media, **options) -> Opening:
@@ -166,17 +181,56 @@ class Engine:
                 count, rate = info.num_frames, info.fps
             sampling = replace(sampling, num_frames=frames_for_rate(
                 sampling.num_frames, count, rate, opts.fps))
-        limit, limit_name = self._context(opts)
-        memory = check_video(self.model, sampling, context_limit=limit, context_name=limit_name,
-                             max_tokens=opts.max_tokens, kv_bits=opts.kv_bits,
-                             max_kv_size=opts.max_kv_size)
         fingerprint = key = None
         if opts.cache:
             fingerprint = Fingerprint.of(path)
             key = video_key(fingerprint, self.identity, self.dtype, sampling, seek=opts.seek,
                             vision_backend=opts.vision_backend, fps=opts.fps, part=opts.part)
-        return Opening(path, "video", opts, memory, started, sampling=sampling,
-                       fingerprint=fingerprint, key=key, span=span)
+        found = resolve(path, opts.subtitles, opts.subtitle_lang, opts.speech_model,
+                        self.transcripts if opts.cache else None, fingerprint)
+        opening = Opening(path, "video", opts, None, started, sampling=sampling,
+                          fingerprint=fingerprint, key=key, span=span, subtitles=found.track,
+                          warnings=found.warnings)
+        opening.memory = self._check_video(opening)
+        return opening
+
+    def _check_video(self, opening: Opening) -> MemoryPlan:
+        """The memory plan and the context check, the subtitles' tokens counted."""
+        opts = opening.options
+        limit, limit_name = self._context(opts)
+        return check_video(self.model, opening.sampling, context_limit=limit,
+                           context_name=limit_name, max_tokens=opts.max_tokens,
+                           kv_bits=opts.kv_bits, max_kv_size=opts.max_kv_size,
+                           text_tokens=self._subtitle_tokens(opening))
+
+    def _subtitle_tokens(self, opening: Opening) -> int:
+        """The tokens of the subtitle lines the sampled frames will select. The frames'
+        timestamps come, before anything is decoded, from the cache entry of the video or
+        from its index (exact: they move only where a frame fails to decode and a
+        neighbour replaces it; the prompt is built from the frames actually sampled)."""
+        track = opening.subtitles
+        if track is None or not track.events:
+            return 0
+        times = self.store.cached_timestamps(opening.key) if opening.key is not None else None
+        if times is None:
+            s = opening.sampling
+            times = sampled_timestamps(opening.path, s.num_frames, opening.options.seek,
+                                       s.frame_positions, opening.options.part)
+        block = track.select(times).prompt()
+        return len(encode(self.tokenizer, block + "\n")) if block else 0
+
+    def _transcribe(self, opening: Opening, progress) -> Opening:
+        """Speech not cached yet: transcribed now, before any frame is decoded, and the
+        plan checked again with what was said."""
+        track = opening.subtitles
+        if track is None or track.events is not None:
+            return opening
+        track = transcribe(track, opening.path,
+                           self.transcripts if opening.options.cache else None,
+                           opening.fingerprint, progress=_stage(progress, "speech"))
+        opening = replace(opening, subtitles=track)
+        opening.memory = self._check_video(opening)
+        return opening
 
     def _prepare_picture(self, path: str, opts: Options, started: float) -> Opening:
         info = probe_picture(path)  # ImageError (exit 2) for what cannot be used
@@ -217,6 +271,7 @@ class Engine:
             opening = replace(media, started=time.perf_counter())
         else:
             opening = self.prepare(media, **options)
+        opening = self._transcribe(opening, progress)
         opts = opening.options
         entry = None
         if opening.key is not None:
@@ -288,6 +343,9 @@ class Engine:
         if opening.media == "video" and opts.timestamps:
             info = clip.info
             preamble = time_instruction(video_duration(info.num_frames, info.fps), clip.timestamps)
+        if opening.subtitles is not None:  # the lines these frames select, after the time
+            block = opening.subtitles.select(clip.timestamps).prompt()
+            preamble = "\n".join(p for p in (preamble, block) if p)
         return Conversation(self.model, self.tokenizer, visual, system_prompt=opts.system_prompt,
                             preamble=preamble, max_kv_size=opts.max_kv_size,
                             kv_bits=opts.kv_bits)

@@ -19,7 +19,9 @@ def download(repo: str, patterns: list) -> Path:
     try:
         return Path(huggingface_hub.snapshot_download(repo, allow_patterns=patterns))
     except Exception as e:  # network, auth, unknown repo: all the user's to fix
-        raise CheckpointError(f"cannot download {repo!r} from the Hugging Face hub: {e}") from None
+        first, _, rest = str(e).strip().partition("\n")  # one line; the hub's story after it
+        raise CheckpointError(f"cannot download {repo!r} from the Hugging Face hub: {first}",
+                              details=rest.strip()) from None
 
 
 def local_or_download(path_or_repo: str, patterns: list, what: str = "model") -> Path:

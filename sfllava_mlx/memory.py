@@ -140,10 +140,12 @@ def check_context(needed: int, limit: int, what: str, limit_name: str, fix: str 
 # Videos: the fixes are other settings of the same request
 
 
-def plan_video(model, sampling: SamplingConfig, **options) -> MemoryPlan:
-    """The plan of a video's request: its recipe's visual tokens and frames."""
+def plan_video(model, sampling: SamplingConfig, text_tokens: int = 0, **options) -> MemoryPlan:
+    """The plan of a video's request: its recipe's visual tokens and frames, and
+    `text_tokens` of prompt text beyond the usual (the subtitles of SPEC §2.13)."""
     return plan_tokens(model, num_visual_tokens(model.config.vision.grid, sampling),
-                       sampling.num_frames, **options)
+                       sampling.num_frames, text_tokens=PROMPT_TEXT_TOKENS + text_tokens,
+                       **options)
 
 
 def least_context(model, sampling: SamplingConfig, text_tokens: int = 0) -> int:
@@ -172,12 +174,13 @@ def check_video(model, sampling: SamplingConfig, *, context_limit: int,
     """The plan of a video's request, or a refusal naming --kv-bits / --num-frames fixes."""
     p = plan_video(model, sampling, **options)
     limit, _ = memory_limit()
+    text = options.get("text_tokens", 0)  # the subtitles, counted in both checks
 
     def fixes() -> list:
         out = []
         if limit and p.total > limit and not options.get("kv_bits"):
             q = plan_video(model, sampling, **{**options, "kv_bits": 8})
-            if q.total <= limit and least_context(model, sampling) <= context_limit:
+            if q.total <= limit and least_context(model, sampling, text) <= context_limit:
                 out.append(f"--kv-bits 8 ({gb(q.total)})")
         frames = largest_fitting_frames(model, sampling, limit or p.total, context_limit, **options)
         if frames:
@@ -186,11 +189,11 @@ def check_video(model, sampling: SamplingConfig, *, context_limit: int,
             out.append("a smaller model")
         return out
 
-    text = options.get("text_tokens", 0)
     if least_context(model, sampling, text) > context_limit:
         ways = fixes()
         check_context(least_context(model, sampling, text), context_limit,
                       f"this video's {p.visual_tokens} visual tokens ({sampling.num_frames} "
-                      "frames) and the prompt", context_name,
+                      "frames) and the prompt" + (f" with {text} tokens of subtitles" if text
+                                                 else ""), context_name,
                       "; it would fit with " + ", or ".join(ways) if ways else "")
     return check(p, "this request", fixes)

@@ -16,7 +16,7 @@ COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 KV_BITS = (4, 8)
 # Options that mean something for a video only (a picture follows the model's image recipe).
 VIDEO_ONLY = ("recipe", "num_frames", "fps", "timestamps", "seek", "vision_backend", "start",
-              "end")
+              "end", "subtitles", "subtitle_lang", "speech_model")
 
 
 def flag(name: str) -> str:
@@ -40,6 +40,9 @@ class Options:
     # A part of the video (SPEC §2.12): seconds, or time text such as "45:00" (kept as seconds)
     start: Optional[float] = None
     end: Optional[float] = None
+    subtitles: str = "auto"  # auto | off | speech | a subtitle file (SPEC §2.13)
+    subtitle_lang: Optional[str] = None  # the embedded stream (or sidecar) in this language
+    speech_model: Optional[str] = None  # Whisper: a directory or hub id (default: turbo)
 
     def __post_init__(self):
         part = Part.of(self.start, self.end)  # refuses bad text, negative times, start >= end
@@ -58,6 +61,13 @@ class Options:
                 raise UserError(f"{flag(name)} must be a whole number of at least 1, not {value!r}")
         if self.fps is not None and not (isinstance(self.fps, (int, float)) and self.fps > 0):
             raise UserError(f"--fps must be positive, not {self.fps!r}")
+        if not (isinstance(self.subtitles, str) and self.subtitles.strip()):
+            raise UserError("--subtitles must be auto, off, speech or a subtitle file, not "
+                            f"{self.subtitles!r}")
+        for name in ("subtitle_lang", "speech_model"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise UserError(f"{flag(name)} must be a non-empty text, not {value!r}")
 
     def _one_of(self, name: str, allowed: tuple) -> None:
         if getattr(self, name) not in allowed:

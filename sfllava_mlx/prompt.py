@@ -43,3 +43,13 @@ class PromptPieces:
 def first_turn_tokens(tokenizer, system_prompt: str, question: str) -> PromptPieces:
     before, after = first_turn(system_prompt, question)
     return PromptPieces(encode(tokenizer, before), encode(tokenizer, after))
+
+
+SUBTITLES_HEADER = "This video's subtitles are listed below: \n"
+
+
+def subtitle_block(lines) -> str:
+    """lmms-eval's Video-MME wording for the subtitles the sampled frames select (SPEC
+    §2.13), placed after the time instruction and before the question; "" for none."""
+    lines = list(lines)
+    return SUBTITLES_HEADER + "\n".join(lines) if lines else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Optional
 
 from .cache import prefix_key
@@ -65,6 +66,18 @@ class Session:
     @property
     def clip(self):
         return self.visual.clip
+
+    @cached_property
+    def subtitles(self):
+        """The subtitle lines its sampled frames selected (`subtitles.SubtitleLines`: the
+        track they came from, the lines), or None without subtitles (SPEC §2.13)."""
+        track = self.opening.subtitles
+        return track.select(self.clip.timestamps) if track is not None else None
+
+    @property
+    def warnings(self) -> list:
+        """What the user should hear about opening it (a broken sidecar ignored, ...)."""
+        return self.opening.warnings
 
     @property
     def recipe(self) -> str:
@@ -127,6 +140,7 @@ class Session:
             "finish_reason": turn.finish_reason,
             "recipe": self.recipe,
             "part": self.part.to_json() if self.part is not None else None,
+            "subtitles": self.subtitles.record() if self.subtitles is not None else None,
         }
 
     def reset(self) -> None:

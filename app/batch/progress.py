@@ -51,6 +51,13 @@ class Progress:
             print(f"batch: {self.label} {self.done}/{self.total}, {self.failed} failed, "
                   f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
 
+    def note(self, text: str) -> None:
+        """A line for the user (a warning), above the bar on a terminal; every rank's own."""
+        if self.rich is not None:
+            self.rich.console.print(text, highlight=False, markup=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.rich is not None:
             self.rich.stop()

@@ -27,7 +27,7 @@ from typing import Optional
 
 # The fields of `generate --json` (SPEC §4), null in an error line.
 ANSWER_FIELDS = ("text", "tokens", "logprobs", "prompt_tokens", "visual_tokens", "timings_s",
-                 "peak_memory_gb", "cache", "finish_reason")
+                 "peak_memory_gb", "cache", "finish_reason", "subtitles")
 
 
 def pair_key(fingerprint: Optional[str], video: str, prompt: str, model: str, recipe: str,

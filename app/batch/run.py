@@ -223,6 +223,8 @@ class Batch:
             return
         finally:
             prefetched.close()
+        for warning in session.warnings:  # e.g. a broken subtitle file beside the video
+            progress.note(f"warning: {v.video}: {warning}")
         for k, p in enumerate(v.pending):
             if k:
                 session.reset()  # each pair is a conversation of its own

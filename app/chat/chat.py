@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sfllava_mlx.errors import UserError
+from sfllava_mlx.subtitles.sources import MODES
 
 from ..options import session_options
 from . import parts
 from .transcript import Switch, Transcript, write_atomic
 
-COMMANDS = ("/help", "/reset", "/frames", "/stats", "/save", "/video", "/image", "/part",
+COMMANDS = ("/help", "/reset", "/frames", "/subs", "/stats", "/save", "/video", "/image",
+            "/part",
             "/quit")
 
 
@@ -44,8 +46,11 @@ class Chat:
 
             probe(path)  # refused as a picture before anything else
         self.session.save()
+        options = session_options(self.args)
+        if options["subtitles"] not in MODES:  # --subtitles FILE was the first video's
+            options["subtitles"] = "auto"
         session = self.engine.open(path, progress=progress, prefill=progress is not None,
-                                   **session_options(self.args))
+                                   **options)
         self.session = session
         self.kept.clear()  # another file: the parts of the old one are no use
         self.transcript.entries.append(Switch(path, media_word(session)))

@@ -10,6 +10,7 @@ from typing import Optional
 from sfllava_mlx.errors import ContextOverflowError
 
 from ..options import ask_options, picture_note, session_options
+from ..subtitles import plain_listing, summary, warn
 from .chat import COMMANDS, Chat
 
 
@@ -20,6 +21,7 @@ def main(args) -> int:
 
     engine = Engine(args.model)
     session = engine.open(args.file, **session_options(args))
+    warn(session.warnings)
     if session.media == "image" and picture_note(session.options):
         print(picture_note(session.options), file=sys.stderr)
     chat = Chat(engine, args, session)
@@ -64,8 +66,14 @@ def command(chat: Chat, line: str) -> Optional[str]:
         chat.save(rest)
     elif cmd in ("/video", "/image") and rest:
         chat.switch(rest, picture=cmd == "/image")
+        warn(chat.session.warnings)
     elif cmd == "/part":
         chat.part(rest)
+    elif cmd == "/subs":  # the lines the frames selected, on stderr (stdout: answers only)
+        lines = chat.session.subtitles
+        print(summary(lines), file=sys.stderr)
+        if lines is not None and lines.lines:
+            print(plain_listing(lines), file=sys.stderr)
     else:
         print(f"note: {cmd} is ignored when reading questions from a pipe", file=sys.stderr)
     return None

@@ -28,6 +28,7 @@ def main(args) -> int:
     chat = Chat(engine, args, session)
     info = model_info(engine)
     ui.header(session, info)
+    ui.warnings(session.warnings)
     if session.media == "image" and picture_note(session.options):
         ui.note(picture_note(session.options))
     prompt = make_prompt()
@@ -126,6 +127,8 @@ def run_command(chat: Chat, ui, line: str, info: dict) -> Optional[str]:
             ui.note("a picture has no frames: " + image_line(session))
         else:
             ui.frames(session.clip)
+    elif cmd == "/subs":
+        ui.subtitles(session.subtitles)
     elif cmd == "/stats":
         ui.stats(stats_rows(chat, info))
     elif cmd == "/save":
@@ -143,6 +146,7 @@ def run_command(chat: Chat, ui, line: str, info: dict) -> Optional[str]:
             ui.note("opening stopped: still on " + Path(session.path).name)
             return None
         ui.header(chat.session, info)
+        ui.warnings(chat.session.warnings)
     elif cmd == "/part":
         if session.media != "video":
             raise UserError("/part is for a video: a picture has no parts")

@@ -24,6 +24,7 @@ Ask anything about the video or picture; the conversation keeps its context.
   /help          this help
   /reset         new conversation about the same video or picture (no re-encoding)
   /frames        the frames the model sees, with timestamps
+  /subs          the subtitle lines the model reads (those the frames select)
   /stats         timings, memory, context and cache
   /save FILE     write the conversation as Markdown
   /video FILE    switch to another video (or picture)
@@ -35,7 +36,8 @@ Ask anything about the video or picture; the conversation keeps its context.
 
 Ctrl-C while an answer is written stops it and keeps the conversation."""
 
-STAGES = {"frames": "decoding frames", "vision": "encoding frames", "prefill": "prefilling prompt"}
+STAGES = {"speech": "transcribing speech", "frames": "decoding frames",
+          "vision": "encoding frames", "prefill": "prefilling prompt"}
 PICTURE_STAGES = {"vision": "encoding tiles", "prefill": "prefilling prompt"}
 
 
@@ -90,6 +92,9 @@ class ChatUI:
                      f"cache {video.cache} · ready in {video.open_s:.2f} s\n")
         lines.append("recipe ", style="bold")
         lines.append(recipe_summary(session))
+        if session.subtitles is not None:
+            lines.append("\nsubs   ", style="bold")
+            lines.append(session.subtitles.summary() + " (/subs)")
         replaced = clip.replaced
         if replaced:
             lines.append("\nnote   ", style="bold yellow")
@@ -177,6 +182,23 @@ class ChatUI:
 
     def help(self) -> None:
         self.console.print(HELP)
+
+    def warnings(self, warnings: list) -> None:
+        for w in warnings:
+            self.console.print(f"[bold yellow]warning:[/bold yellow] {w}", highlight=False)
+
+    def subtitles(self, lines) -> None:
+        from ..subtitles import listing_table
+
+        if lines is None:
+            self.note("no subtitles (--subtitles auto finds none for this video, or they "
+                      "are off)")
+        elif not lines.lines:
+            self.note(f"{lines.track.describe()}: none of its {lines.total} lines falls on a "
+                      "sampled frame")
+        else:
+            self.console.print(lines.summary(), highlight=False)
+            self.console.print(listing_table(lines))
 
     def frames(self, clip) -> None:
         table = Table(title="frames the model sees", show_lines=False)

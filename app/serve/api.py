@@ -197,6 +197,10 @@ def prepare(body: Body, media: Media, model_id: str, model_arg: str):
         if req.model not in (None, "", model_id, model_arg):
             raise APIError(404, f"the model {req.model!r} does not exist: this server runs "
                                 f"{model_id!r}", "model_not_found", "model")
+        subtitles = req.options.get("subtitles")
+        if subtitles is not None and subtitles not in ("auto", "off", "speech"):
+            req.options["subtitles"] = media.local_file(subtitles, "sfllava.subtitles",
+                                                        "subtitle file", "subtitles")
         video = media.resolve(req.video_url, raw, spans) if req.video_url else None
         return req, video
     finally:

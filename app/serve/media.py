@@ -129,38 +129,48 @@ class Media:
         """A video URL -> MediaFile, or APIError (400 bad or unreadable, 403 outside, 413)."""
         if url.startswith("data:"):
             return self._data_url(url, raw, spans)
+        real = self.local_file(url, "video_url")
+        return MediaFile(real, key=content_key(real))
+
+    def local_file(self, url: str, param: str, noun: str = "video", kind: str = "video") -> str:
+        """A local path (`file:///abs/path` or `/abs/path`) -> the file's resolved path, or
+        APIError: 400 bad or unreadable, 403 outside the media directories. `noun` and
+        `kind` name the file in the messages and the error codes (`{kind}_not_found`,
+        `invalid_{kind}`)."""
         if url.startswith("/"):
             path = url
         elif url.lower().startswith("file:"):
             parts = urlsplit(url)
             if parts.netloc not in ("", "localhost"):
-                fail("file URLs must name a local file (file:///abs/path)", "invalid_video_url")
+                fail("file URLs must name a local file (file:///abs/path)", f"invalid_{kind}_url",
+                     param)
             path = unquote(parts.path)
         elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", url):
+            upload = ", or the video itself as a data: URL" if kind == "video" else ""
             fail("the server fetches no URLs: give a local path (file:///abs/path or /abs/path) "
-                  "inside the media directory, or the video itself as a data: URL",
-                  "url_not_allowed", "video_url")
+                  f"inside the media directory{upload}", "url_not_allowed", param)
         else:
-            fail("a video path must be absolute (file:///abs/path or /abs/path)",
-                  "invalid_video_url", "video_url")
+            fail(f"a {noun} path must be absolute (file:///abs/path or /abs/path)",
+                  f"invalid_{kind}_url", param)
         if "\0" in path or not path.startswith("/"):
-            fail("a video path must be absolute (file:///abs/path or /abs/path)",
-                  "invalid_video_url", "video_url")
+            fail(f"a {noun} path must be absolute (file:///abs/path or /abs/path)",
+                  f"invalid_{kind}_url", param)
         real = os.path.realpath(path)  # symlinks and '..' first, then the check
         if not self.allowed(real):
-            raise APIError(403, "the video is outside the server's media directories "
-                                "(--media-dir)", "path_not_allowed", "video_url")
+            raise APIError(403, f"the {noun} is outside the server's media directories "
+                                "(--media-dir)", "path_not_allowed", param)
         try:
             st = os.stat(real)
         except FileNotFoundError:
-            raise APIError(400, f"video not found: {path}", "video_not_found", "video_url") from None
+            raise APIError(400, f"{noun} not found: {path}", f"{kind}_not_found", param) from None
         except OSError as e:
-            raise APIError(400, f"cannot read the video: {e.strerror}", "invalid_video", "video_url") from None
+            raise APIError(400, f"cannot read the {noun}: {e.strerror}", f"invalid_{kind}",
+                           param) from None
         if not stat.S_ISREG(st.st_mode):
-            fail(f"{path} is not a regular file", "invalid_video", "video_url")
+            fail(f"{path} is not a regular file", f"invalid_{kind}", param)
         if not os.access(real, os.R_OK):
-            fail(f"cannot read the video {path}: permission denied", "invalid_video", "video_url")
-        return MediaFile(real, key=content_key(real))
+            fail(f"cannot read the {noun} {path}: permission denied", f"invalid_{kind}", param)
+        return real
 
     def _data_url(self, url: str, raw, spans) -> MediaFile:
         head, sep, payload = url.partition(",")

@@ -177,7 +177,8 @@ def parse_chat(body) -> ChatRequest:
 
 def parse_options(o: dict) -> dict:
     """The `sfllava` object: SPEC §2.9-2.10 and §4's per-request sampling options."""
-    known = ("recipe", "num_frames", "fps", "timestamps", "seek", "start", "end")
+    known = ("recipe", "num_frames", "fps", "timestamps", "seek", "start", "end", "subtitles",
+             "subtitle_lang")
     unknown = sorted(set(o) - set(known))
     if unknown:
         fail(f"unknown sfllava option(s): {', '.join(unknown)} (known: {', '.join(known)})",
@@ -202,6 +203,13 @@ def parse_options(o: dict) -> dict:
             fail("sfllava.timestamps must be a boolean", "invalid_value", "sfllava.timestamps")
         out["timestamps"] = o["timestamps"]
     out.update(parse_part(o))
+    for name in ("subtitles", "subtitle_lang"):  # a subtitle file: checked by media.py
+        if o.get(name) is not None:
+            if not isinstance(o[name], str) or not o[name].strip():
+                fail(f"sfllava.{name} must be " + ("auto, off, speech or the path of a subtitle "
+                     "file inside the media directory" if name == "subtitles" else
+                     "a language tag such as en"), "invalid_value", f"sfllava.{name}")
+            out[name] = o[name]
     return out
 
 

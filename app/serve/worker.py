@@ -215,6 +215,8 @@ class Worker:
                 raise APIError(403, "the video's path changed since it was checked",
                                "path_not_allowed", "video_url")
             session = self.engine.open(job.media.path, progress=progress, **options)
+            for warning in session.warnings:
+                log(f"{job.id} warning: {warning}")
             held = self.held.hold(Held(key, session))
             cache_state = session.cache
         replayed, tic = 0, time.perf_counter()

@@ -1,9 +1,11 @@
 """The persistent video cache (SPEC §4): fingerprints, the one key, and the store."""
 
 from .fingerprint import ContentHasher, Fingerprint, content_digest, model_identity, sampled_digest
-from .keys import CacheKey, image_key, prefix_key, video_key
+from .keys import CacheKey, image_key, prefix_key, transcript_key, video_key
 from .store import CachedClip, Entry, EntryInfo, VideoCache, cache_root, max_cache_bytes
+from .transcripts import TranscriptCache
 
 __all__ = ["CacheKey", "CachedClip", "ContentHasher", "Entry", "EntryInfo", "Fingerprint",
-           "VideoCache", "cache_root", "content_digest", "image_key", "max_cache_bytes",
-           "model_identity", "prefix_key", "sampled_digest", "video_key"]
+           "TranscriptCache", "VideoCache", "cache_root", "content_digest", "image_key",
+           "max_cache_bytes", "model_identity", "prefix_key", "sampled_digest", "transcript_key",
+           "video_key"]

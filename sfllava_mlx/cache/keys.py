@@ -59,3 +59,11 @@ def prefix_key(prefix_ids: list, *, kv_bits=None, kv_group_size=64) -> str:
     material = json.dumps({"prefix": list(map(int, prefix_ids)), "kv_bits": kv_bits,
                            "kv_group_size": kv_group_size if kv_bits else None})
     return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def transcript_key(fingerprint: Fingerprint, speech_model: str, settings: dict) -> str:
+    """A video's transcribed speech depends on its content, the Whisper model (its identity)
+    and how it was run (`settings`: the format, the dtype): never on the frames."""
+    material = json.dumps({"video_size": fingerprint.size, "video_sampled": fingerprint.sampled,
+                           "speech_model": speech_model, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]

@@ -229,6 +229,15 @@ class VideoCache:
         except OSError:
             pass
 
+    def cached_timestamps(self, key: CacheKey) -> Optional[list]:
+        """The sampled frames' timestamps an entry recorded, from its meta.json alone (not
+        checked: `lookup` checks the entry when it is opened). What a cached video's
+        subtitles are selected by before it is opened."""
+        try:
+            return [float(t) for t in read_json(self.entry_dir(key) / META_FILE)["clip"]["timestamps"]]
+        except (CorruptEntry, KeyError, TypeError, ValueError):
+            return None
+
     def store(self, key: CacheKey, fingerprint: Fingerprint, visual: mx.array, clip, *,
               content_sha256: Optional[str], model_name: str) -> Optional[Path]:
         """Write an entry for the visual tokens (no-op if another process has written it)."""

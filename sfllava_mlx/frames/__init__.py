@@ -42,7 +42,7 @@ PyAV, the same FFmpeg underneath:
 """
 
 from .part import Part, Span, span_of
-from .reader import FrameReader, SampledFrames, iter_frames, read_frames
+from .reader import FrameReader, SampledFrames, iter_frames, read_frames, sampled_timestamps
 from .sampling import (
     SEEK_MODES,
     format_time,
@@ -56,4 +56,4 @@ from .video import VideoInfo, probe
 
 __all__ = ["FrameReader", "Part", "SampledFrames", "Span", "VideoInfo", "SEEK_MODES",
            "format_time", "frames_for_rate", "iter_frames", "parse_time", "probe", "read_frames",
-           "sample_positions", "span_of", "stream_names", "video_duration"]
+           "sample_positions", "sampled_timestamps", "span_of", "stream_names", "video_duration"]

@@ -50,6 +50,33 @@ def _check_memory(info: VideoInfo, held_frames: int) -> None:
             f"{need / 1e9:.1f} GB, more than the {available / 1e9:.1f} GB of memory available")
 
 
+def wanted_frames(index, num_frames: int, positions: str, exact: bool,
+                  span: Optional[Span] = None) -> list[int]:
+    """The frame each position takes (SPEC §2.1, §2.9), over the frames of `span` (a part,
+    SPEC §2.12; default the whole video): in keyframe mode, the keyframe at or before it."""
+    span = span or Span(0, index.n, index.fps)
+    wanted = [span.first + i for i in sample_positions(span.count, num_frames, positions)]
+    if not exact:
+        wanted = [index.keyframes[index.keyframe_before(i)] for i in wanted]
+    return wanted
+
+
+def sampled_timestamps(path, num_frames: int = 128, seek: str = "exact",
+                       positions: str = "midpoint", part: Optional[Part] = None) -> list[float]:
+    """The timestamps a FrameReader of these settings reports, from the video's index alone
+    (nothing decoded; the MP4 sample table, or one pass over the packets): they differ
+    only where a frame fails to decode and a neighbour takes its place. `num_frames` is the
+    count to sample (--fps already applied)."""
+    video = IndexedVideo(path)
+    container = video.take_container()
+    if container is not None:
+        container.close()
+    index = video.index
+    exact = seek == "exact" or index.pts is None
+    span = locate(index, part) if part is not None else None
+    return [index.timestamp(i) for i in wanted_frames(index, num_frames, positions, exact, span)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The reader: header now, frames from a worker thread
 
@@ -86,9 +113,7 @@ class FrameReader:
             # A part: every rule runs over its frames alone (SPEC §2.12).
             self.span = span = spans[-1] if spans else Span(0, index.n, self.info.fps)
             num_frames = frames_for_rate(num_frames, span.count, span.rate, fps)
-            wanted = [span.first + i for i in sample_positions(span.count, num_frames, positions)]
-            if not self.exact:
-                wanted = [index.keyframes[index.keyframe_before(i)] for i in wanted]
+            wanted = wanted_frames(index, num_frames, positions, self.exact, span)
             self.indices = list(wanted)
             self.timestamps = [index.timestamp(i) for i in wanted]
             self.streams = stream_names(num_frames, slow_every)
