@@ -491,3 +491,40 @@ def test_subtitle_options_are_checked(engine, place):
         with pytest.raises(UserError) as e:
             engine.plan(place / "srt.mkv", **bad)
         assert "--subtitle" in str(e.value) or "--speech-model" in str(e.value)
+
+
+def test_a_part_selects_the_lines_of_its_own_frames(place, engine):
+    """--start/--end with subtitles (SPEC §2.12, §2.13): the frames sampled inside the part
+    select the lines, by the rule written out here over ffprobe's frame times."""
+    from tests.videos import ffprobe_frames
+
+    start, end = 4.0, 10.0
+    times = [t for t, _ in ffprobe_frames(place / "srt.mkv")]
+    inside = [t for t in times if start <= t < end]  # the part's frames, then §2.1 over them
+    n = len(inside)
+    sampled = [inside[(2 * i + 1) * n // (2 * 128)] for i in range(128)]
+    want = kept(EVENTS, sampled)
+    assert want and want != kept(EVENTS, frame_times(place / "srt.mkv"))
+    doc = frames_json(place / "srt.mkv", "--start", "0:04", "--end", "10")
+    assert doc["subtitles"]["lines"] == records(want)
+    session = engine.open(place / "srt.mkv", start="0:04", end=10, cache=False)
+    assert [e.text for e in session.subtitles.lines] == [e.plain for e in want]
+    assert session.conversation.preamble == block(want)
+
+
+def test_batch_resumes_per_subtitle_request(place, converted, tmp_path):
+    """The same library again with other --subtitles is not "already answered": the lines'
+    resume key holds the subtitle request (the default's keys stay as they were)."""
+    out = tmp_path / "r.jsonl"
+    base = ["batch", place / "srt.mkv", "--model", converted[LAYOUT], "--prompt", QUESTION,
+            "--max-tokens", 2, "--out", out, "--no-cache"]
+    assert sfllava(base, tmp_path).returncode == 0
+    again = sfllava(base, tmp_path)
+    assert "1 already in" in again.stderr
+    off = sfllava(base + ["--subtitles", "off"], tmp_path)
+    assert off.returncode == 0 and "0 already in" in off.stderr, off.stderr
+    lines = {json.dumps(x["subtitle_request"]): x
+             for x in map(json.loads, out.read_text().splitlines())}
+    assert set(lines) == {"null", json.dumps({"subtitles": "off", "subtitle_lang": None})}
+    assert lines["null"]["subtitles"]["lines"] > 0
+    assert lines[json.dumps({"subtitles": "off", "subtitle_lang": None})]["subtitles"] is None

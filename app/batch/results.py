@@ -31,20 +31,25 @@ ANSWER_FIELDS = ("text", "tokens", "logprobs", "prompt_tokens", "visual_tokens",
 
 
 def pair_key(fingerprint: Optional[str], video: str, prompt: str, model: str, recipe: str,
-             part: Optional[dict] = None) -> str:
+             part: Optional[dict] = None, subtitle_request: Optional[dict] = None) -> str:
     """`part`: the `part` field of the lines ({"start", "end"} in seconds, SPEC §2.12), None
-    for the whole video (whose keys stay as they always were)."""
+    for the whole video; `subtitle_request`: the lines' field of that name (--subtitles and
+    --subtitle-lang where they are not the defaults), None for the defaults. Keys of the
+    defaults stay as they always were."""
     what = f"fp:{fingerprint}" if fingerprint else f"path:{video}"
     key = [what, prompt, model, recipe]
     if part is not None:
         key.append([part.get("start"), part.get("end")])
+    if subtitle_request is not None:
+        key.append(subtitle_request)
     return json.dumps(key)
 
 
 def record_key(rec: dict) -> Optional[str]:
     try:
         return pair_key(rec.get("fingerprint"), rec["video"], rec["prompt"],
-                        rec["model_identity"], rec.get("recipe") or "native", rec.get("part"))
+                        rec["model_identity"], rec.get("recipe") or "native", rec.get("part"),
+                        rec.get("subtitle_request"))
     except (KeyError, TypeError, AttributeError):
         return None
 

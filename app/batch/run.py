@@ -47,6 +47,7 @@ class Batch:
         self.out = Path(os.path.abspath(args.out))
         self.recipe = args.recipe
         self.part = None  # every video's part (SPEC §2.12), as the lines carry it
+        self.subtitle_request = None  # --subtitles / --subtitle-lang, where not the defaults
 
     def say(self, text: str) -> None:
         if self.rank == 0:
@@ -106,8 +107,11 @@ class Batch:
         from sfllava_mlx import Engine
 
         self.prompts = inputs.read_prompts(self.args)
-        part = Options.of(**session_options(self.args)).part  # a bad --start: refused here
-        self.part = part.to_json() if part is not None else None
+        options = Options.of(**session_options(self.args))  # a bad --start: refused here
+        self.part = options.part.to_json() if options.part is not None else None
+        asked = {"subtitles": options.subtitles, "subtitle_lang": options.subtitle_lang}
+        # What the answers depend on beyond the video: in the resume key when not the default.
+        self.subtitle_request = asked if asked != {"subtitles": "auto", "subtitle_lang": None} else None
         if self.out.is_dir():
             raise UserError(f"--out {self.args.out} is a directory; name a .jsonl file")
         try:
@@ -133,7 +137,8 @@ class Batch:
 
     # -- 2. what to answer ---------------------------------------------------------------
     def key(self, fingerprint, video, prompt) -> str:
-        return results.pair_key(fingerprint, video, prompt, self.identity, self.recipe, self.part)
+        return results.pair_key(fingerprint, video, prompt, self.identity, self.recipe, self.part,
+                                self.subtitle_request)
 
     def discover(self):
         g = self.group
@@ -245,7 +250,7 @@ class Batch:
     def write(self, v: Item, prompt: str, answer: Optional[dict], error: Optional[str]) -> None:
         rec = {"video": v.video, "prompt": prompt, "fingerprint": v.fingerprint,
                "model": self.args.model, "model_identity": self.identity, "recipe": self.recipe,
-               "part": self.part}
+               "part": self.part, "subtitle_request": self.subtitle_request}
         if answer is None:
             rec.update(dict.fromkeys(results.ANSWER_FIELDS))
         else:  # generate --json's object, whatever fields it has
