@@ -299,10 +299,12 @@ def test_concurrent_clients_all_get_whole_answers(server, client, place, cli_ans
 
 @pytest.fixture(scope="module")
 def chatty(place, converted, tmp_path_factory):
-    """A server whose model never ends an answer (something to stop mid-stream)."""
+    """A server whose model never ends an answer (something to stop mid-stream), one
+    answer at a time (--decode-concurrency 1): what waits, waits in its queue."""
     tmp = tmp_path_factory.mktemp("serve-chatty")
     model = chatty_model(converted["oryx-vit"], tmp / "chatty")
-    s = Server(["--model", model, "--media-dir", place["media"], "--num-frames", "8"], tmp)
+    s = Server(["--model", model, "--media-dir", place["media"], "--num-frames", "8",
+                "--decode-concurrency", "1"], tmp)
     try:
         yield s.wait()
     finally:
