@@ -97,7 +97,8 @@ class Worker:
         self._load_error: Optional[BaseException] = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="sfllava-model", daemon=True)
-        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens": 0}
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens": 0,
+                      "decoding_peak": 0}  # the most answers decoding at once
         self.recent: list = []  # the last jobs, for /v1/sfllava/status
 
     # -- life ----------------------------------------------------------------------------
@@ -205,6 +206,8 @@ class Worker:
             self._step(task)
         if self.decoder is not None:
             worked = self.decoder.step() or worked
+        decoding = sum(t.phase == "decode" for t in self.tasks)
+        self.stats["decoding_peak"] = max(self.stats["decoding_peak"], decoding)
         return worked
 
     def _idle(self) -> None:
