@@ -78,7 +78,7 @@ def answer_steps(worker, task):
         yield from session.prefill_steps()
     replay_s = time.perf_counter() - tic
 
-    task.phase = "decode"
+    task.phase, task.working_set = "decode", 0  # its tower and prefill are done
     decoder = worker.decoder if task.answer else None
     turns_before = len(session.turns)
     stream = session.ask(req.question, start_time=task.start, decoder=decoder,

@@ -79,7 +79,7 @@ class Task:
     held: Optional[object] = None  # its Held conversation, once found or opened
     starts: int = 0  # bytes of the KV cache its answer starts from
     answer: int = 0  # bytes of its answer's own KV cache in the batch (0: decodes in place)
-    working_set: int = 0  # bytes of its opening's largest step (tower batch, prefill chunk)
+    working_set: int = 0  # bytes of its open's largest step (tower batch, prefill chunk)
 
 
 class Worker:
