@@ -2,8 +2,9 @@
 cache kept between turns (SPEC §2.7), so a follow-up prefills only its own tokens.
 
 `prefill` is the one way anything is prefilled — the prefix of system prompt and video, a
-Core ML overlap's chunks, a past turn replayed — and `Conversation.branch` the one way a
-conversation is copied (the KV prefix, `kv.copy_prefix`).
+Core ML overlap's chunks, a past turn replayed — and `Conversation.branch` (a conversation
+cut back to a turn) and `fork` (as it is) the ways a conversation is copied: over views of
+its KV arrays (`kv.share_prefix`; a deep copy where the cache is not mlx-lm's plain KVCache).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mlx_lm.sample_utils import make_sampler
 from .config import PREFILL_STEP
 from .encode import VisualTokens
 from .errors import ContextOverflowError
-from .kv import copy_prefix, share_prefix
+from .kv import share_prefix
 from .prompt import encode, first_turn, next_turn
 from .steps import Steps, run
 
@@ -138,7 +139,7 @@ class Conversation:
         to `length` tokens; None where the cache cannot be cut back (rotating)."""
         if not self.prefix_done:
             return None
-        cache = copy_prefix(self.cache, length)
+        cache = share_prefix(self.cache, length)  # views: MLX arrays are values
         if cache is None:
             return None
         other = self._sibling()
@@ -192,8 +193,8 @@ class Conversation:
         """Prefill system prompt + video into the cache; returns seconds spent."""
         return run(self.prefill_prefix_steps(progress))
 
-    def prefill_prefix_steps(self, progress=None) -> Steps[float]:
-        """`prefill_prefix`, a step per chunk."""
+    def prefill_prefix_steps(self, progress=None, step: Optional[int] = None) -> Steps[float]:
+        """`prefill_prefix`, a step per chunk (of `step` tokens, else the usual)."""
         if self.prefix_done:
             return 0.0
         tic = time.perf_counter()
@@ -202,7 +203,7 @@ class Conversation:
         self.check_context(embeds.shape[0])
         try:
             yield from prefill_steps(self.model.language_model, self.cache, embeddings=embeds,
-                                     step=self.prefill_step, progress=progress,
+                                     step=step or self.prefill_step, progress=progress,
                                      **self.kv_options)
         except BaseException:  # a half-filled cache is useless: start clean next time
             self.cache = self.new_cache()
@@ -318,14 +319,14 @@ class Conversation:
         return run(self.replay_steps(question, answer_tokens, answer_text, progress))
 
     def replay_steps(self, question: str, answer_tokens: list, answer_text: str,
-                     progress=None) -> Steps[int]:
-        """`replay`, a step per chunk."""
+                     progress=None, step: Optional[int] = None) -> Steps[int]:
+        """`replay`, a step per chunk (of `step` tokens, else the usual)."""
         ids = self.question_tokens(question) + list(answer_tokens)
         self.check_context(len(ids) + 1)
         before = self.offset
         try:
             yield from prefill_steps(self.model.language_model, self.cache, ids=ids,
-                                     step=self.prefill_step, progress=progress,
+                                     step=step or self.prefill_step, progress=progress,
                                      **self.kv_options)
         except BaseException:
             self.rewind(before)

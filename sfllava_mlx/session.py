@@ -134,10 +134,11 @@ class Session:
         """Prefill the prefix now (chat does it before the first question); seconds spent."""
         return run(self.prefill_steps(progress))
 
-    def prefill_steps(self, progress=None) -> Steps[float]:
-        """`prefill`, a step per chunk."""
+    def prefill_steps(self, progress=None, step: Optional[int] = None) -> Steps[float]:
+        """`prefill`, a step per chunk (of `step` tokens: a server makes them smaller while
+        other answers decode, the pause between their tokens being one chunk)."""
         return self.conversation.prefill_prefix_steps(
-            (lambda d, t: progress("prefill", d, t)) if progress else None)
+            (lambda d, t: progress("prefill", d, t)) if progress else None, step)
 
     def branch(self, turns: int, length: int) -> Optional[Session]:
         """A Session holding this one's first `turns` turns (its KV cache copied up to
@@ -156,13 +157,13 @@ class Session:
         return run(self.replay_steps(question, answer_tokens, answer_text, progress))
 
     def replay_steps(self, question: str, answer_tokens: list, answer_text: str,
-                     progress=None) -> Steps[int]:
-        """`replay`, a step per chunk."""
+                     progress=None, step: Optional[int] = None) -> Steps[int]:
+        """`replay`, a step per chunk (of `step` tokens, as `prefill_steps`)."""
         if not self.conversation.prefix_done:
-            yield from self.prefill_steps(progress)
+            yield from self.prefill_steps(progress, step)
         return (yield from self.conversation.replay_steps(
             question, answer_tokens, answer_text,
-            progress=(lambda d, t: progress("prefill", d, t)) if progress else None))
+            progress=(lambda d, t: progress("prefill", d, t)) if progress else None, step=step))
 
     def fork(self) -> Optional[Session]:
         """A Session that goes on from this one's state, its KV cache shared, not copied

@@ -273,3 +273,21 @@ def test_the_prefill_in_steps_is_mlx_lms_prefill(engine, videos, step):
         assert np.array_equal(np.array(a.keys[..., :a.offset, :]), np.array(b.keys[..., :b.offset, :]))
         assert np.array_equal(np.array(a.values[..., :a.offset, :]),
                               np.array(b.values[..., :b.offset, :]))
+
+
+def test_the_readme_batching_example_runs(engine, videos, tmp_path, monkeypatch, capsys):
+    import re
+
+    from tests.conftest import REPO
+
+    section = (REPO / "README.md").read_text().split("## Python API", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "holiday.mp4").symlink_to(videos["main"])
+    exec(compile(code, "README.md", "exec"), {"engine": engine})
+    printed = capsys.readouterr().out.splitlines()
+    questions = re.search(r"questions = (\[.*?\])", code).group(1)
+    for line, q in zip(printed, eval(questions)):
+        want = alone(engine, videos["main"], q, max_tokens=128)[0]
+        assert line == f"{q} -> {want.text}" or "\n" in want.text
+    assert len(printed) >= 3

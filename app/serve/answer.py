@@ -1,10 +1,10 @@
 """`sfllava serve`: one request's work as bounded steps, run by the worker's thread.
 
 The steps: find the held conversation it continues (or branches off), else open its video
-(`Engine.open_steps`: a step per frame batch, per prefill chunk); wait while its answer
-would not fit in memory beside the running ones; replay the turns the server does not
-hold; then the answer, a step per token (in the worker's batch, or decoded alone where the
-batch cannot take it). A held conversation whose answer is being written is branched, not
+(`Engine.open_steps`: a step per frame batch) once its answer fits in memory beside the
+running ones; prefill its prefix and replay the turns the server does not hold (a step per
+chunk); then the answer, a step per token (in the worker's batch, or decoded alone where
+the batch cannot take it). A held conversation whose answer is being written is branched, not
 continued, by a request that extends it meanwhile.
 """
 
@@ -13,12 +13,18 @@ from __future__ import annotations
 import os
 import time
 
+from sfllava_mlx.config import PREFILL_STEP
 from sfllava_mlx.memory import kv_bytes
 from sfllava_mlx.options import Options
 
 from ..options import session_options
 from .held import Held
 from .request import APIError
+
+# The prefill chunk of a request opened while other answers may be decoding: a running
+# stream's longest pause is one step (a frame batch, or this chunk). A quarter of the usual
+# 512 keeps that near a frame batch's time (docs/performance.md).
+PREFILL_BESIDE = PREFILL_STEP // 4
 
 
 def request_options(worker, req) -> dict:
@@ -60,7 +66,7 @@ def answer_steps(worker, task):
         count_memory(worker, task, plan.visual_tokens, req.history, options)
         while not worker.fits(task):
             yield
-        session = yield from engine.open_steps(opening, prefill=True)
+        session = yield from engine.open_steps(opening)
         held = worker.held.hold(Held(key, session))
         cache_state = session.cache
     task.held, held.busy = held, True
@@ -70,12 +76,13 @@ def answer_steps(worker, task):
                      options)
         while not worker.fits(task):
             yield
+    chunk = PREFILL_BESIDE if worker.decoder is not None else None
+    if not session.conversation.prefix_done:
+        yield from session.prefill_steps(step=chunk)
     replayed, tic = 0, time.perf_counter()
     for question, answer in req.history[len(held.pairs):]:
         replayed += yield from worker.held.replay_steps(held, question, answer,
-                                                        engine.tokenizer)
-    if not session.conversation.prefix_done:
-        yield from session.prefill_steps()
+                                                        engine.tokenizer, step=chunk)
     replay_s = time.perf_counter() - tic
 
     task.phase, task.working_set = "decode", 0  # its tower and prefill are done

@@ -96,10 +96,10 @@ class HeldConversations:
         return self.hold(Held(best.key, session, list(best.pairs[:best_k]),
                               list(best.ends[:best_k])))
 
-    def replay_steps(self, held: Held, question: str, answer: str, tokenizer):
+    def replay_steps(self, held: Held, question: str, answer: str, tokenizer, step=None):
         """Prefill a past turn the server did not answer in this conversation, a step per
-        chunk; returns the tokens prefilled."""
+        chunk (of `step` tokens); returns the tokens prefilled."""
         n = yield from held.session.replay_steps(question, self.tokens_of(answer, tokenizer),
-                                                 answer)
+                                                 answer, step=step)
         held.answered(question, answer)
         return n
