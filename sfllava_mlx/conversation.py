@@ -282,7 +282,7 @@ class Conversation:
                                      prefill_step_size=self.prefill_step, **self.kv_options)
         self.turns.append(turn)
         logprobs = []  # each token's, evaluated behind the decode: no wait per token
-        tic = time.perf_counter()
+        tic, end = time.perf_counter(), None
         try:
             for r in source:
                 if r is None:  # batched: its next token comes with the decoder's next step
@@ -299,11 +299,13 @@ class Conversation:
                     turn.tokens.append(r.token)
                     logprobs.append(r.logprobs[r.token])
                     mx.async_eval(logprobs[-1])
+                if r.finish_reason:  # its last token: the end, whenever the stream is closed
+                    end = time.perf_counter()
                 yield Chunk(r.text, r.token, r.finish_reason, r.logprobs)
         finally:
             if batched:  # the answer's cache, where it has one
                 self.cache = source.finish() or self.cache
-            timings["generate"] = time.perf_counter() - tic
+            timings["generate"] = (end or time.perf_counter()) - tic
             turn.logprobs = [x.item() for x in logprobs]
             turn.peak_memory_gb = mx.get_peak_memory() / 1e9
             if turn.tokens or turn.finish_reason:

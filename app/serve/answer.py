@@ -76,13 +76,13 @@ def answer_steps(worker, task):
                      options)
         while not worker.fits(task):
             yield
-    chunk = PREFILL_BESIDE if worker.decoder is not None else None
+    prefill_chunk = PREFILL_BESIDE if worker.decoder is not None else None
     if not session.conversation.prefix_done:
-        yield from session.prefill_steps(step=chunk)
+        yield from session.prefill_steps(step=prefill_chunk)
     replayed, tic = 0, time.perf_counter()
     for question, answer in req.history[len(held.pairs):]:
         replayed += yield from worker.held.replay_steps(held, question, answer,
-                                                        engine.tokenizer, step=chunk)
+                                                        engine.tokenizer, step=prefill_chunk)
     replay_s = time.perf_counter() - tic
 
     task.phase, task.working_set = "decode", 0  # its tower and prefill are done
