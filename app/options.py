@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from sfllava_mlx.config import DECODE_CONCURRENCY
+from sfllava_mlx.errors import UserError
 from sfllava_mlx.options import COMPUTE_UNITS, SEEK_MODES, Options
 
 
@@ -95,6 +97,18 @@ def add_part_arguments(p) -> None:
                         "[H:]M:SS[.f] such as 45:00), at the recipe's whole frame budget")
     p.add_argument("--end", default=None, metavar="T1",
                    help="only the part of the video before T1 (the same forms as --start)")
+
+
+def add_decode_concurrency_argument(p, what: str) -> None:
+    p.add_argument("--decode-concurrency", type=int, default=DECODE_CONCURRENCY, metavar="N",
+                   help=f"{what} decode together, at most (mlx-lm's server flag; default "
+                        f"{DECODE_CONCURRENCY}; 1: one at a time). --kv-bits and --max-kv-size "
+                        "answers decode alone")
+
+
+def check_decode_concurrency(args) -> None:
+    if args.decode_concurrency < 1:
+        raise UserError(f"--decode-concurrency must be at least 1, not {args.decode_concurrency}")
 
 
 def session_options(args) -> dict:

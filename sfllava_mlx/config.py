@@ -16,6 +16,7 @@ VISION_BATCH = 8  # frames (or tiles) per tower call: bounds the working set wha
 # Prefill chunk. Where attention is not fused (MLX's CPU backend) each chunk materializes
 # heads x chunk x context scores: 512 keeps that near 200 MB for 1.5B at 8K context.
 PREFILL_STEP = 512
+DECODE_CONCURRENCY = 8  # answers decoding together by default (mlx-lm's server: --decode-concurrency)
 
 
 def _from_dict(cls, d: Optional[dict]):

@@ -2,8 +2,9 @@
 cache kept between turns (SPEC §2.7), so a follow-up prefills only its own tokens.
 
 `prefill` is the one way anything is prefilled — the prefix of system prompt and video, a
-Core ML overlap's chunks, a past turn replayed — and `Conversation.branch` the one way a
-conversation is copied (the KV prefix, `kv.copy_prefix`).
+Core ML overlap's chunks, a past turn replayed — and `Conversation.branch` (a conversation
+cut back to a turn) and `fork` (as it is) the ways a conversation is copied: over views of
+its KV arrays (`kv.share_prefix`; a deep copy where the cache is not mlx-lm's plain KVCache).
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step, stream_generate
+from mlx_lm.generate import (
+    DEFAULT_QUANTIZED_KV_START,
+    generation_stream,
+    maybe_quantize_kv_cache,
+    stream_generate,
+)
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .config import PREFILL_STEP
 from .encode import VisualTokens
 from .errors import ContextOverflowError
-from .kv import copy_prefix
+from .kv import share_prefix
 from .prompt import encode, first_turn, next_turn
+from .steps import Steps, run
 
 STAGES = ("frames", "vision", "prefill", "ttft", "generate")
 
@@ -50,20 +57,38 @@ class Chunk:
     logprobs: Optional[mx.array] = None  # the log-softmax over the vocabulary for this step
 
 
-def prefill(language_model, cache: list, *, embeddings: Optional[mx.array] = None,
-            ids: Optional[list] = None, step: int = PREFILL_STEP,
-            progress: Optional[Callable[[int, int], None]] = None, kv_bits=None,
-            kv_group_size: int = 64) -> None:
-    """Run `embeddings` (length, D) or token `ids` through the LLM into `cache`, in chunks of
-    `step` with `progress(done, total)`: mlx-lm's chunked prefill, asked for no token."""
+def prefill(language_model, cache: list, **kw) -> None:
+    """Run `embeddings` (length, D) or token `ids` through the LLM into `cache`
+    (`prefill_steps`, all at once)."""
+    run(prefill_steps(language_model, cache, **kw))
+
+
+def prefill_steps(language_model, cache: list, *, embeddings: Optional[mx.array] = None,
+                  ids: Optional[list] = None, step: int = PREFILL_STEP,
+                  progress: Optional[Callable[[int, int], None]] = None, kv_bits=None,
+                  kv_group_size: int = 64) -> Steps[None]:
+    """Run `embeddings` (length, D) or token `ids` through the LLM into `cache`, a step per
+    chunk, with `progress(done, total)`: mlx-lm's chunked prefill (`generate_step`'s chunks
+    of `step`, the last token on its own, the KV quantized as it quantizes it), asked for
+    no token."""
     n = embeddings.shape[0] if embeddings is not None else len(ids)
     prompt = mx.array(ids, dtype=mx.int32) if ids is not None else mx.zeros((n,), mx.int32)
-    for _ in generate_step(prompt, language_model, max_tokens=0, prompt_cache=cache,
-                           input_embeddings=embeddings, prefill_step_size=step,
-                           prompt_progress_callback=progress, kv_bits=kv_bits,
-                           kv_group_size=kv_group_size):
-        pass
-    mx.eval([c.state for c in cache])
+    done = 0
+    if progress:
+        progress(0, n)
+    while done < n:
+        k = min(step, n - done - 1) if n - done > 1 else 1
+        with mx.stream(generation_stream):
+            language_model(prompt[None, done:done + k], cache=cache,
+                           input_embeddings=(embeddings[None, done:done + k]
+                                             if embeddings is not None else None))
+            maybe_quantize_kv_cache(cache, DEFAULT_QUANTIZED_KV_START, kv_group_size, kv_bits)
+            mx.eval([c.state for c in cache])
+        done += k
+        if progress:
+            progress(done, n)
+        mx.clear_cache()
+        yield
 
 
 class Conversation:
@@ -114,16 +139,32 @@ class Conversation:
         to `length` tokens; None where the cache cannot be cut back (rotating)."""
         if not self.prefix_done:
             return None
-        cache = copy_prefix(self.cache, length)
+        cache = share_prefix(self.cache, length)  # views: MLX arrays are values
         if cache is None:
             return None
-        other = Conversation(self.model, self.tokenizer, self.visual,
-                             system_prompt=self.system_prompt, preamble=self.preamble,
-                             max_kv_size=self.max_kv_size, prefill_step=self.prefill_step,
-                             **self.kv_options)
+        other = self._sibling()
         other.restore_prefix(cache)
         other.turns = list(self.turns[:turns])
         return other
+
+    def fork(self) -> Optional[Conversation]:
+        """A conversation that goes on from this one's state without copying its KV cache
+        (`kv.share_prefix`), as the answers of `batching` start from one prefix; the work
+        this one has not reported yet (its prefix's) goes with the fork. None where the
+        cache cannot be cut back (rotating)."""
+        cache = share_prefix(self.cache, self.offset)
+        if cache is None:
+            return None
+        other = self._sibling()
+        other.cache, other.prefix_done, other.turns = cache, self.prefix_done, list(self.turns)
+        other.unreported, self.unreported = self.unreported, None
+        return other
+
+    def _sibling(self) -> Conversation:
+        return Conversation(self.model, self.tokenizer, self.visual,
+                            system_prompt=self.system_prompt, preamble=self.preamble,
+                            max_kv_size=self.max_kv_size, prefill_step=self.prefill_step,
+                            **self.kv_options)
 
     @property
     def offset(self) -> int:
@@ -150,6 +191,10 @@ class Conversation:
     # -- prefill ---------------------------------------------------------------------------
     def prefill_prefix(self, progress=None) -> float:
         """Prefill system prompt + video into the cache; returns seconds spent."""
+        return run(self.prefill_prefix_steps(progress))
+
+    def prefill_prefix_steps(self, progress=None, step: Optional[int] = None) -> Steps[float]:
+        """`prefill_prefix`, a step per chunk (of `step` tokens, else the usual)."""
         if self.prefix_done:
             return 0.0
         tic = time.perf_counter()
@@ -157,8 +202,9 @@ class Conversation:
                                  self.visual.embeddings.astype(self.dtype)])
         self.check_context(embeds.shape[0])
         try:
-            prefill(self.model.language_model, self.cache, embeddings=embeds,
-                    step=self.prefill_step, progress=progress, **self.kv_options)
+            yield from prefill_steps(self.model.language_model, self.cache, embeddings=embeds,
+                                     step=step or self.prefill_step, progress=progress,
+                                     **self.kv_options)
         except BaseException:  # a half-filled cache is useless: start clean next time
             self.cache = self.new_cache()
             raise
@@ -201,8 +247,13 @@ class Conversation:
 
     # -- a turn ----------------------------------------------------------------------------
     def ask(self, question: str, *, max_tokens=512, temp=0.0, top_p=1.0, seed=None,
-            progress=None, start_time=None) -> Iterator[Chunk]:
-        """Stream the answer; the Turn is in `last_turn` (complete once the stream ends)."""
+            progress=None, start_time=None, decoder=None) -> Iterator[Optional[Chunk]]:
+        """Stream the answer; the Turn is in `last_turn` (complete once the stream ends).
+
+        With a `batching.Decoder` that takes this conversation, the answer decodes in its
+        batch: the stream then yields None where its next token waits for the decoder's
+        next step, and this conversation's cache is the answer's own once it ends (the
+        batch never writes into the cache it starts from)."""
         start = start_time or time.perf_counter()
         turn = Turn(question, timings_s=dict.fromkeys(STAGES, 0.0))
         timings = turn.timings_s
@@ -217,17 +268,26 @@ class Conversation:
         turn.prompt_tokens += len(ids)
         before = self.offset
         max_tokens = max(1, min(max_tokens, self.context_limit - before - len(ids)))
-        if seed is not None:
-            mx.random.seed(seed)
-        self.turns.append(turn)
-        logprobs = []  # each token's, evaluated behind the decode: no wait per token
-        tic = time.perf_counter()
-        try:
-            for r in stream_generate(self.model.language_model, self.tokenizer, mx.array(ids),
+        batched = decoder is not None and decoder.takes(self)
+        if batched:  # its own sampler, seeded with its own key
+            source = decoder.answer(self.cache, ids, max_tokens=max_tokens, temp=temp,
+                                    top_p=top_p, seed=seed)
+        else:
+            if seed is not None:
+                mx.random.seed(seed)
+            source = stream_generate(self.model.language_model, self.tokenizer, mx.array(ids),
                                      max_tokens=max_tokens, prompt_cache=self.cache,
                                      sampler=make_sampler(temp, top_p),
                                      max_kv_size=self.max_kv_size,
-                                     prefill_step_size=self.prefill_step, **self.kv_options):
+                                     prefill_step_size=self.prefill_step, **self.kv_options)
+        self.turns.append(turn)
+        logprobs = []  # each token's, evaluated behind the decode: no wait per token
+        tic, end = time.perf_counter(), None
+        try:
+            for r in source:
+                if r is None:  # batched: its next token comes with the decoder's next step
+                    yield None
+                    continue
                 if not timings["ttft"]:
                     now = time.perf_counter()
                     timings["prefill"] += now - tic
@@ -239,9 +299,13 @@ class Conversation:
                     turn.tokens.append(r.token)
                     logprobs.append(r.logprobs[r.token])
                     mx.async_eval(logprobs[-1])
+                if r.finish_reason:  # its last token: the end, whenever the stream is closed
+                    end = time.perf_counter()
                 yield Chunk(r.text, r.token, r.finish_reason, r.logprobs)
         finally:
-            timings["generate"] = time.perf_counter() - tic
+            if batched:  # the answer's cache, where it has one
+                self.cache = source.finish() or self.cache
+            timings["generate"] = (end or time.perf_counter()) - tic
             turn.logprobs = [x.item() for x in logprobs]
             turn.peak_memory_gb = mx.get_peak_memory() / 1e9
             if turn.tokens or turn.finish_reason:
@@ -254,12 +318,18 @@ class Conversation:
                progress=None) -> int:
         """Prefill a past turn that was not generated here (a client's conversation), after
         the prefix; returns the tokens prefilled."""
+        return run(self.replay_steps(question, answer_tokens, answer_text, progress))
+
+    def replay_steps(self, question: str, answer_tokens: list, answer_text: str,
+                     progress=None, step: Optional[int] = None) -> Steps[int]:
+        """`replay`, a step per chunk (of `step` tokens, else the usual)."""
         ids = self.question_tokens(question) + list(answer_tokens)
         self.check_context(len(ids) + 1)
         before = self.offset
         try:
-            prefill(self.model.language_model, self.cache, ids=ids, step=self.prefill_step,
-                    progress=progress, **self.kv_options)
+            yield from prefill_steps(self.model.language_model, self.cache, ids=ids,
+                                     step=step or self.prefill_step, progress=progress,
+                                     **self.kv_options)
         except BaseException:
             self.rewind(before)
             raise

@@ -3,6 +3,7 @@ time, so memory holds one batch of full grids, never all 128."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,10 @@ from .config import VISION_BATCH, SamplingConfig
 from .frames import SampledFrames
 from .pooling import concat_streams, is_slow, pool_frames, stride_of
 from .preprocess import preprocess
+from .steps import Steps, Wait, run
 from .tokens import num_visual_tokens
+
+_END = object()
 
 
 @dataclass
@@ -37,11 +41,20 @@ class Stopwatch:
         self.mark = now
 
 
-def encode_frames(model, frames, sampling: SamplingConfig, *, vision=None,
-                  batch_size: int = VISION_BATCH,
-                  progress: Optional[Callable[[int, int], None]] = None,
-                  timings: Optional[dict] = None) -> mx.array:
-    """Frames in position order (an iterable of RGB uint8 images) -> pooled visual tokens.
+def encode_frames(model, frames, sampling: SamplingConfig, **kw) -> mx.array:
+    """Frames in position order (an iterable of RGB uint8 images) -> pooled visual tokens
+    (`encode_frames_steps`, all at once)."""
+    return run(encode_frames_steps(model, frames, sampling, **kw))
+
+
+def encode_frames_steps(model, frames, sampling: SamplingConfig, *, vision=None,
+                        batch_size: int = VISION_BATCH,
+                        progress: Optional[Callable[[int, int], None]] = None,
+                        timings: Optional[dict] = None,
+                        ready: Optional[Wait] = None) -> Steps[mx.array]:
+    """`encode_frames` in steps: one after each batch, and, where `ready(0)` says the next
+    frame is not decoded yet, a pause that yields `ready` (whoever runs the steps waits on
+    it, or does other work meanwhile).
 
     Each batch goes through tower and projector and is pooled right away (pooling is per
     frame). `timings` gains the critical-path shares `decode` (waiting for frames),
@@ -74,12 +87,18 @@ def encode_frames(model, frames, sampling: SamplingConfig, *, vision=None,
         if progress:
             progress(done, sampling.num_frames)
 
-    for position, image in enumerate(frames):
+    frames = iter(frames)
+    for position in itertools.count():
+        while ready is not None and not ready(0):
+            yield ready
+        image = next(frames, _END)
         watch.lap("decode")
+        if image is _END:
+            break
         batch.append((position, image))
         if len(batch) == batch_size:
             flush()
-    watch.lap("decode")
+            yield
     if batch:
         flush()
     tokens = concat_streams(mx.concatenate(slow) if slow else None,
@@ -92,10 +111,18 @@ def encode_frames(model, frames, sampling: SamplingConfig, *, vision=None,
     return tokens
 
 
-def encode_video(model, clip, sampling: SamplingConfig, *, frames_s: float = 0.0, vision=None,
-                 batch_size: int = VISION_BATCH, progress=None,
-                 on_frame: Optional[Callable[[int, int], None]] = None) -> VisualTokens:
-    """Sampled frames -> VisualTokens. `vision` swaps the tower (e.g. a Core ML backend).
+def encode_video(model, clip, sampling: SamplingConfig, **kw) -> VisualTokens:
+    """Sampled frames -> VisualTokens (`encode_video_steps`, all at once)."""
+    return run(encode_video_steps(model, clip, sampling, **kw))
+
+
+def encode_video_steps(model, clip, sampling: SamplingConfig, *, frames_s: float = 0.0,
+                       vision=None, batch_size: int = VISION_BATCH, progress=None,
+                       on_frame: Optional[Callable[[int, int], None]] = None,
+                       ready: Optional[Wait] = None) -> Steps[VisualTokens]:
+    """Sampled frames -> VisualTokens, a step per batch of frames (and a pause on `ready`,
+    a FrameReader's, while it has no frame decoded). `vision` swaps the tower (e.g. a Core
+    ML backend).
 
     `clip` is a SampledFrames (frames in memory) or a FrameReader, whose frames decode on a
     worker thread while the tower encodes the ones already there. `frames_s`: the time
@@ -113,8 +140,10 @@ def encode_video(model, clip, sampling: SamplingConfig, *, frames_s: float = 0.0
                 on_frame(done, total)
             yield item[1] if streaming else item
 
-    tokens = encode_frames(model, images(), sampling, vision=vision, batch_size=batch_size,
-                           progress=progress, timings=timings)
+    tokens = yield from encode_frames_steps(model, images(), sampling, vision=vision,
+                                            batch_size=batch_size, progress=progress,
+                                            timings=timings,
+                                            ready=ready)
     expected = num_visual_tokens(model.config.vision.grid, sampling)
     assert tokens.shape[0] == expected, (tokens.shape, expected)
     return VisualTokens(tokens, frames_of(clip) if streaming else clip, timings)

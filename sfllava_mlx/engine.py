@@ -32,7 +32,7 @@ from .cache import (
 )
 from .config import SamplingConfig
 from .conversation import Conversation
-from .encode import VisualTokens, encode_video
+from .encode import VisualTokens, encode_video_steps
 from .errors import VideoError
 from .frames import (
     Span,
@@ -45,6 +45,7 @@ from .frames import (
     span_of,
     video_duration,
 )
+from .frames.reader import FrameReader
 from .frames.video import check_readable
 from .image import (
     ImageError,
@@ -62,6 +63,7 @@ from .model import load
 from .options import Options
 from .prompt import encode, time_instruction
 from .session import Session
+from .steps import Steps, run
 from .subtitles import SubtitleTrack, resolve, transcribe
 
 # progress(stage, done, total), stage being "speech" (seconds of audio transcribed),
@@ -267,6 +269,15 @@ class Engine:
         first question prefills only its own tokens. `reader`: a FrameReader-like object
         already decoding this video (a batch's prefetch), used on a cache miss. `tower`:
         a stand-in for the vision backend (the profiler's timed tower)."""
+        return run(self.open_steps(media, progress=progress, prefill=prefill, reader=reader,
+                                   tower=tower, **options))
+
+    def open_steps(self, media, *, progress: Optional[Progress] = None, prefill: bool = False,
+                   reader=None, tower=None, **options) -> Steps[Session]:
+        """`open` in bounded steps (`steps.py`): a step per batch of frames through the
+        tower and per prefill chunk, a pause while the next frame decodes; the rest (the
+        checks, a cache hit's read, a picture's tiles) is one step each. A server decodes
+        other answers between them."""
         if isinstance(media, Opening):  # prepared earlier: the request starts now
             opening = replace(media, started=time.perf_counter())
         else:
@@ -294,11 +305,12 @@ class Engine:
         elif opts.vision_backend == "coreml":
             visual, conversation = self._encode_overlapped(opening, tower or self.vision_backend(opts))
         else:
-            visual = self._encode_streaming(opening, progress, reader, tower)
+            visual = yield from self._encode_streaming(opening, progress, reader, tower)
         conversation = conversation or self._conversation(opening, visual)
         session = Session(self, opening, visual, conversation, entry, hasher)
         if prefill:
-            session.prefill(progress)
+            yield
+            yield from session.prefill_steps(progress)
         return session
 
     def vision_backend(self, opts: Options):
@@ -312,16 +324,19 @@ class Engine:
                                                                           opts.compute_units)
         return self._towers[opts.compute_units]
 
-    def _encode_streaming(self, opening: Opening, progress, reader, tower) -> VisualTokens:
+    def _encode_streaming(self, opening: Opening, progress, reader,
+                          tower) -> Steps[VisualTokens]:
         """Decode on the frame reader's thread while the tower encodes what has arrived:
         `frames` counts opening the video and the time the tower waited for frames."""
         tic = time.perf_counter()
         reader = reader if reader is not None else opening.reader()
         with reader:
-            return encode_video(self.model, reader, opening.sampling,
-                                frames_s=time.perf_counter() - tic, vision=tower,
-                                on_frame=_stage(progress, "frames"),
-                                progress=_stage(progress, "vision"))
+            yield
+            return (yield from encode_video_steps(
+                self.model, reader, opening.sampling, frames_s=time.perf_counter() - tic,
+                vision=tower, on_frame=_stage(progress, "frames"),
+                progress=_stage(progress, "vision"),
+                ready=reader.ready if isinstance(reader, FrameReader) else None))
 
     def _encode_overlapped(self, opening: Opening, tower):
         """The Core ML tower beside MLX: the slow frames' tokens prefill while the fast

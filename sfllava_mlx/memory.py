@@ -197,3 +197,41 @@ def check_video(model, sampling: SamplingConfig, *, context_limit: int,
                                                  else ""), context_name,
                       "; it would fit with " + ", or ".join(ways) if ways else "")
     return check(p, "this request", fixes)
+
+
+# ----------------------------------------------------------------------------------------
+# Answers decoding together (`batching`): every sequence's KV cache counts
+
+# mlx-lm's BatchKVCache grows, pads and filters by copying (lazily: the old arrays live
+# until the next step evaluates the new ones), so at its peak the batch's cache is there
+# twice.
+BATCH_COPIES = 2
+
+
+def kv_bytes(model, tokens: int, kv_bits: Optional[int] = None) -> int:
+    """The KV cache of `tokens` positions, as mlx-lm's caches hold them (in KV_STEP steps)."""
+    held = math.ceil(tokens / KV_STEP) * KV_STEP
+    return int(kv_bytes_per_token(model.config, compute_dtype_size(model), kv_bits) * held)
+
+
+def batch_bytes(weights: int, working_set: int, starts: int, answers: list) -> int:
+    """What answers decoding together hold at their peak: the weights, the largest working
+    set, the KV caches they start from (`starts`: read, never written by the batch) and
+    each answer's own in the batch (`answers`: its whole conversation), BATCH_COPIES times."""
+    return weights + working_set + starts + BATCH_COPIES * sum(answers)
+
+
+def fits(total: int) -> bool:
+    limit, _ = memory_limit()
+    return not limit or total <= limit
+
+
+def batch_size(plan: MemoryPlan, wanted: int) -> int:
+    """How many answers of one request (`plan`'s: one video, one prefix they all start
+    from) decode together: `wanted`, or fewer where that many would not fit; at least 1
+    (one answer alone was checked when the request was)."""
+    k = max(1, wanted)
+    while k > 1 and not fits(batch_bytes(plan.weights, plan.working_set, plan.kv_cache,
+                                         [plan.kv_cache] * k)):
+        k -= 1
+    return k

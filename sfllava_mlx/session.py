@@ -13,6 +13,7 @@ from .cache import prefix_key
 from .conversation import Chunk, Conversation, Turn
 from .encode import VisualTokens
 from .options import Options
+from .steps import Steps, run
 
 
 class Session:
@@ -106,18 +107,20 @@ class Session:
     # -- the conversation ------------------------------------------------------------------
     def ask(self, question: str, *, max_tokens: Optional[int] = None, temp: float = 0.0,
             top_p: float = 1.0, seed: Optional[int] = None, progress=None,
-            start_time: Optional[float] = None) -> Iterator[Chunk]:
+            start_time: Optional[float] = None, decoder=None) -> Iterator[Optional[Chunk]]:
         """Stream the answer to `question` as Chunks; `last_turn` holds it once done.
 
         The first answer after opening counts its time to first token from the open and
-        reports the open's work (frames, vision, prefill, `cache_load` on a hit)."""
+        reports the open's work (frames, vision, prefill, `cache_load` on a hit).
+        `decoder`: a `batching.Decoder` to decode in, with other answers (the stream then
+        yields None between its tokens, see `Conversation.ask`)."""
         first = self._first and not self.turns
         start = start_time or (self.opening.started if first else None)
         before = len(self.turns)
         try:
             yield from self.conversation.ask(
                 question, max_tokens=max_tokens or self.options.max_tokens, temp=temp,
-                top_p=top_p, seed=seed, start_time=start,
+                top_p=top_p, seed=seed, start_time=start, decoder=decoder,
                 progress=(lambda d, t: progress("prefill", d, t)) if progress else None)
         finally:
             if len(self.turns) > before:
@@ -160,8 +163,13 @@ class Session:
 
     def prefill(self, progress=None) -> float:
         """Prefill the prefix now (chat does it before the first question); seconds spent."""
-        return self.conversation.prefill_prefix(
-            (lambda d, t: progress("prefill", d, t)) if progress else None)
+        return run(self.prefill_steps(progress))
+
+    def prefill_steps(self, progress=None, step: Optional[int] = None) -> Steps[float]:
+        """`prefill`, a step per chunk (of `step` tokens: a server makes them smaller while
+        other answers decode, the pause between their tokens being one chunk)."""
+        return self.conversation.prefill_prefix_steps(
+            (lambda d, t: progress("prefill", d, t)) if progress else None, step)
 
     def branch(self, turns: int, length: int) -> Optional[Session]:
         """A Session holding this one's first `turns` turns (its KV cache copied up to
@@ -177,11 +185,31 @@ class Session:
 
     def replay(self, question: str, answer_tokens: list, answer_text: str, progress=None) -> int:
         """Prefill a past turn this Session did not answer; returns the tokens prefilled."""
+        return run(self.replay_steps(question, answer_tokens, answer_text, progress))
+
+    def replay_steps(self, question: str, answer_tokens: list, answer_text: str,
+                     progress=None, step: Optional[int] = None) -> Steps[int]:
+        """`replay`, a step per chunk (of `step` tokens, as `prefill_steps`)."""
         if not self.conversation.prefix_done:
-            self.prefill(progress)
-        return self.conversation.replay(
+            yield from self.prefill_steps(progress, step)
+        return (yield from self.conversation.replay_steps(
             question, answer_tokens, answer_text,
-            progress=(lambda d, t: progress("prefill", d, t)) if progress else None)
+            progress=(lambda d, t: progress("prefill", d, t)) if progress else None, step=step))
+
+    def fork(self) -> Optional[Session]:
+        """A Session that goes on from this one's state, its KV cache shared, not copied
+        (`Conversation.fork`): one per answer `batching` decodes from one prefix. The
+        open's work not reported yet goes with the fork (its first answer reports it, as
+        this one's would have); this one stays to `save()` what the cache lacks. None where
+        the cache cannot be cut back (rotating)."""
+        conversation = self.conversation.fork()
+        if conversation is None:
+            return None
+        other = copy.copy(self)
+        other.conversation = conversation
+        other._saved = other._kv_saved = True
+        other._first, self._first = self._first, False
+        return other
 
     # -- the persistent cache --------------------------------------------------------------
     def save(self) -> None:

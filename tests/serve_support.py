@@ -24,13 +24,13 @@ class Server:
     Its stderr is read on a thread (the log lines are kept in `log`), so the pipe never
     fills up."""
 
-    def __init__(self, args: list, tmp: Path, cwd: Path = REPO):
+    def __init__(self, args: list, tmp: Path, cwd: Path = REPO, env: dict | None = None):
         self.log: list[str] = []
         self.url = None
         self._ready = threading.Event()
         self.proc = subprocess.Popen(
-            sfllava_command(["serve", "--port", "0", *args]), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, env=run_env(tmp), cwd=cwd)
+            sfllava_command(["serve", "--port", "0", *map(str, args)]), stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, env={**run_env(tmp), **(env or {})}, cwd=cwd)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

@@ -483,3 +483,123 @@ def test_a_picture_is_answered_as_generate_answers_it(model, tmp_path):
     want = json.loads(g.stdout)
     assert rec["error"] is None and rec["tokens"] == want["tokens"]
     assert rec["visual_tokens"] == want["visual_tokens"] and rec["fingerprint"]
+
+
+# ----------------------------------------------------------------------------------------
+# A video's prompts decode together (--decode-concurrency)
+
+FOUR = ("What happens in this video?", "Who is in it?", "What color is the car?",
+        "Describe the scene in detail, please.")
+FOUR_TOKENS = 24
+
+
+def four_args(videos: list, model, out, *extra) -> list:
+    args = ["batch", *videos, "--model", model, "--out", out, "--max-tokens", FOUR_TOKENS, *extra]
+    for p in FOUR:
+        args += ["--prompt", p]
+    return args
+
+
+@pytest.fixture(scope="module")
+def four(library, model) -> dict:
+    """Three videos x four prompts, with the real command: one at a time
+    (--decode-concurrency 1, each answer alone) and four together; and `generate --json`
+    (in this process) for every pair."""
+    from sfllava_app.cli import main
+
+    videos = [library["good"][i] for i in (0, 2, 4)]
+    work = library["root"] / "four"
+    work.mkdir()
+    runs = {}
+    for n in (1, 4):
+        out = work / f"c{n}.jsonl"
+        r = sfllava(four_args(videos, model, out, "--decode-concurrency", n), work / f"xdg{n}",
+                    timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[n] = read_lines(out)
+    ref = {}
+    for video in videos:
+        for prompt in FOUR:
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                assert main(["generate", "--model", str(model), "--video", video, "--prompt",
+                             prompt, "--max-tokens", str(FOUR_TOKENS), "--json",
+                             "--no-cache"]) == 0
+            ref[video, prompt] = json.loads(buf.getvalue())
+    return {"videos": videos, "runs": runs, "ref": ref, "work": work}
+
+
+def assert_answer(rec: dict, want: dict, what) -> None:
+    assert rec["error"] is None, (what, rec["error"])
+    assert rec["tokens"] == want["tokens"] and rec["text"] == want["text"], what
+    assert rec["finish_reason"] == want["finish_reason"], what
+    assert np.abs(np.array(rec["logprobs"]) - np.array(want["logprobs"])).max() <= 5e-4, what
+
+
+def test_a_videos_prompts_decoded_together_are_answered_as_alone(four):
+    one, together = four["runs"][1], four["runs"][4]
+    pairs = [(v, p) for v in four["videos"] for p in FOUR]
+    assert [(r["video"], r["prompt"]) for r in together] == pairs
+    assert [(r["video"], r["prompt"]) for r in one] == pairs
+    for a, b in zip(together, one):
+        what = (a["video"], a["prompt"])
+        assert_answer(a, four["ref"][what], what)  # the pair's answer alone
+        assert_answer(a, b, what)  # and one at a time
+        # timings and prompt tokens keep their meaning: the video's work (its prefix
+        # prefilled, its frames) reported with the video's first prompt, once
+        assert a["prompt_tokens"] == b["prompt_tokens"], what
+        assert set(a["timings_s"]) == set(b["timings_s"]), what
+        assert (a["timings_s"]["vision"] > 0) == (a["prompt"] == FOUR[0]), what
+        assert 0 < a["timings_s"]["ttft"] and a["timings_s"]["generate"] > 0, what
+    for v in four["videos"]:  # the prompts' answers differ: a mix-up would show
+        assert len({tuple(r["tokens"]) for r in together if r["video"] == v}) == len(FOUR)
+
+
+def test_a_batch_that_would_not_fit_decodes_fewer_at_a_time(four, model, tmp_path,
+                                                             monkeypatch, capsys):
+    from sfllava_app.cli import main
+    from sfllava_mlx import Engine
+    from sfllava_mlx.memory import batch_bytes
+
+    video = four["videos"][0]
+    plan = Engine(str(model)).plan(video, max_tokens=FOUR_TOKENS)
+
+    def together(k):
+        return batch_bytes(plan.weights, plan.working_set, plan.kv_cache, [plan.kv_cache] * k)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("SFLLAVA_MEMORY_LIMIT_GB", str((together(2) + together(3)) / 2e9))
+    out = tmp_path / "r.jsonl"
+    assert main([str(a) for a in four_args([video], model, out, "--decode-concurrency", 4)]) == 0
+    err = capsys.readouterr().err
+    assert "decode 2 at a time, not 4" in err, err
+    for rec in read_lines(out):
+        assert_answer(rec, four["ref"][video, rec["prompt"]], rec["prompt"])
+
+
+def test_kv_bits_and_max_kv_size_answers_decode_one_at_a_time(four, model, tmp_path):
+    """A quantized or rotating KV cache decodes alone (mlx-lm batches neither): the same
+    lines as `generate` with the flag, four prompts asked at --decode-concurrency 4."""
+    from sfllava_app.cli import main
+
+    video = four["videos"][1]
+    for flag in (["--kv-bits", "8"], ["--max-kv-size", "2048"]):
+        out = tmp_path / f"r{flag[0]}.jsonl"
+        r = sfllava(four_args([video], model, out, "--decode-concurrency", 4, *flag), tmp_path,
+                    timeout=300)
+        assert r.returncode == 0, r.stderr
+        for rec in read_lines(out):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                assert main(["generate", "--model", str(model), "--video", video, "--prompt",
+                             rec["prompt"], "--max-tokens", str(FOUR_TOKENS), "--json",
+                             "--no-cache", *flag]) == 0
+            assert_answer(rec, json.loads(buf.getvalue()), (flag, rec["prompt"]))
+
+
+def test_decode_concurrency_below_1_is_a_usage_error(model, tmp_path, capsys):
+    from sfllava_app.cli import main
+
+    assert main(["batch", str(tmp_path), "--model", str(model), "--prompt", "hi", "--out",
+                 str(tmp_path / "r.jsonl"), "--decode-concurrency", "0"]) == 2
+    assert "--decode-concurrency must be at least 1" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import MAX_TOKENS, QUESTION, json_lines, run_env, sfllava
@@ -299,10 +300,12 @@ def test_concurrent_clients_all_get_whole_answers(server, client, place, cli_ans
 
 @pytest.fixture(scope="module")
 def chatty(place, converted, tmp_path_factory):
-    """A server whose model never ends an answer (something to stop mid-stream)."""
+    """A server whose model never ends an answer (something to stop mid-stream), one
+    answer at a time (--decode-concurrency 1): what waits, waits in its queue."""
     tmp = tmp_path_factory.mktemp("serve-chatty")
     model = chatty_model(converted["oryx-vit"], tmp / "chatty")
-    s = Server(["--model", model, "--media-dir", place["media"], "--num-frames", "8"], tmp)
+    s = Server(["--model", model, "--media-dir", place["media"], "--num-frames", "8",
+                "--decode-concurrency", "1"], tmp)
     try:
         yield s.wait()
     finally:
@@ -396,8 +399,8 @@ def test_requests_waiting_in_the_queue_are_served_first_come_first_served(chatty
 # Bad requests: each answered with SPEC §5's status and JSON error, the server serving on
 
 
-def server_status(server) -> dict:
-    with server.http() as h:
+def server_status(server, key=None) -> dict:
+    with server.http(key) as h:
         return h.get("/v1/sfllava/status").json()
 
 
@@ -507,3 +510,163 @@ def test_dns_rebinding_host_is_refused_without_a_key(chatty):
         r = h.get("/v1/models", headers={"Host": "attacker.example:80"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
         assert h.get("/v1/models").status_code == 200
+
+
+# ----------------------------------------------------------------------------------------
+# Many answers at once (--decode-concurrency): each the one it would get alone
+
+TOGETHER = ("What happens in this video?", "Who is in it?", "What color is the car?",
+            "Describe the scene in detail, please.")
+LONG = 200  # tokens: long enough that the answers decode side by side
+
+
+@pytest.fixture(scope="module")
+def alone_answers(converted, place) -> dict:
+    """Each TOGETHER question's answer alone (the library, a fresh Session each, no cache)."""
+    from sfllava_mlx import Engine
+
+    engine = Engine(converted["oryx-vit"])
+    out = {}
+    for q in TOGETHER:
+        session = engine.open(place["main"], cache=False)
+        list(session.ask(q, max_tokens=LONG))
+        out[q] = session.last_turn
+    assert len({tuple(t.tokens) for t in out.values()}) == len(TOGETHER)  # a mix-up would show
+    return out
+
+
+def stream_answer(client, question, place, events: list, drop_after=None, model=MODEL_ID):
+    """A streamed answer through the openai client: (job id, text, the last chunk's record;
+    None where it stops reading after `drop_after` chunks). `events` gets (kind, question)
+    in the order they happen, across clients."""
+    stream = ask(client, [first_message(str(place["main"]), question)], stream=True,
+                 max_tokens=LONG, model=model)
+    text, last, n = [], None, 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            n += 1
+            if n == 1:
+                events.append(("first", question))
+            text.append(chunk.choices[0].delta.content)
+            if drop_after is not None and n == drop_after:
+                stream.close()  # the client goes away mid-answer
+                events.append(("dropped", question))
+                return chunk.id, "".join(text), None
+        last = chunk
+    events.append(("last", question))
+    return last.id, "".join(text), extra(last)
+
+
+def assert_alone(text: str, record: dict, want) -> None:
+    assert record["tokens"] == want.tokens and text == want.text == record["text"]
+    assert np.abs(np.array(record["logprobs"]) - np.array(want.logprobs)).max() <= 5e-4
+
+
+def test_four_streaming_clients_decode_together_each_as_alone(server, place, alone_answers):
+    events: list = []
+    with ThreadPoolExecutor(len(TOGETHER)) as pool:
+        results = list(pool.map(lambda q: stream_answer(server.client(KEY), q, place, events),
+                                TOGETHER))
+    for q, (_, text, record) in zip(TOGETHER, results):
+        assert_alone(text, record, alone_answers[q])
+    kinds = [k for k, _ in events]
+    assert kinds.index("last") >= len(TOGETHER)  # every answer had begun before one ended
+    assert server_status(server, KEY)["decoding_peak"] >= 2
+
+
+def test_a_client_dropped_mid_batch_leaves_the_others_unchanged(server, place, alone_answers):
+    events: list = []
+    dropped = TOGETHER[1]
+    with ThreadPoolExecutor(len(TOGETHER)) as pool:
+        results = list(pool.map(lambda q: stream_answer(
+            server.client(KEY), q, place, events, drop_after=3 if q == dropped else None),
+            TOGETHER))
+    for q, (_, text, record) in zip(TOGETHER, results):
+        if q != dropped:
+            assert_alone(text, record, alone_answers[q])
+    # It left while the others were being written: they ended after it, answered in full.
+    kinds = [k for k, _ in events]
+    assert kinds.index("dropped") < kinds.index("last")
+    drop_id = results[TOGETHER.index(dropped)][0]
+    recent = wait_until(lambda: (r := server_status(server, KEY)["recent"])
+                        and any(j["id"] == drop_id for j in r) and r)
+    job = next(j for j in recent if j["id"] == drop_id)
+    assert job["state"] == "cancelled" and 3 <= job["tokens"] < LONG
+
+
+def test_decode_concurrency_below_1_is_refused(converted, capsys):
+    from sfllava_app.cli import main
+
+    assert main(["serve", "--model", converted["oryx-vit"], "--decode-concurrency", "0"]) == 2
+    assert "--decode-concurrency must be at least 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pair(place, converted, tmp_path_factory):
+    """A server that decodes two answers together at most."""
+    tmp = tmp_path_factory.mktemp("serve-pair")
+    s = Server(["--model", converted["oryx-vit"], "--media-dir", place["media"],
+                "--decode-concurrency", 2], tmp)
+    try:
+        yield s.wait()
+    finally:
+        s.stop()
+
+
+def test_beyond_n_requests_wait_first_come_first_served(pair, place, alone_answers):
+    events: list = []
+    questions = TOGETHER[:3]
+    c = pair.client()
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(stream_answer, c, q, place, events, None, "mlx-oryx-vit")
+                   for q in questions[:2]]
+        wait_until(lambda: server_status(pair)["running"] == 2)
+        futures.append(pool.submit(stream_answer, c, questions[2], place, events, None,
+                                   "mlx-oryx-vit"))
+        wait_until(lambda: server_status(pair)["queued"] == 1 or futures[0].done())
+        results = [f.result() for f in futures]
+    for q, (_, text, record) in zip(questions, results):
+        assert_alone(text, record, alone_answers[q])
+    status = server_status(pair)
+    assert status["decoding_peak"] == 2  # never three at once
+    order = [q for k, q in events if k == "first"]
+    assert order.index(questions[2]) == 2  # the third began once one of the two had ended
+    assert [k for k, q in events if q == questions[2]] == ["first", "last"]
+    firsts = [i for i, (k, q) in enumerate(events) if k == "first" and q == questions[2]]
+    lasts = [i for i, (k, _) in enumerate(events) if k == "last"]
+    assert firsts[0] > lasts[0]
+
+
+def test_an_answer_that_would_not_fit_beside_the_running_ones_waits(place, converted,
+                                                                     tmp_path):
+    """Memory for one answer alone, not two: requests that come together are answered one
+    after another (none refused), each as alone. One frame a video and long answers: the
+    KV caches, not the tower's working set, are what the memory holds."""
+    from sfllava_mlx import Engine
+
+    engine, tokens, questions = Engine(converted["oryx-vit"]), 1000, TOGETHER[:3]
+    want = {}
+    for q in questions:
+        session = engine.open(place["main"], cache=False, num_frames=1)
+        list(session.ask(q, max_tokens=tokens))
+        want[q] = session.last_turn
+    plan = engine.plan(place["main"], num_frames=1, max_tokens=tokens)
+    assert plan.kv_cache > plan.working_set
+    s = Server(["--model", converted["oryx-vit"], "--media-dir", place["media"],
+                "--num-frames", 1], tmp_path,
+               env={"SFLLAVA_MEMORY_LIMIT_GB": repr(plan.total * 1.001 / 1e9)}).wait()
+    try:
+        def one(q):
+            r = ask(s.client(), [first_message(str(place["main"]), q)], max_tokens=tokens,
+                    model="mlx-oryx-vit")
+            return r.choices[0].message.content, extra(r)
+
+        with ThreadPoolExecutor(len(questions)) as pool:
+            results = list(pool.map(one, questions))
+        for q, (text, record) in zip(questions, results):
+            assert_alone(text, record, want[q])
+        status = server_status(s)
+        assert status["decoding_peak"] == 1 and status["errors"] == 0
+        assert status["completed"] == len(questions)
+    finally:
+        s.stop()

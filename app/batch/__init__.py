@@ -13,8 +13,10 @@ The run, on every rank (a plain run is a group of one):
 3. every rank computes the same plan: the pairs not done yet, the videos holding them
    shared out by duration (`inputs.share_out`);
 4. each rank answers its videos in input order, the next video decoding while the
-   current one is encoded and answered (`prefetch.py`), each answer a synced line of
-   its part file (`results.py`), and the video cache warmed for `sfllava chat`;
+   current one is encoded and answered (`prefetch.py`); a video's prompts decode together
+   from its prefilled prefix, up to --decode-concurrency (`sfllava_mlx.batching`), each
+   answer a synced line of its part file (`results.py`) as it ends, and the video cache
+   warmed for `sfllava chat`;
 5. the ranks wait for one another, send rank 0 their part files' lines, rank 0 writes the
    merged `--out` in input order, then the part files are removed.
 Rank 0 alone reports and sets the exit status (0: every pair answered, 1: some failed,
@@ -25,7 +27,11 @@ only what is missing.
 
 from __future__ import annotations
 
-from ..options import add_generation_arguments, add_model_argument
+from ..options import (
+    add_decode_concurrency_argument,
+    add_generation_arguments,
+    add_model_argument,
+)
 
 
 def add_arguments(p) -> None:
@@ -39,6 +45,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="FILE.jsonl",
                    help="results, one JSON line per (video, prompt); the same command again "
                         "answers only what is missing")
+    add_decode_concurrency_argument(p, "a video's answers")
     add_generation_arguments(p, json=False)  # batch always writes JSON Lines to --out
 
 

@@ -13,7 +13,7 @@ from sfllava_mlx.errors import UserError
 from sfllava_mlx.options import Options
 
 from ..fmt import count
-from ..options import ask_options, session_options
+from ..options import ask_options, check_decode_concurrency, session_options
 from . import inputs, results
 from .progress import Progress
 
@@ -106,6 +106,7 @@ class Batch:
     def setup(self) -> None:
         from sfllava_mlx import Engine
 
+        check_decode_concurrency(self.args)
         self.prompts = inputs.read_prompts(self.args)
         options = Options.of(**session_options(self.args))  # a bad --start: refused here
         self.part = options.part.to_json() if options.part is not None else None
@@ -195,6 +196,8 @@ class Batch:
 
     # -- 4. answering ---------------------------------------------------------------------
     def answer(self, mine: list[Item]) -> None:
+        from sfllava_mlx.batching import Decoder
+
         from .prefetch import FramePipeline
 
         options = session_options(self.args)
@@ -205,10 +208,13 @@ class Batch:
             cached=self.engine.cached)
         self.writer = results.PartWriter(results.part_path(self.out, self.rank))
         progress = Progress(self.rank, self.size, sum(len(v.pending) for v in mine))
+        self.decoder = Decoder(self.engine.model, self.engine.tokenizer,
+                               self.args.decode_concurrency)
         try:
             for j, v in enumerate(mine):
                 self.answer_item(v, pipeline.take(j), progress)
         finally:
+            self.decoder.close()
             pipeline.close()
             progress.close()
             self.writer.close()
@@ -230,6 +236,58 @@ class Batch:
             prefetched.close()
         for warning in session.warnings:  # e.g. a broken subtitle file beside the video
             progress.note(f"warning: {v.video}: {warning}")
+        together = self.together(v, session)
+        if together > 1:
+            self.answer_together(v, session, together, progress)
+        else:
+            self.answer_one_by_one(v, session, progress)
+
+    def together(self, v: Item, session) -> int:
+        """How many of this video's prompts decode together: --decode-concurrency, fewer
+        where the memory plan says so; 1 for a KV cache that decodes alone (--kv-bits,
+        --max-kv-size)."""
+        from sfllava_mlx.memory import batch_size
+
+        wanted = min(self.args.decode_concurrency, len(v.pending))
+        if wanted < 2 or not self.decoder.takes(session.conversation):
+            return 1
+        k = batch_size(session.opening.memory, wanted)
+        if k < wanted:
+            print(f"batch: {v.video}: its prompts decode {k} at a time, not {wanted}: the memory "
+                  "plan counts every answer's KV cache", file=sys.stderr, flush=True)
+        return k
+
+    def answer_together(self, v: Item, session, together: int, progress) -> None:
+        """The prompts' answers decode as one batch from copies of the prefilled prefix
+        (`sfllava_mlx.batching`); each line is written as its answer ends."""
+        from sfllava_mlx.batching import answer_all
+
+        forks = {}
+
+        def asks():
+            for k, p in enumerate(v.pending):
+                forks[k] = session.fork()  # the first carries the open's work and timings
+                yield forks[k].ask(p, decoder=self.decoder, **ask_options(self.args))
+
+        try:
+            session.prefill()
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            for p in v.pending:
+                self.write(v, p, None, message(e))
+                progress.advance(failed=True)
+            return
+        for k, error in answer_all(self.decoder, asks(), together):
+            p = v.pending[k]
+            if error is not None:
+                self.write(v, p, None, message(error))
+            else:
+                self.write(v, p, forks.pop(k).record(), None)
+            progress.advance(failed=error is not None)
+        session.save()  # warms the video cache for `sfllava chat`
+
+    def answer_one_by_one(self, v: Item, session, progress) -> None:
         for k, p in enumerate(v.pending):
             if k:
                 session.reset()  # each pair is a conversation of its own

@@ -2,11 +2,12 @@
 
     sfllava serve --model DST [--host 127.0.0.1] [--port 8080] [--api-key KEY]
                   [--media-dir DIR ...] [--max-upload-mb 512] [--max-conversations 4]
-                  [generate's model options]
+                  [--decode-concurrency 8] [generate's model options]
 
 The parts: `request.py` (what a request asks for), `media.py` (the body and the media it
-may read), `worker.py` (the model's worker thread and its queue), `held.py` (the
-conversations held in memory), `api.py` (FastAPI routes, streaming, errors, the key). This
+may read), `worker.py` (the model's worker thread, its queue and its round of steps),
+`answer.py` (one request's steps), `held.py` (the conversations held in memory), `api.py`
+(FastAPI routes, streaming, errors, the key). This
 module checks the options, loads the model, binds the socket and runs uvicorn.
 """
 
@@ -22,7 +23,12 @@ import tempfile
 
 from sfllava_mlx.errors import UserError
 
-from ..options import add_generation_arguments, add_model_argument
+from ..options import (
+    add_decode_concurrency_argument,
+    add_generation_arguments,
+    add_model_argument,
+    check_decode_concurrency,
+)
 
 
 def add_arguments(p) -> None:
@@ -40,6 +46,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-conversations", type=int, default=4,
                    help="conversations held in memory for follow-ups (least recently used "
                         "dropped)")
+    add_decode_concurrency_argument(p, "answers to concurrent requests")
     add_generation_arguments(p)
 
 
@@ -85,6 +92,7 @@ def check_options(args) -> list:
         raise UserError("--max-upload-mb must be positive")
     if args.max_conversations < 1:
         raise UserError("--max-conversations must be at least 1")
+    check_decode_concurrency(args)
     from sfllava_mlx.options import Options
 
     from ..options import session_options
@@ -103,8 +111,9 @@ def main(args) -> int:
     from sfllava_mlx.engine import model_name
 
     from .api import create_app
+    from .log import log
     from .media import Media
-    from .worker import Worker, log
+    from .worker import Worker
 
     dirs = check_options(args)
     sock = bind(args.host, args.port)  # before loading: a busy port fails at once

@@ -24,9 +24,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .log import log
 from .media import Body, Media, body_limit, cut_uploads
 from .request import APIError, load_json, parse_chat
-from .worker import Job, Worker, log
+from .worker import Job, Worker
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 POLL_S = 0.1  # how often a waiting request looks at its connection

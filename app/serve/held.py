@@ -1,7 +1,8 @@
 """`sfllava serve`: the conversations the server holds in memory, for follow-ups.
 
 A request whose messages start with a held conversation's pairs continues it, so only its
-new tokens are prefilled; one that branches off earlier (a regenerated or edited answer,
+new tokens are prefilled (unless another request is writing that conversation's next
+answer right now: it branches off then); one that branches off earlier (a regenerated or edited answer,
 or a new conversation about the same video) gets a Session branched at the point where
 they part (its KV cache copied up to there). Turns it does not hold are replayed from the
 request: an answer the server wrote with the tokens it wrote (remembered by text), any
@@ -23,6 +24,7 @@ class Held:
     session: object  # sfllava_mlx.Session
     pairs: list = field(default_factory=list)  # [(question, answer text)]
     ends: list = field(default_factory=list)  # KV offset after each pair
+    busy: bool = False  # a request is writing its next answer: others branch off it
 
     def answered(self, question: str, answer: str) -> None:
         self.pairs.append((question, answer))
@@ -85,7 +87,7 @@ class HeldConversations:
                 best, best_k = held, k
         if best is None:
             return None
-        if best_k == len(best.pairs):
+        if best_k == len(best.pairs) and not best.busy:
             return self.hold(best)  # most recently used
         length = best.ends[best_k - 1] if best_k else best.session.conversation.prefix_length()
         session = best.session.branch(best_k, length)
@@ -94,8 +96,10 @@ class HeldConversations:
         return self.hold(Held(best.key, session, list(best.pairs[:best_k]),
                               list(best.ends[:best_k])))
 
-    def replay(self, held: Held, question: str, answer: str, tokenizer, progress=None) -> int:
-        """Prefill a past turn the server did not answer in this conversation."""
-        n = held.session.replay(question, self.tokens_of(answer, tokenizer), answer, progress)
+    def replay_steps(self, held: Held, question: str, answer: str, tokenizer, step=None):
+        """Prefill a past turn the server did not answer in this conversation, a step per
+        chunk (of `step` tokens); returns the tokens prefilled."""
+        n = yield from held.session.replay_steps(question, self.tokens_of(answer, tokenizer),
+                                                 answer, step=step)
         held.answered(question, answer)
         return n

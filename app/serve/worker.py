@@ -1,36 +1,44 @@
 """`sfllava serve`: the model's one worker thread, its queue and the held conversations.
 
-All MLX work runs on one thread, which takes jobs from a FIFO queue: one generation at a
-time, first come first served. A job reports to its request through an asyncio queue
-(events `delta`, then `done`, `error` or `cancelled`); a request whose client went away
-sets `job.cancelled`, which every stage that takes time (frames, tower, prefill chunks,
-tokens) looks at, so a client that leaves frees the model at the next such step.
+All MLX work runs on one thread. Jobs arrive on a FIFO queue; up to --decode-concurrency
+of them are admitted at a time, first come first served, each a `Task`: its request's
+work as bounded steps (`answer.py`), a generator. The thread goes round the tasks: every
+answer that is decoding takes its next token (those in `sfllava_mlx.batching`'s batch all
+come from one decode step, taken once a round), and one task still opening takes its next
+step (a frame batch through the tower, a prefill chunk), so streams already running keep
+flowing while a new video is encoded. With --decode-concurrency 1 one answer runs at a
+time, decoded alone.
+
+A job reports to its request through an asyncio queue (events `delta`, then `done`,
+`error` or `cancelled`); a request whose client went away sets `job.cancelled`, which the
+thread looks at before every step of its task: its task is closed there (its sequence
+leaves the batch, the others go on). A job cancelled while it waits is dropped when its
+turn comes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
-import sys
 import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 from sfllava_mlx.errors import ContextOverflowError, UserError, VideoError
-from sfllava_mlx.options import Options
 
-from ..options import session_options
-from .held import Held, HeldConversations
+from .held import HeldConversations
 from .media import MediaFile
 from .request import APIError, ChatRequest
 
+IDLE_WAIT_S = 0.01  # a round with nothing to do waits this long on a frame (or a new job)
+
 
 class JobCancelled(Exception):
-    """Raised from a progress callback: the client left while its video was opened."""
+    """Its client left."""
 
 
 @dataclass
@@ -58,17 +66,38 @@ class Job:
         self.cancelled.set()
 
 
+@dataclass
+class Task:
+    """An admitted job and its steps (answer.py)."""
+
+    job: Job
+    start: float  # when it was admitted: its time to first token counts from here
+    steps: object = None  # the generator of its steps
+    phase: str = "open"  # "open" until its answer decodes, then "decode"
+    wait: Optional[object] = None  # what its last step waits for (a frame), if anything
+    held: Optional[object] = None  # its Held conversation, once found or opened
+    starts: int = 0  # bytes of the KV cache its answer starts from
+    answer: int = 0  # bytes of its answer's own KV cache in the batch (0: decodes in place)
+    working_set: int = 0  # bytes of its open's largest step (tower batch, prefill chunk)
+
+
 class Worker:
     def __init__(self, args):
         self.args = args  # the server's flags: each request's defaults
+        self.concurrency = args.decode_concurrency
         self.engine = None
+        self.decoder = None  # a batching.Decoder when answers decode together
         self.held = HeldConversations(args.max_conversations)
         self._queue: queue.Queue[Optional[Job]] = queue.Queue()
+        self.waiting: deque[Job] = deque()  # not admitted yet, first come first served
+        self.tasks: list[Task] = []
+        self.unsaved: list = []  # sessions whose cache entry is written once nobody decodes
         self._ready = threading.Event()
         self._load_error: Optional[BaseException] = None
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="sfllava-model", daemon=True)
-        self.running: Optional[Job] = None
-        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens": 0}
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens": 0,
+                      "decoding_peak": 0}  # the most answers decoding at once
         self.recent: list = []  # the last jobs, for /v1/sfllava/status
 
     # -- life ----------------------------------------------------------------------------
@@ -80,11 +109,12 @@ class Worker:
             raise self._load_error
 
     def stop(self, timeout: float = 10.0) -> None:
-        for job in list(self._queue.queue):
+        for job in list(self._queue.queue) + list(self.waiting):
             if job is not None:
                 job.cancel()
-        if self.running is not None:
-            self.running.cancel()
+        for task in list(self.tasks):
+            task.job.cancel()
+        self._stopping = True
         self._queue.put(None)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -95,68 +125,151 @@ class Worker:
         self._queue.put(job)
 
     def status(self) -> dict:
-        return {"busy": self.running is not None, "queued": self._queue.qsize(),
-                "held_conversations": len(self.held), **self.stats,
-                "recent": list(self.recent)}
+        tasks = list(self.tasks)
+        return {"busy": bool(tasks), "queued": self._queue.qsize() + len(self.waiting),
+                "running": len(tasks), "decoding": sum(t.phase == "decode" for t in tasks),
+                "decode_concurrency": self.concurrency,
+                "held_conversations": len(self.held), **self.stats, "recent": list(self.recent)}
 
     # -- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
         try:
             from sfllava_mlx import Engine
+            from sfllava_mlx.batching import Decoder
 
             self.engine = Engine(self.args.model)
+            if self.concurrency > 1:
+                self.decoder = Decoder(self.engine.model, self.engine.tokenizer,
+                                       self.concurrency)
         except BaseException as e:  # noqa: BLE001  (reported by start())
             self._load_error = e
             self._ready.set()
             return
         self._ready.set()
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self.running = job
-            try:
-                self._serve(job)
-            finally:
-                self.running = None
-                self._remember(job)
-                if job.on_finish is not None:
-                    try:
-                        job.on_finish(job)
-                    except Exception:  # noqa: BLE001
-                        traceback.print_exc()
+        try:
+            while not self._stopping:
+                self._take_jobs(block=not self.tasks and not self.waiting)
+                self._admit()
+                if not self._round() and self.tasks:
+                    self._idle()
+                if not any(t.phase == "decode" for t in self.tasks):
+                    self._save()
+        finally:
+            for task in list(self.tasks):
+                task.steps.close()
+            if self.decoder is not None:
+                self.decoder.close()
+
+    def _take_jobs(self, block: bool) -> None:
+        try:
+            job = self._queue.get() if block else self._queue.get_nowait()
+            while True:
+                if job is None:
+                    self._stopping = True
+                    return
+                self.waiting.append(job)
+                job = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        """Admit waiting jobs, first come first served, while fewer than N run."""
+        from .answer import answer_steps
+
+        while self.waiting and len(self.tasks) < self.concurrency:
+            job = self.waiting.popleft()
+            if job.cancelled.is_set():  # its client left while it waited
+                self._end(job, "cancelled")
+                continue
+            if not self.tasks:  # alone now: its peak memory is its own
+                import mlx.core as mx
+
+                mx.reset_peak_memory()
+            task = Task(job, time.perf_counter())
+            task.steps = answer_steps(self, task)
+            job.state = "running"
+            self.tasks.append(task)
+
+    def _round(self) -> bool:
+        """A step of every decoding task and of the first task still opening, then the
+        batch's decode step; False when none of them could do anything."""
+        worked = False
+        opener = next((t for t in self.tasks if t.phase == "open"), None)
+        for task in list(self.tasks):
+            if not task.job.cancelled.is_set():
+                if task.phase == "open" and task is not opener:
+                    continue  # one video opens at a time, the others wait their turn
+                if task.wait is not None and not task.wait(0):
+                    continue
+            worked = True
+            self._step(task)
+        if self.decoder is not None:
+            worked = self.decoder.step() or worked
+        decoding = sum(t.phase == "decode" for t in self.tasks)
+        self.stats["decoding_peak"] = max(self.stats["decoding_peak"], decoding)
+        return worked
+
+    def _idle(self) -> None:
+        """Nothing could run: wait a little for what the tasks wait on (a decoded frame)."""
+        waits = [t.wait for t in self.tasks if t.wait is not None]
+        if waits:
+            waits[0](IDLE_WAIT_S)
+        else:
+            time.sleep(IDLE_WAIT_S)
+
+    def _step(self, task: Task) -> None:
+        job = task.job
+        try:
+            if job.cancelled.is_set():
+                raise JobCancelled()
+            pause = next(task.steps)
+            task.wait = pause if callable(pause) else None
+            return
+        except StopIteration as done:
+            result = done.value  # None: its client left during its answer
+        except JobCancelled:
+            task.steps.close()
+            result = None
+        except Exception as e:  # noqa: BLE001  answered as JSON; the server goes on
+            self._finished(task)
+            self._failed(job, self._api_error(job, e))
+            return
+        self._finished(task)
+        if result is None:
+            self._end(job, "cancelled")
+        else:
+            self.stats["completed"] += 1
+            self._end(job, "done", result)
+        if task.held is not None:
+            self.unsaved.append(task.held.session)  # written once nobody waits for a token
+
+    def _finished(self, task: Task) -> None:
+        self.tasks.remove(task)
+        if task.held is not None:
+            task.held.busy = False
+
+    def _end(self, job: Job, state: str, result=None) -> None:
+        job.state = state
+        if state == "cancelled":
+            self.stats["cancelled"] += 1
+            job.emit("cancelled")
+        else:
+            job.emit(state, result)
+        self._remember(job)
+
+    def _save(self) -> None:
+        while self.unsaved:
+            self.unsaved.pop().save()  # a no-op once saved
 
     def _remember(self, job: Job) -> None:
         self.recent.append({"id": job.id, "state": job.state, "tokens": job.generated,
                             "tokens_after_cancel": job.after_cancel})
         del self.recent[:-16]
-
-    def _serve(self, job: Job) -> None:
-        import mlx.core as mx
-
-        start = time.perf_counter()
-        held = result = None
-        job.state = "running"
-        try:
-            if job.cancelled.is_set():  # its client left while it waited
-                raise JobCancelled()
-            mx.reset_peak_memory()
-            held, result = self._answer(job, start)
-        except JobCancelled:
-            pass
-        except Exception as e:  # noqa: BLE001  answered as JSON; the server goes on
-            self._failed(job, self._api_error(job, e))
-            return
-        if result is None:
-            job.state = "cancelled"
-            self.stats["cancelled"] += 1
-            job.emit("cancelled")
-        else:
-            job.state = "done"
-            self.stats["completed"] += 1
-            job.emit("done", result)
-        if held is not None:
-            held.session.save()  # after the answer: nobody waits for it (a no-op once saved)
+        if job.on_finish is not None:
+            try:
+                job.on_finish(job)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
 
     def _api_error(self, job: Job, e: Exception) -> APIError:
         if isinstance(e, APIError):
@@ -171,92 +284,34 @@ class Worker:
         if isinstance(e, UserError):
             return APIError(400, str(e), "invalid_request")
         traceback.print_exc()  # a bug: this request fails, the server goes on
-        self.held.clear()  # a conversation may be half-updated: trust none
+        if not self.tasks:
+            self.held.clear()  # a conversation may be half-updated: trust none
         return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     def _failed(self, job: Job, error: APIError) -> None:
-        job.state = "error"
         self.stats["errors"] += 1
-        job.emit("error", error)
+        self._end(job, "error", error)
 
-    # -- a request -----------------------------------------------------------------------
-    def _options(self, req: ChatRequest) -> dict:
-        """The Session options: the server's flags with the request's over them."""
-        opts = {**session_options(self.args), **req.options}
-        if req.system is not None:
-            opts["system_prompt"] = req.system
-        if req.max_tokens:
-            opts["max_tokens"] = req.max_tokens
-        return opts
+    # -- memory ----------------------------------------------------------------------------
+    @property
+    def weights(self) -> int:
+        from sfllava_mlx.memory import weight_bytes
 
-    def _ask_options(self, req: ChatRequest, options: dict) -> dict:
-        a = self.args
-        return dict(max_tokens=options["max_tokens"],
-                    temp=a.temp if req.temperature is None else req.temperature,
-                    top_p=a.top_p if req.top_p is None else req.top_p,
-                    seed=a.seed if req.seed is None else req.seed)
+        if self._weights is None:
+            self._weights = weight_bytes(self.engine.model)
+        return self._weights
 
-    def _answer(self, job: Job, start: float):
-        req = job.req
-        if job.media is None:
-            raise APIError(400, "a video is required: put a video_url part in the first user "
-                                "message", "missing_video", "messages")
-        options = self._options(req)
-        key = (job.media.key, Options.of(**options).prefix_identity())
+    _weights: Optional[int] = None
 
-        def progress(stage, done, total):  # between frame batches and prefill chunks
-            if job.cancelled.is_set():
-                raise JobCancelled()
+    def fits(self, task: Task) -> bool:
+        """Whether `task`'s answer fits beside the running ones (SPEC §5): every sequence's
+        KV cache counts, in the batch and where it starts from. Alone, it fits (a request
+        that cannot fit alone was refused when it was prepared)."""
+        from sfllava_mlx.memory import batch_bytes, fits
 
-        held = self.held.find(key, req.history)
-        cache_state = "held"
-        if held is None:
-            if not job.media.upload and os.path.realpath(job.media.path) != job.media.path:
-                raise APIError(403, "the video's path changed since it was checked",
-                               "path_not_allowed", "video_url")
-            session = self.engine.open(job.media.path, progress=progress, **options)
-            for warning in session.warnings:
-                log(f"{job.id} warning: {warning}")
-            held = self.held.hold(Held(key, session))
-            cache_state = session.cache
-        replayed, tic = 0, time.perf_counter()
-        for question, answer in req.history[len(held.pairs):]:
-            replayed += self.held.replay(held, question, answer, self.engine.tokenizer, progress)
-        replay_s = time.perf_counter() - tic
-
-        session = held.session
-        turns_before = len(session.turns)
-        stream = session.ask(req.question, start_time=start, progress=progress,
-                             **self._ask_options(req, options))
-        try:
-            for chunk in stream:
-                if job.cancelled.is_set():  # its client left: this token is the last computed
-                    job.after_cancel += 1
-                    break
-                if chunk.finish_reason != "stop":
-                    job.generated += 1
-                    self.stats["tokens"] += 1
-                if chunk.text and job.req.stream:  # a whole answer is sent once, with "done"
-                    job.emit("delta", chunk.text)
-        finally:
-            stream.close()  # the conversation's clean-up: a stopped answer stays, rewound
-            turn = session.last_turn
-            if len(session.turns) > turns_before:
-                held.answered(req.question, turn.text)
-                self.held.written(turn.text, turn.tokens)
-        if job.cancelled.is_set():
-            return held, None
-        record = session.record()
-        record["cache"] = cache_state
-        if replayed:
-            record["prompt_tokens"] += replayed
-            record["timings_s"]["prefill"] = round(record["timings_s"]["prefill"] + replay_s, 6)
-        record["timings_s"]["queue"] = round(start - job.enqueued, 6)
-        total = session.conversation.offset - len(turn.tokens)
-        return held, {"record": record, "text": turn.text, "finish_reason": turn.finish_reason,
-                      "prompt_tokens": total, "completion_tokens": len(turn.tokens),
-                      "cached_tokens": max(0, total - record["prompt_tokens"])}
-
-
-def log(message: str) -> None:
-    print(f"sfllava serve: {message}", file=sys.stderr, flush=True)
+        tasks = [t for t in self.tasks if t is not task and (t.starts or t.answer)]
+        if not tasks:
+            return True
+        tasks.append(task)
+        return fits(batch_bytes(self.weights, max(t.working_set for t in tasks),
+                                sum(t.starts for t in tasks), [t.answer for t in tasks]))

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 PREFETCH = 8  # decoded frames waiting for the consumer (bounds memory)
 _DONE = object()
+_NONE = object()
 
 
 @dataclass
@@ -128,6 +129,7 @@ class FrameReader:
         self._images = images
         self._index = index
         self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+        self._next = _NONE  # an item taken from the queue by ready(), not consumed yet
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="sfllava-frames", daemon=True)
         self._thread.start()
@@ -203,9 +205,21 @@ class FrameReader:
         return False
 
     # -- consumer -------------------------------------------------------------------------
+    def ready(self, timeout: Optional[float] = 0) -> bool:
+        """Whether the next frame (or the end) is decoded, waiting up to `timeout` seconds
+        for it (None: as long as it takes): a consumer with other work to do asks first."""
+        if self._next is _NONE:
+            try:
+                self._next = (self._queue.get_nowait() if timeout == 0
+                              else self._queue.get(timeout=timeout))
+            except queue.Empty:
+                return False
+        return True
+
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         while True:
-            item = self._queue.get()
+            self.ready(None)
+            item, self._next = self._next, _NONE
             if item is _DONE:
                 self._thread.join()
                 return
