@@ -431,13 +431,13 @@ def test_chat_part_and_back_keeps_the_whole_videos_session(tmp_path, monkeypatch
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     encodes = []
-    real = sfllava_mlx.engine.encode_video
+    real = sfllava_mlx.engine.encode_video_steps
 
     def counted(model, reader, *a, **k):
         encodes.append(len(reader.indices))
         return real(model, reader, *a, **k)
 
-    monkeypatch.setattr(sfllava_mlx.engine, "encode_video", counted)
+    monkeypatch.setattr(sfllava_mlx.engine, "encode_video_steps", counted)
     script = (f"{QUESTION}\n/part {PART[0]}-{PART[1]}\n{QUESTION}\n/part\n{FOLLOW_UP}\n"
               f"/part {PART[0]} - {PART[1]}\n{QUESTION}\n")
     code, out, err = run_inprocess(["chat", videos["main"], "--model", converted[LAYOUT],
