@@ -50,7 +50,8 @@ def info_get(info, name, default=None):
 
 
 def video_summary(path: str, clip) -> str:
-    info = getattr(clip, "info", None)
+    """One line of what the video (a VideoInfo) or picture (its info dict) is."""
+    info = clip.info
     parts = [Path(path).name]
     duration = info_get(info, "duration")
     if duration is not None:
