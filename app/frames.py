@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -65,18 +63,21 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from sfllava_mlx.frames import Part, read_frames
+    from sfllava_mlx.frames import FrameReader, Part
 
     part = Part.of(args.start, args.end)  # bad text: one line, before the video is opened
     config = model_config(args.model)
     sampling = config.recipe(args.recipe, args.num_frames)
     tic = time.perf_counter()
-    clip = read_frames(args.video, num_frames=sampling.num_frames, slow_every=sampling.slow_every,
-                       seek=args.seek, positions=sampling.frame_positions, fps=args.fps,
-                       images=bool(args.out), part=part)  # pixels only to write them
+    with FrameReader(args.video, num_frames=sampling.num_frames, slow_every=sampling.slow_every,
+                     seek=args.seek, hold_all=True, positions=sampling.frame_positions,
+                     fps=args.fps, images=bool(args.out), part=part) as reader:  # pixels: --out
+        opened_s = time.perf_counter() - tic
+        track, warnings = subtitle_track(args)  # while the worker thread decodes the frames
+        clip = reader.collect()
+    elapsed = opened_s + reader.elapsed_s  # the frames' own time, not the subtitles'
     sampling = replace(sampling, num_frames=len(clip.indices))  # --fps: this video's count
-    elapsed = time.perf_counter() - tic
-    lines, warnings = subtitle_lines(args, clip)
+    lines = track.select(clip.timestamps) if track is not None else None
     if args.out:
         write_frames(clip, Path(args.out))
     if args.json:
@@ -102,9 +103,9 @@ def main(args) -> int:
     return 0
 
 
-def subtitle_lines(args, clip):
-    """(the subtitle lines the sampled frames select or None, warnings): what generate
-    would put before the question. Speech is transcribed (or read from the cache)."""
+def subtitle_track(args):
+    """(the video's subtitle track or None, warnings): the track whose lines the sampled
+    frames select, as generate would. Speech is transcribed (or read from the cache)."""
     from sfllava_mlx.options import Options
     from sfllava_mlx.subtitles import resolve, transcribe
 
@@ -123,7 +124,7 @@ def subtitle_lines(args, clip):
         track = transcribe(found.track, args.video, transcripts, fingerprint,
                            progress=(lambda done, total: progress("speech", done, total))
                            if progress else None)
-    return track.select(clip.timestamps), found.warnings
+    return track, found.warnings
 
 
 def print_subtitles(lines, warnings) -> None:
@@ -216,6 +217,9 @@ def write_frames(clip, out: Path) -> None:
     Written into a temporary folder beside the target, then moved in: an interrupted run
     leaves no half-written image.
     """
+    import shutil  # here, with cv2: `sfllava frames` without --out starts faster
+    import tempfile
+
     import cv2
 
     if out.exists() and not out.is_dir():

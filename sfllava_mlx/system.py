@@ -6,7 +6,6 @@ No MLX import at module level: reading frames checks memory too, and must stay l
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 GB = 1e9
@@ -54,6 +53,8 @@ def physical_memory() -> int:
     except (ValueError, OSError, AttributeError):
         pass
     if sys.platform == "darwin":
+        import subprocess  # here: reading frames checks memory and must start fast
+
         out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.strip().isdigit():
             return int(out.stdout.strip())

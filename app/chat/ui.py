@@ -67,6 +67,11 @@ def video_summary(path: str, clip) -> str:
     return " · ".join(parts)
 
 
+def model_summary(model_info: dict) -> str:
+    return (f"{model_info['name']} · {model_info['params']} parameters · "
+            f"{model_info['size']} · {model_info['dtype']}")
+
+
 class ChatUI:
     def __init__(self, console: Console | None = None):
         self.console = console or Console(highlight=False)
@@ -86,8 +91,7 @@ class ChatUI:
             lines.append("part   ", style="bold")
             lines.append(part_summary(video) + "\n")
         lines.append("model  ", style="bold")
-        lines.append(f"{model_info['name']} · {model_info['params']} parameters · "
-                     f"{model_info['size']} · {model_info['dtype']}\n")
+        lines.append(model_summary(model_info) + "\n")
         lines.append("input  ", style="bold")
         lines.append(f"{n} frames ({exact}) → {video.visual.embeddings.shape[0]} visual tokens · "
                      f"cache {video.cache} · ready in {video.open_s:.2f} s\n")
@@ -112,8 +116,7 @@ class ChatUI:
         lines.append("picture ", style="bold")
         lines.append(video_summary(opened.path, opened.clip) + "\n")
         lines.append("model   ", style="bold")
-        lines.append(f"{model_info['name']} · {model_info['params']} parameters · "
-                     f"{model_info['size']} · {model_info['dtype']}\n")
+        lines.append(model_summary(model_info) + "\n")
         lines.append("input   ", style="bold")
         lines.append(f"{describe(opened.clip)} → {opened.visual.embeddings.shape[0]} visual "
                      f"tokens · cache {opened.cache} · ready in {opened.open_s:.2f} s\n")

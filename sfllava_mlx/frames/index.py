@@ -9,6 +9,8 @@ import os
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import islice
+from operator import attrgetter, itemgetter, lt
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +20,7 @@ from ..errors import VideoError
 
 _MOV_FAMILY = {"mov", "mp4", "m4a", "3gp", "3g2", "mj2"}
 _AVINDEX_KEYFRAME, _AVINDEX_DISCARD_FRAME = 0x1, 0x2  # libavformat's AVIndexEntry flags
+_TIMESTAMP_FLAGS = attrgetter("timestamp", "flags")
 
 
 @dataclass
@@ -65,17 +68,15 @@ def _build_index(container, stream, path: Path, read_packets: bool = False) -> _
     if not rows:
         raise VideoError(f"{path} holds no video frames")
     pts = [r[0] for r in rows]
-    if any(p is None for p in pts) or len(set(pts)) != len(pts):
-        # No usable timestamps: frames are counted in decode order by one sequential pass.
-        return _Index(None, [0], [None], tb, origin, _nominal_fps(stream), truncated,
-                      count=len(rows), read_packets=read_packets)
-    order = sorted(range(len(rows)), key=pts.__getitem__)
-    pts = [pts[j] for j in order]
-    keyframes, seek_ts = [], []
-    for i, j in enumerate(order):
-        if rows[j][1]:
-            keyframes.append(i)
-            seek_ts.append(pts[i])
+    if None in pts or not _ascending(pts):
+        if None in pts or len(set(pts)) != len(pts):
+            # No usable timestamps: frames are counted in decode order by one sequential pass.
+            return _Index(None, [0], [None], tb, origin, _nominal_fps(stream), truncated,
+                          count=len(rows), read_packets=read_packets)
+        rows = sorted(rows, key=itemgetter(0))  # frame reordering: into presentation order
+        pts = [r[0] for r in rows]
+    keyframes = [i for i, r in enumerate(rows) if r[1]]
+    seek_ts = [pts[i] for i in keyframes]
     if not keyframes or keyframes[0] != 0:  # the stream does not open on a keyframe
         keyframes.insert(0, 0)
         seek_ts.insert(0, pts[0])
@@ -102,12 +103,17 @@ def _rows_from_sample_table(container, stream, path: Path):
     tail = entries[n - 1]
     if tail.pos + tail.size > size:  # the file ends early (still being copied, or cut)
         n = next(k for k, e in enumerate(entries) if e.pos + e.size > size)
-    rows = [(e.timestamp, e.flags) for e in entries[:n]]  # two fields: this runs per frame
-    rows = [(ts, bool(flags & _AVINDEX_KEYFRAME)) for ts, flags in rows
+    rows = list(map(_TIMESTAMP_FLAGS, entries[:n]))  # C-level: this runs per frame
+    rows = [(ts, flags & _AVINDEX_KEYFRAME) for ts, flags in rows
             if not flags & _AVINDEX_DISCARD_FRAME]
-    if any(a[0] >= b[0] for a, b in zip(rows, rows[1:])):
+    if not _ascending([r[0] for r in rows]):
         return None  # not in presentation order after all
     return rows, len(entries) - n
+
+
+def _ascending(values: list) -> bool:
+    """Strictly ascending (no two equal)."""
+    return all(map(lt, values, islice(values, 1, None)))
 
 
 _last_read: dict = {}  # the last file's rows read from its packets, by the file's identity

@@ -228,6 +228,17 @@ class FrameReader:
                 raise item
             yield item
 
+    def collect(self, on_frame: Optional[Callable[[int, np.ndarray], None]] = None
+                ) -> SampledFrames:
+        """Every frame, once decoded (open with `hold_all=True`): what `read_frames` returns."""
+        images = [None] * len(self.indices)
+        for position, image in self:
+            images[position] = image
+            if on_frame is not None:
+                on_frame(position, image)
+        return SampledFrames(images, list(self.indices), list(self.timestamps),
+                             list(self.streams), self.exact, list(self.replaced), self.info)
+
     def close(self):
         self._stop.set()
         self._thread.join()
@@ -256,10 +267,4 @@ def read_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "e
     `images=False`: indices and timestamps only (`images` holds None)."""
     with FrameReader(path, num_frames, slow_every, seek, hold_all=True,
                      positions=positions, fps=fps, images=images, part=part) as reader:
-        images = [None] * len(reader.indices)
-        for position, image in reader:
-            images[position] = image
-            if on_frame is not None:
-                on_frame(position, image)
-        return SampledFrames(images, list(reader.indices), list(reader.timestamps),
-                             list(reader.streams), reader.exact, list(reader.replaced), reader.info)
+        return reader.collect(on_frame)

@@ -10,7 +10,6 @@ the Whisper model's identity and the settings.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import threading
@@ -77,6 +76,8 @@ def model_identity(name: str) -> str:
     path = Path(name).expanduser()
     if not path.exists():
         return f"hub:{name}"
+    import hashlib  # here: OpenSSL's load is felt in `sfllava frames`' start-up
+
     from ..cache.fingerprint import sampled_digest
 
     h = hashlib.sha256((path / "config.json").read_bytes())
