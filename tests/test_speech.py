@@ -185,6 +185,25 @@ def test_a_reopen_and_a_second_question_transcribe_nothing(whisper, talking, con
     assert len(calls) == 2
 
 
+def test_cache_ls_lists_the_transcript_and_clear_removes_it(whisper, talking, segments,
+                                                           tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code, _, err = run_inprocess(["frames", talking["pcm"], "--json", "--subtitles", "speech",
+                                  "--speech-model", whisper])
+    assert code == 0, err
+    code, out, err = run_inprocess(["cache", "ls", "--json"])
+    assert code == 0, err
+    [t] = json.loads(out)["transcripts"]
+    assert (Path(t["video"]).resolve(), t["model"]) == (Path(talking["pcm"]).resolve(),
+                                                        str(whisper))
+    assert t["segments"] == len(segments) and t["bytes"] > 0
+    code, out, _ = run_inprocess(["cache", "ls"])
+    assert code == 0 and "transcripts" in out and Path(talking["pcm"]).name in out
+    code, out, _ = run_inprocess(["cache", "clear"])
+    assert code == 0 and "1 transcript" in out
+    assert json.loads(run_inprocess(["cache", "ls", "--json"])[1])["transcripts"] == []
+
+
 def test_frames_lists_what_was_said(whisper, talking, segments, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     code, out, err = run_inprocess(["frames", talking["pcm"], "--json", "--subtitles", "speech",

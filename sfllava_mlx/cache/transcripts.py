@@ -11,6 +11,7 @@ file must still hash to the digest stored with the transcript.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,18 @@ from .fingerprint import Fingerprint, content_digest
 from .store import cache_root
 
 FORMAT = "speech-v1"
+
+
+@dataclass
+class TranscriptInfo:
+    """One line of `sfllava cache ls`'s transcripts."""
+
+    video: str
+    model: str
+    language: Optional[str]
+    segments: int
+    bytes: int
+    created: float
 
 
 class TranscriptCache:
@@ -61,6 +74,21 @@ class TranscriptCache:
             write_json(self.path(key), entry)
         except OSError:
             pass
+
+    def entries(self) -> list[TranscriptInfo]:
+        """Every stored transcript, newest first (not checked against its video)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.glob("*.json"):
+            try:
+                entry = read_json(p)
+                out.append(TranscriptInfo(entry["video"]["path"], entry.get("model", "?"),
+                                          entry.get("language"), len(entry["segments"]),
+                                          p.stat().st_size, entry.get("created", 0.0)))
+            except (CorruptEntry, KeyError, TypeError, OSError):
+                continue  # unreadable: the next lookup removes it
+        return sorted(out, key=lambda e: e.created, reverse=True)
 
     def clear(self) -> int:
         if not self.root.is_dir():
