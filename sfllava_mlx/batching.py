@@ -16,9 +16,8 @@ One decode step reads the weights once, whatever the batch: on a memory-bound ma
   own (extracted from the batch), so follow-ups, `record()` and `save()` work as alone.
 - Greedy answers equal their answers alone (the tokens; logprobs within float32 rounding).
   A sampled answer (temperature > 0) samples from its own distribution with its own
-  temperature and top-p, drawing from a random key of its own: seeded, it gives the very
-  tokens it gives alone with that seed (`mx.random.seed` seeds the key an answer alone
-  draws from the same way).
+  temperature and top-p, drawing from a random key of its own (`sampler.own_sampler`, which
+  an answer alone draws from too): seeded, it gives the very tokens it gives alone.
 - What decodes alone: a conversation whose KV cache is quantized (`--kv-bits`) or rotating
   (`--max-kv-size`): mlx-lm's batch caches hold neither kind (`QuantizedKVCache` has no
   batch form; a rotating batch cache would be exact only as long as it never rotates,
@@ -41,10 +40,10 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import KVCache
-from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .config import DECODE_CONCURRENCY, PREFILL_STEP
+from .sampler import own_sampler
 
 
 @dataclass
@@ -55,26 +54,6 @@ class Response:
     token: int
     logprobs: mx.array  # the log-softmax over the vocabulary at this step
     finish_reason: Optional[str] = None
-
-
-def own_sampler(temp: float, top_p: float, seed: Optional[int]) -> Optional[Callable]:
-    """mlx-lm's sampler (`make_sampler(temp, top_p)`: top-p, then a categorical draw at the
-    temperature) drawing from a key of its own: `seed` seeds it as `mx.random.seed` seeds
-    the global key, split the same way each draw, so the tokens equal the answer's alone.
-    None for greedy decoding (the batch's one argmax)."""
-    if temp == 0:
-        return None
-    if seed is None:  # a fresh key from the global generator
-        seed = int(mx.random.randint(0, 2**31 - 1, ()).item())
-    key = [mx.random.key(seed)]
-
-    def sample(logprobs: mx.array) -> mx.array:
-        key[0], draw = mx.random.split(key[0])
-        if 0 < top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * (1.0 / temp), key=draw)
-
-    return sample
 
 
 class Answer:

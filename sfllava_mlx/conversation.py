@@ -22,13 +22,13 @@ from mlx_lm.generate import (
     stream_generate,
 )
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 from .config import PREFILL_STEP
 from .encode import VisualTokens
 from .errors import ContextOverflowError
 from .kv import share_prefix
 from .prompt import encode, first_turn, next_turn
+from .sampler import own_sampler
 from .steps import Steps, run
 
 STAGES = ("frames", "vision", "prefill", "ttft", "generate")
@@ -272,12 +272,10 @@ class Conversation:
         if batched:  # its own sampler, seeded with its own key
             source = decoder.answer(self.cache, ids, max_tokens=max_tokens, temp=temp,
                                     top_p=top_p, seed=seed)
-        else:
-            if seed is not None:
-                mx.random.seed(seed)
+        else:  # the same sampler: answers decoding alone side by side draw apart too
             source = stream_generate(self.model.language_model, self.tokenizer, mx.array(ids),
                                      max_tokens=max_tokens, prompt_cache=self.cache,
-                                     sampler=make_sampler(temp, top_p),
+                                     sampler=own_sampler(temp, top_p, seed),
                                      max_kv_size=self.max_kv_size,
                                      prefill_step_size=self.prefill_step, **self.kv_options)
         self.turns.append(turn)

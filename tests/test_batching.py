@@ -176,6 +176,43 @@ def test_a_sampled_answer_samples_its_own_distribution(engine, videos):
     decoder.close()
 
 
+@pytest.mark.parametrize("temp,top_p,seed", [(0.8, 1.0, 3), (1.3, 0.7, 11), (0.5, 0.9, 0)])
+def test_an_answers_own_sampler_draws_what_mlx_lm_draws_with_that_seed(temp, top_p, seed):
+    """`own_sampler` against mlx-lm's `make_sampler` after `mx.random.seed`: the same
+    tokens, draw after draw, over logits that change each step."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    from sfllava_mlx.sampler import own_sampler
+
+    rng = np.random.default_rng(seed)
+    steps = [mx.array(rng.normal(size=(1, 64)).astype(np.float32) * 2) for _ in range(40)]
+    steps = [x - mx.logsumexp(x, axis=-1, keepdims=True) for x in steps]
+    mx.random.seed(seed)
+    reference = make_sampler(temp, top_p)
+    want = [reference(x).item() for x in steps]
+    ours = own_sampler(temp, top_p, seed)
+    mx.random.seed(seed + 1)  # the global key moves on: our draws do not follow it
+    got = [ours(x).item() for x in steps]
+    assert got == want and len(set(want)) > 5
+
+
+def test_sampled_answers_decoding_alone_side_by_side_each_draw_their_own(engine, videos):
+    """Two seeded, sampled answers that decode alone (`--kv-bits`: no batch form), a token
+    of each in turn as the server's worker pulls them: each equals itself alone."""
+    decoder = Decoder(engine.model, engine.tokenizer, concurrency=4)
+    specs = [(PROMPTS[0], dict(temp=0.9, seed=3)), (PROMPTS[0], dict(temp=0.9, seed=4))]
+    want = [alone(engine, videos["main"], p, kv_bits=8, **o)[0] for p, o in specs]
+    assert want[0].tokens != want[1].tokens  # the seeds differ: so do the answers
+    sessions = [engine.open(videos["main"], cache=False, kv_bits=8) for _ in specs]
+    assert not any(decoder.takes(s.conversation) for s in sessions)
+    run_together(decoder, (s.ask(p, max_tokens=TOKENS, decoder=decoder, **o)
+                           for s, (p, o) in zip(sessions, specs)))
+    for i, (s, w) in enumerate(zip(sessions, want)):
+        assert_same_turn(s.last_turn, w, f"answer {i} {specs[i][1]}")
+    decoder.close()
+
+
 def test_kv_bits_and_max_kv_size_answers_decode_alone_beside_the_batch(engine, videos):
     """mlx-lm's batch caches hold neither a quantized nor a rotating KV cache: those answers
     decode alone (Session.ask's own path, a token a round) while the others batch."""
