@@ -6,12 +6,11 @@ BIN := $(VENV)/bin
 UNAME := $(shell uname -s)
 # MLX's Linux CPU wheel links a slow reference BLAS; Debian's OpenBLAS is ~40x faster.
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
+EXTRAS := test
 ifeq ($(UNAME),Linux)
-EXTRAS := cpu,test
 TORCH_PIN := torch==2.13.0
 RUN_ENV := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
 else
-EXTRAS := test
 TORCH_PIN := torch
 RUN_ENV :=
 endif
