@@ -156,3 +156,9 @@ def test_the_wheel_holds_the_three_packages_and_no_generic_names(tmp_path):
             assert inside in names, f"{inside} is missing from the wheel"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "sfllava = sfllava_app.cli:entry" in zipfile.ZipFile(wheel).read(entry).decode()
+    # MLX has no backend on Linux unless one is asked for: the plain install asks for the CPU one.
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA")))
+    requires = [line for line in metadata.decode().splitlines() if line.startswith("Requires-Dist:")]
+    assert any(r.startswith("Requires-Dist: mlx[cpu]") and "linux" in r for r in requires), requires
+    assert not any(r.split(":")[1].split(";")[0].strip().startswith(("torch", "transformers"))
+                   and "extra ==" not in r for r in requires), "torch is an extra, never needed to chat"
