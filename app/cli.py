@@ -45,7 +45,9 @@ def report_error(e: UserError) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    from .options import join_part_values
+
+    argv = join_part_values(sys.argv[1:] if argv is None else [str(a) for a in argv])
     args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args) or 0

@@ -90,6 +90,22 @@ def add_fps_argument(p) -> None:
                         "clip costs fewer tokens")
 
 
+PART_FLAGS = ("--start", "--end")
+
+
+def join_part_values(argv: list) -> list:
+    """`--end -0:05` as `--end=-0:05`: argparse takes a value that starts with "-" and is not
+    a plain number for a flag, and answers with its usage; joined, the library refuses the
+    time in its one line, as it does `--end -5`."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in PART_FLAGS and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def add_part_arguments(p) -> None:
     # Kept as text here: the library reads the time (one parser, one-line errors, exit 2).
     p.add_argument("--start", default=None, metavar="T0",

@@ -265,7 +265,8 @@ REFUSED = [
     (["--start", "5", "--end", "0:02"], "--start 0:05 is not before --end 0:02"),
     (["--start", "3", "--end", "3"], "is not before"),
     (["--start", "-1"], "--start must not be negative"),
-    (["--end=-0:05"], "--end must not be negative"),  # argparse takes "-0:05" for a flag
+    (["--end", "-0:05"], "--end must not be negative"),  # not a flag to argparse
+    (["--end=-0:05"], "--end must not be negative"),
     (["--start", "1:75"], "--start '1:75' is not a time"),
     (["--end", "soon"], "--end 'soon' is not a time"),
     (["--start", "30"], "the part 0:30- starts at or past the end of the video (0:30)"),
@@ -284,7 +285,7 @@ def test_frames_refuses_bad_parts(capsys, files, flags, says):
 
 
 def test_generate_refuses_bad_parts(tmp_path, converted, files):
-    for flags, says in (REFUSED[2], REFUSED[5], REFUSED[6], REFUSED[8]):
+    for flags, says in (REFUSED[2], REFUSED[3], REFUSED[6], REFUSED[7], REFUSED[9]):
         r = sfllava(["generate", "--model", converted[LAYOUT], "--video", files["ffv1"],
                      "--prompt", QUESTION, "--json", *flags], tmp_path)
         assert r.returncode == 2 and r.stdout == "", r.stderr
