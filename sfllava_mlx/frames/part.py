@@ -93,10 +93,6 @@ def _around(index, i: int) -> str:
 
 def span_of(path, part: Part) -> Span:
     """The part's frames in the video at `path`, from its index alone (nothing decoded)."""
-    from .video import IndexedVideo
+    from .video import read_index
 
-    video = IndexedVideo(path)
-    container = video.take_container()
-    if container is not None:
-        container.close()
-    return locate(video.index, part)
+    return locate(read_index(path), part)

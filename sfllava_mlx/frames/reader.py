@@ -13,7 +13,7 @@ from ..errors import VideoError
 from ..system import available_memory, physical_memory
 from .part import Part, Span, locate
 from .sampling import SEEK_MODES, frames_for_rate, sample_positions, stream_names
-from .video import IndexedVideo, VideoInfo, _Decoder, _to_rgb, open_video
+from .video import IndexedVideo, VideoInfo, _Decoder, _to_rgb, open_video, read_index
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,11 +68,7 @@ def sampled_timestamps(path, num_frames: int = 128, seek: str = "exact",
     (nothing decoded; the MP4 sample table, or one pass over the packets): they differ
     only where a frame fails to decode and a neighbour takes its place. `num_frames` is the
     count to sample (--fps already applied)."""
-    video = IndexedVideo(path)
-    container = video.take_container()
-    if container is not None:
-        container.close()
-    index = video.index
+    index = read_index(path)
     exact = seek == "exact" or index.pts is None
     span = locate(index, part) if part is not None else None
     return [index.timestamp(i) for i in wanted_frames(index, num_frames, positions, exact, span)]

@@ -242,6 +242,12 @@ class IndexedVideo:
             return None
         return container
 
+    def close(self) -> None:
+        """Close the container, where no decoder took it."""
+        container = self.take_container()
+        if container is not None:
+            container.close()
+
     def info(self, first_frame) -> VideoInfo:
         rotation = int(getattr(first_frame, "rotation", 0) or 0) % 360
         rotation -= rotation % 90
@@ -292,11 +298,17 @@ def _indexed(path, on_index, read_packets: bool = False) -> IndexedVideo:
         try:
             on_index(video.index)
         except BaseException:
-            container = video.take_container()
-            if container is not None:
-                container.close()
+            video.close()
             raise
     return video
+
+
+def read_index(path):
+    """The video's frame index alone (frames/index.py): the file opened, indexed and
+    closed again, nothing decoded."""
+    video = IndexedVideo(path)
+    video.close()
+    return video.index
 
 
 def check_readable(path, packets: int = 64) -> None:
