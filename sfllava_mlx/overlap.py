@@ -38,10 +38,6 @@ class Timeline:
         return self.end - self.start
 
     @property
-    def vision_s(self) -> float:
-        return sum(e - s for s, e in self.vision)
-
-    @property
     def prefill_s(self) -> float:
         return sum(e - s for s, e in self.prefill)
 

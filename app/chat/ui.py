@@ -4,7 +4,6 @@ status lines and the tables of /frames and /stats. Rendering only: no model logi
 from __future__ import annotations
 
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -295,7 +294,3 @@ def model_info(engine) -> dict:
 def history_path() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "sfllava" / "chat_history"
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%d %H:%M")

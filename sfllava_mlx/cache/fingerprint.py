@@ -97,7 +97,3 @@ def model_identity(model) -> str:
             size, digest = sampled_digest(f, blocks=16)
             h.update(f"{f.name}:{size}:{digest}".encode())
     return h.hexdigest()[:24]
-
-
-def runtime_dtype(model) -> str:
-    return str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")

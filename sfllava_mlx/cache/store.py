@@ -366,9 +366,6 @@ class VideoCache:
                 out.append(EntryInfo(p.name, "(unreadable)", "?", 0, "?", dir_bytes(p), 0.0, 0))
         return sorted(out, key=lambda e: e.last_used, reverse=True)
 
-    def total_bytes(self) -> int:
-        return sum(dir_bytes(p) for p in self._entry_dirs())
-
     def evict(self, keep: Optional[Path] = None) -> list[str]:
         """Drop least recently used entries until the cache fits its cap."""
         self._sweep()
