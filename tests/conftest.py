@@ -25,6 +25,7 @@ LAYOUTS = ("oryx-vit", "llava-siglip")
 QUESTION = "What happens in this video?"
 FOLLOW_UP = "What color is the car?"
 MAX_TOKENS = 8
+LOGPROB_TOL = 5e-4  # the issues' bound for `generate --json` logprobs against a reference
 SEED = 0  # tiny checkpoint seed; tests/test_mistakes.py checks the answer stays decisive
 # The tiny shape, pinned here (SHARPEN was tuned on it): frames 32 px, patch 8 -> G = G0 = 4,
 # so 32 slow frames x 2x2 + 96 fast frames x 1x1 = 224 visual tokens.
@@ -181,3 +182,17 @@ def cli_answers(work, converted, videos) -> dict:
         assert proc.returncode == 0, stderr
         out[layout] = json.loads(stdout)
     return out
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Opening a video decodes no frame: any frame reader or decoder made fails the test."""
+    import sfllava_mlx.engine
+    from sfllava_mlx.frames import video
+
+    def refuse(*a, **k):
+        raise AssertionError("a frame was about to be decoded")
+
+    monkeypatch.setattr(sfllava_mlx.engine, "iter_frames", refuse)
+    monkeypatch.setattr(sfllava_mlx.engine, "read_frames", refuse)
+    monkeypatch.setattr(video, "_Decoder", refuse)

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 from sfllava_mlx import Engine, UserError
-from tests.conftest import FOLLOW_UP, LAYOUTS, MAX_TOKENS, QUESTION, REPO
-
-LOGPROB_TOL = 5e-4
+from tests.conftest import FOLLOW_UP, LAYOUTS, LOGPROB_TOL, MAX_TOKENS, QUESTION, REPO
 
 
 def answer(session, question=QUESTION, **ask):
@@ -119,18 +117,6 @@ def test_reset_keeps_the_video_and_follow_ups_prefill_only_their_tokens(engine, 
 
 # ---------------------------------------------------------------------------------------
 # Errors a user can cause: UserError with one line, raised before any frame is decoded
-
-
-@pytest.fixture
-def no_decoding(monkeypatch):
-    """Opening a video reads no frame: any FrameReader made is a failure of the test."""
-    import sfllava_mlx.engine
-
-    def refuse(*a, **k):
-        raise AssertionError("a frame reader was opened")
-
-    monkeypatch.setattr(sfllava_mlx.engine, "iter_frames", refuse)
-    monkeypatch.setattr(sfllava_mlx.engine, "read_frames", refuse)
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:

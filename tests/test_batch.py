@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_env, sfllava, sfllava_command
+from tests.conftest import LOGPROB_TOL, REPO, run_env, sfllava, sfllava_command
 
 PROMPTS = ("What happens in this video?", "Who is in it?")
 MAX_TOKENS = 8
@@ -125,7 +125,7 @@ def assert_same_answer(got: dict, want: dict) -> None:
     assert stable(got) == stable(want), (got["video"], got["prompt"])
     assert (got["logprobs"] is None) == (want["logprobs"] is None)
     if got["logprobs"]:
-        assert np.abs(np.array(got["logprobs"]) - np.array(want["logprobs"])).max() <= 5e-4
+        assert np.abs(np.array(got["logprobs"]) - np.array(want["logprobs"])).max() <= LOGPROB_TOL
 
 
 def part_files(out: Path) -> list:
@@ -542,7 +542,7 @@ def assert_answer(rec: dict, want: dict, what) -> None:
     assert rec["error"] is None, (what, rec["error"])
     assert rec["tokens"] == want["tokens"] and rec["text"] == want["text"], what
     assert rec["finish_reason"] == want["finish_reason"], what
-    assert np.abs(np.array(rec["logprobs"]) - np.array(want["logprobs"])).max() <= 5e-4, what
+    assert np.abs(np.array(rec["logprobs"]) - np.array(want["logprobs"])).max() <= LOGPROB_TOL, what
 
 
 def test_a_videos_prompts_decoded_together_are_answered_as_alone(four):

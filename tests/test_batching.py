@@ -15,8 +15,8 @@ import pytest
 
 from sfllava_mlx import Engine
 from sfllava_mlx.batching import Decoder, answer_all
+from tests.conftest import LOGPROB_TOL
 
-LOGPROB_TOL = 5e-4
 PROMPTS = ("What happens in this video?", "Who is in it?", "What color is the car?",
            "Describe the scene in detail, please.")
 TOKENS = 40

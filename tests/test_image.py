@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.conftest import FOLLOW_UP, MAX_TOKENS, QUESTION, convert_checkpoint, sfllava
+from tests.conftest import FOLLOW_UP, LOGPROB_TOL, MAX_TOKENS, QUESTION, convert_checkpoint, sfllava
 from tests.onevision_reference import IMAGE_MEAN, IMAGE_STD, TINY_OV
 from tests.test_image_support import (
     DISPLAYED,
@@ -39,7 +39,6 @@ from tests.test_image_support import (
     single_visual_tokens,
 )
 
-LOGPROB_TOL = 5e-4
 MARGIN = 1e-2
 S = TINY_OV["image_size"]
 G = S // TINY_OV["patch_size"]  # 7

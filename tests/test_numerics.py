@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tests.conftest import (
     FOLLOW_UP,
     LAYOUTS,
+    LOGPROB_TOL,
     MAX_TOKENS,
     QUESTION,
     TINY,
@@ -25,7 +26,6 @@ from tests.conftest import (
     with_image_size,
 )
 
-LOGPROB_TOL = 5e-4  # the bound for `generate --json` logprobs
 # float32 against float32: both sides differ only by summation order, ~1e-6 relative.
 REL_TOL = 1e-4
 

@@ -30,7 +30,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the fixtures are written with transformers 5's save_pretrained names (SPEC §3 "
                 "llava-hf) and call its 5.x model API", allow_module_level=True)
 
-from tests.conftest import MAX_TOKENS, QUESTION, convert_checkpoint, sfllava  # noqa: E402
+from tests.conftest import LOGPROB_TOL, MAX_TOKENS, QUESTION, convert_checkpoint, sfllava  # noqa: E402
 from tests.onevision_reference import (  # noqa: E402
     ONEVISION_NATIVE,
     TINY_OV,
@@ -47,7 +47,6 @@ from tests.onevision_reference import (  # noqa: E402
     write_checkpoint,
 )
 
-LOGPROB_TOL = 5e-4  # the issue's bound for `generate --json` logprobs (float32 vs float64)
 MARGIN = 1e-2  # greedy top-1 vs top-2 log-probability: float32 noise cannot flip a token
 GRID = TINY_OV["image_size"] // TINY_OV["patch_size"]  # 7, odd like the real 27
 

@@ -25,7 +25,15 @@ import pytest
 from sfllava_mlx import Engine, UserError
 from sfllava_mlx import frames as F
 from sfllava_mlx.options import Options
-from tests.conftest import MAX_TOKENS, QUESTION, json_lines, run_env, sfllava, sfllava_command
+from tests.conftest import (
+    LOGPROB_TOL,
+    MAX_TOKENS,
+    QUESTION,
+    json_lines,
+    run_env,
+    sfllava,
+    sfllava_command,
+)
 from tests.videos import (
     decode_all,
     ffprobe_frames,
@@ -37,7 +45,6 @@ from tests.videos import (
 
 needs_ffmpeg = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed")
 LAYOUT = "oryx-vit"
-LOGPROB_TOL = 5e-4
 FOLLOW_UP = "What color is the car?"
 PART = ("4.05", "0:12.5")  # of conftest's main video (160 frames at 10 fps): frames 41..124
 
@@ -291,20 +298,6 @@ def test_generate_refuses_bad_parts(tmp_path, converted, files):
         assert r.returncode == 2 and r.stdout == "", r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and says in r.stderr
     assert not list((tmp_path / "xdg-cache").rglob("visual.safetensors"))
-
-
-@pytest.fixture
-def no_decoding(monkeypatch):
-    """Any frame reader or decoder made is a failure of the test."""
-    import sfllava_mlx.engine
-    from sfllava_mlx.frames import video
-
-    def refuse(*a, **k):
-        raise AssertionError("a frame was about to be decoded")
-
-    monkeypatch.setattr(sfllava_mlx.engine, "iter_frames", refuse)
-    monkeypatch.setattr(sfllava_mlx.engine, "read_frames", refuse)
-    monkeypatch.setattr(video, "_Decoder", refuse)
 
 
 @pytest.fixture(scope="module")

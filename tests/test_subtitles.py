@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from sfllava_mlx import Engine, UserError
-from tests.conftest import MAX_TOKENS, QUESTION, sfllava
+from tests.conftest import LOGPROB_TOL, MAX_TOKENS, QUESTION, sfllava
 from tests.subtitle_support import (
     EVENTS,
     HEADER,
@@ -37,7 +37,6 @@ from tests.videos import corrupt_frames, have_ffmpeg
 
 pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed (make setup)")
 LAYOUT = "oryx-vit"
-LOGPROB_TOL = 5e-4
 # MP4's mov_text cannot hold overlapping events (ffmpeg's muxer cuts the earlier one
 # short): the MP4 gets the events without the one inside another.
 SEQUENTIAL = [e for e in EVENTS if e.plain != "Someone shouts"]
