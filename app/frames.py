@@ -33,14 +33,7 @@ from sfllava_mlx.errors import UserError
 from sfllava_mlx.tokens import num_visual_tokens
 
 from .fmt import clock
-from .options import (
-    add_fps_argument,
-    add_num_frames_argument,
-    add_part_arguments,
-    add_recipe_argument,
-    add_seek_argument,
-    add_subtitle_arguments,
-)
+from .options import FRAME_OPTIONS, add_options, checked_options
 from .subtitles import listing_table, speech_progress, summary, warn
 
 THUMB_WIDTH = 192  # contact sheet: pixels per thumbnail
@@ -51,29 +44,25 @@ def add_arguments(p) -> None:
     p.add_argument("video", metavar="FILE", help="the video file")
     p.add_argument("--model", default=None,
                    help="converted model directory: use its sampling settings (default: SPEC §2's)")
-    add_num_frames_argument(p)
-    add_recipe_argument(p)
-    add_fps_argument(p)
-    add_seek_argument(p)
-    add_part_arguments(p)
-    add_subtitle_arguments(p)
+    add_options(p, FRAME_OPTIONS)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write NNN.png per position and contact.png into DIR")
     p.add_argument("--json", action="store_true", help="print JSON (stdout carries only JSON)")
 
 
 def main(args) -> int:
-    from sfllava_mlx.frames import FrameReader, Part
+    from sfllava_mlx.frames import FrameReader
 
-    part = Part.of(args.start, args.end)  # bad text: one line, before the video is opened
+    opts = checked_options(args)  # bad values: one line, before the video is opened
+    part = opts.part
     config = model_config(args.model)
-    sampling = config.recipe(args.recipe, args.num_frames)
+    sampling = config.recipe(opts.recipe, opts.num_frames)
     tic = time.perf_counter()
     with FrameReader(args.video, num_frames=sampling.num_frames, slow_every=sampling.slow_every,
-                     seek=args.seek, hold_all=True, positions=sampling.frame_positions,
-                     fps=args.fps, images=bool(args.out), part=part) as reader:  # pixels: --out
+                     seek=opts.seek, hold_all=True, positions=sampling.frame_positions,
+                     fps=opts.fps, images=bool(args.out), part=part) as reader:  # pixels: --out
         opened_s = time.perf_counter() - tic
-        track, warnings = subtitle_track(args)  # while the worker thread decodes the frames
+        track, warnings = subtitle_track(args.video, opts)  # while the frames decode
         clip = reader.collect()
     elapsed = opened_s + reader.elapsed_s  # the frames' own time, not the subtitles'
     sampling = replace(sampling, num_frames=len(clip.indices))  # --fps: this video's count
@@ -85,7 +74,7 @@ def main(args) -> int:
             "frames": [{"index": i, "timestamp": round(t, 6), "stream": s}
                        for i, t, s in zip(clip.indices, clip.timestamps, clip.streams)],
             "exact": clip.exact,
-            "recipe": args.recipe,
+            "recipe": opts.recipe,
             "visual_tokens": num_visual_tokens(config.vision.grid, sampling),
             "timings_s": {"frames": round(elapsed, 6)},
         }
@@ -98,30 +87,27 @@ def main(args) -> int:
         warn(warnings)
     else:
         print_table(clip, elapsed, args.out, part)
-        print(recipe_line(config, args.recipe, sampling))
+        print(recipe_line(config, opts.recipe, sampling))
         print_subtitles(lines, warnings)
     return 0
 
 
-def subtitle_track(args):
+def subtitle_track(video: str, opts):
     """(the video's subtitle track or None, warnings): the track whose lines the sampled
     frames select, as generate would. Speech is transcribed (or read from the cache)."""
-    from sfllava_mlx.options import Options
     from sfllava_mlx.subtitles import resolve, transcribe
 
-    opts = Options(subtitles=args.subtitles, subtitle_lang=args.subtitle_lang,
-                   speech_model=args.speech_model)  # checks the values
     transcripts = fingerprint = None
     if opts.subtitles == "speech":
         from sfllava_mlx.cache import Fingerprint, TranscriptCache
 
-        transcripts, fingerprint = TranscriptCache(), Fingerprint.of(args.video)
-    found = resolve(args.video, opts.subtitles, opts.subtitle_lang, opts.speech_model,
+        transcripts, fingerprint = TranscriptCache(), Fingerprint.of(video)
+    found = resolve(video, opts.subtitles, opts.subtitle_lang, opts.speech_model,
                     transcripts, fingerprint)
     if found.track is None:
         return None, found.warnings
     with speech_progress() as progress:
-        track = transcribe(found.track, args.video, transcripts, fingerprint,
+        track = transcribe(found.track, video, transcripts, fingerprint,
                            progress=(lambda done, total: progress("speech", done, total))
                            if progress else None)
     return track, found.warnings

@@ -6,7 +6,7 @@ import sys
 from .options import (
     add_generation_arguments,
     add_model_argument,
-    ask_options,
+    checked_options,
     picture_note,
     session_options,
 )
@@ -24,11 +24,13 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from sfllava_mlx import Engine
-    from sfllava_mlx.image import probe
-
+    checked_options(args, args.image or args.video)  # before anything heavy is imported
     if args.image is not None:
+        from sfllava_mlx.image import probe
+
         probe(args.image)  # not a picture, empty or huge: refused before the model loads
+    from sfllava_mlx import Engine
+
     engine = Engine(args.model)
     with speech_progress() as progress:  # a bar while speech is transcribed (a terminal)
         session = engine.open(args.image or args.video, progress=progress,
@@ -40,7 +42,7 @@ def main(args) -> int:
             print(f"note: {summary(session.subtitles)}", file=sys.stderr)
     if session.media == "image" and picture_note(session.options):
         print(picture_note(session.options), file=sys.stderr)
-    for chunk in session.ask(args.prompt, **ask_options(args)):
+    for chunk in session.ask(args.prompt):
         if not args.json:
             print(chunk.text, end="", flush=True)
     if args.json:

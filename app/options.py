@@ -1,93 +1,68 @@
-"""The flags shared by the commands (SPEC §4: a flag means the same everywhere), and the one
-place argparse's namespace becomes the library's typed options."""
+"""The command line's flags, made from the library's one options schema
+(`sfllava_mlx.options`: a flag means the same everywhere, SPEC §4), and the one place
+argparse's namespace becomes the library's options. Values are taken as text and checked by
+the library's rules, so a bad value is one line naming the option and its rule, the same as
+the server's 400 — never argparse's usage."""
 
 from __future__ import annotations
 
 import argparse
 
 from sfllava_mlx.config import DECODE_CONCURRENCY
-from sfllava_mlx.errors import UserError
-from sfllava_mlx.options import COMPUTE_UNITS, SEEK_MODES, Options
+from sfllava_mlx.options import ASK, DEFAULTS, SPECS, Flag, OptionError, Options, Whole, flag
+
+# The options of `sfllava frames` (the frames a model would see; no answer).
+FRAME_OPTIONS = ("recipe", "num_frames", "fps", "seek", "start", "end", "subtitles",
+                 "subtitle_lang", "speech_model")
+COUNT = Whole("a whole number of at least 1", 1)
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="converted model directory or hub repo id")
 
 
+def add_options(p, names=tuple(SPECS)) -> None:
+    """One flag per option, from its definition (None: not given, the default applies)."""
+    for name in names:
+        spec = SPECS[name]
+        if name == "cache":
+            p.add_argument("--no-cache", dest="cache", action="store_false", default=None,
+                           help="do not use the video cache")
+        elif isinstance(spec.rule, Flag):
+            p.add_argument(flag(name), action="store_true", default=None, help=spec.help)
+        else:
+            p.add_argument(flag(name), default=None, metavar=spec.metavar,
+                           help=_with_default(name, spec.help))
+
+
+def _with_default(name: str, text: str) -> str:
+    default = DEFAULTS[name]
+    return text if default is None else f"{text} (default: {default})"
+
+
 def add_generation_arguments(p, json: bool = True) -> None:
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--system-prompt", default=None, help="replaces the system text")
-    add_recipe_argument(p)
-    add_num_frames_argument(p)
-    add_fps_argument(p)
-    p.add_argument("--timestamps", action="store_true",
-                   help="tell the model when each frame was taken (LLaVA-Video's time "
-                        "instruction): for \"when does ...\" questions")
-    add_seek_argument(p)
-    add_part_arguments(p)
-    add_subtitle_arguments(p)
-    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache")
-    p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache size")
-    p.add_argument("--no-cache", action="store_true", help="do not use the video cache")
-    p.add_argument("--vision-backend", choices=["mlx", "coreml"], default="mlx",
-                   help="run the vision tower in MLX or Core ML (macOS)")
-    p.add_argument("--compute-units", choices=COMPUTE_UNITS[:3], default="ALL",
-                   help="Core ML compute units (with --vision-backend coreml)")
+    add_options(p)
     if json:
         p.add_argument("--json", action="store_true", help="print JSON (stdout carries only JSON)")
 
 
-def add_recipe_argument(p) -> None:
-    p.add_argument("--recipe", choices=["native", "slowfast"], default="native",
-                   help="the model's own frame recipe, or SlowFast (32 slow + 96 fast frames; "
-                        "training-free on models not trained with it)")
+def session_options(args) -> dict:
+    """The options given on the command line (the library checks them)."""
+    given = vars(args)
+    return {n: given[n] for n in SPECS if given.get(n) is not None}
 
 
-def add_num_frames_argument(p) -> None:
-    p.add_argument("--num-frames", type=int, default=None,
-                   help="sample positions (default: the recipe's: 128 for SF-LLaVA-1.5, "
-                        "32 for LLaVA-OneVision native)")
+def ask_options(args) -> dict:
+    """The decoding options given (`Session.ask`'s keywords)."""
+    return {n: v for n, v in session_options(args).items() if n in ASK}
 
 
-def add_seek_argument(p) -> None:
-    p.add_argument("--seek", choices=SEEK_MODES, default="exact",
-                   help="exact frames (default) or the keyframe at or before each position")
+def checked_options(args, media=None) -> Options:
+    """The options checked, and the media file and model reference named: before any
+    heavy import (SPEC §4: a user's mistake ends within a second)."""
+    from sfllava_mlx.checks import check_request
 
-
-def add_subtitle_arguments(p) -> None:
-    p.add_argument("--subtitles", default="auto", metavar="auto|off|speech|FILE",
-                   help="what is said, given to the model with the lines the sampled frames "
-                        "select: auto (default: the video's own subtitle stream, else a "
-                        "subtitle file beside it with its name), off, speech (the audio "
-                        "transcribed on device; needs 'sfllava-mlx[speech]'), or a subtitle "
-                        "file (SRT, WebVTT, ASS/SSA)")
-    p.add_argument("--subtitle-lang", default=None, metavar="L",
-                   help="the subtitles in language L (e.g. en or eng): the stream tagged L, "
-                        "or clip.L.srt beside the video")
-    p.add_argument("--speech-model", default=None, metavar="M",
-                   help="the Whisper model of --subtitles speech: an mlx-whisper directory or "
-                        "a hub id (default: mlx-community/whisper-large-v3-turbo)")
-
-
-def subtitle_options(args) -> dict:
-    return dict(subtitles=args.subtitles, subtitle_lang=args.subtitle_lang,
-                speech_model=args.speech_model)
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
-
-
-def add_fps_argument(p) -> None:
-    p.add_argument("--fps", type=positive_float, default=None, metavar="F",
-                   help="sample F frames a second, at most the recipe's frame count: a short "
-                        "clip costs fewer tokens")
+    return check_request(vars(args).get("model"), media, **session_options(args))
 
 
 PART_FLAGS = ("--start", "--end")
@@ -106,39 +81,18 @@ def join_part_values(argv: list) -> list:
     return out
 
 
-def add_part_arguments(p) -> None:
-    # Kept as text here: the library reads the time (one parser, one-line errors, exit 2).
-    p.add_argument("--start", default=None, metavar="T0",
-                   help="only the part of the video from T0 (seconds such as 75, or "
-                        "[H:]M:SS[.f] such as 45:00), at the recipe's whole frame budget")
-    p.add_argument("--end", default=None, metavar="T1",
-                   help="only the part of the video before T1 (the same forms as --start)")
-
-
 def add_decode_concurrency_argument(p, what: str) -> None:
-    p.add_argument("--decode-concurrency", type=int, default=DECODE_CONCURRENCY, metavar="N",
+    p.add_argument("--decode-concurrency", default=DECODE_CONCURRENCY, metavar="N",
                    help=f"{what} decode together, at most (mlx-lm's server flag; default "
                         f"{DECODE_CONCURRENCY}; 1: one at a time). --kv-bits and --max-kv-size "
                         "answers decode alone")
 
 
 def check_decode_concurrency(args) -> None:
-    if args.decode_concurrency < 1:
-        raise UserError(f"--decode-concurrency must be at least 1, not {args.decode_concurrency}")
-
-
-def session_options(args) -> dict:
-    """The library's open() options from generate's flags (Options checks them)."""
-    return dict(recipe=args.recipe, num_frames=args.num_frames, fps=args.fps, seek=args.seek,
-                timestamps=args.timestamps, system_prompt=args.system_prompt,
-                kv_bits=args.kv_bits, max_kv_size=args.max_kv_size,
-                vision_backend=args.vision_backend, compute_units=args.compute_units,
-                cache=not args.no_cache, max_tokens=args.max_tokens,
-                start=args.start, end=args.end, **subtitle_options(args))
-
-
-def ask_options(args) -> dict:
-    return dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed)
+    try:
+        args.decode_concurrency = COUNT.parse(args.decode_concurrency)
+    except ValueError:
+        raise OptionError("decode_concurrency", COUNT.words, args.decode_concurrency) from None
 
 
 def picture_note(options: Options) -> str | None:

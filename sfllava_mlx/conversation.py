@@ -57,6 +57,13 @@ class Chunk:
     logprobs: Optional[mx.array] = None  # the log-softmax over the vocabulary for this step
 
 
+def context_limit(context_length: int, max_kv_size: Optional[int]) -> int:
+    """Tokens a conversation's cache may hold. A rotating cache (--max-kv-size) would
+    overwrite the video once full, so its size is a limit too: never cut the video out
+    silently."""
+    return min(context_length, max_kv_size or context_length)
+
+
 def prefill(language_model, cache: list, **kw) -> None:
     """Run `embeddings` (length, D) or token `ids` through the LLM into `cache`
     (`prefill_steps`, all at once)."""
@@ -224,9 +231,7 @@ class Conversation:
 
     @property
     def context_limit(self) -> int:
-        """Tokens the cache may hold. A rotating cache (--max-kv-size) would overwrite the
-        video once full, so its size is a limit too: never cut the video out silently."""
-        return min(self.model.context_length, self.max_kv_size or self.model.context_length)
+        return context_limit(self.model.context_length, self.max_kv_size)
 
     def check_context(self, new_tokens: int) -> None:
         limit = self.context_limit

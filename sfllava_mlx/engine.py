@@ -30,10 +30,10 @@ from .cache import (
     model_identity,
     video_key,
 )
+from .checks import check_media
 from .config import SamplingConfig
-from .conversation import Conversation
+from .conversation import Conversation, context_limit
 from .encode import VisualTokens, encode_video_steps
-from .errors import VideoError
 from .frames import (
     Span,
     VideoInfo,
@@ -46,21 +46,17 @@ from .frames import (
     video_duration,
 )
 from .frames.reader import FrameReader
-from .frames.video import check_readable
 from .image import (
-    ImageError,
     PictureClip,
     PictureInfo,
     encode_image,
-    is_picture,
-    named_like_picture,
     num_image_tokens,
     read_image,
 )
 from .image import probe as probe_picture
 from .memory import MIN_TEXT_TOKENS, MemoryPlan, check, check_context, check_video, plan_tokens
 from .model import load
-from .options import Options
+from .options import Options, resolved
 from .prompt import encode, time_instruction
 from .session import Session
 from .steps import Steps, run
@@ -88,6 +84,9 @@ class Opening:
     span: Optional[Span] = None  # a part's frames (SPEC §2.12); None: the whole video
     subtitles: Optional[SubtitleTrack] = None  # what is said (SPEC §2.13); None: nothing
     warnings: list = field(default_factory=list)  # for the user, e.g. a broken sidecar
+    # The options as this media resolved them (`options.resolved`): what records carry and
+    # what keys are built from.
+    resolved: dict = field(default_factory=dict)
 
     def reader(self):
         """A FrameReader of this video's sampled frames, decoding on a worker thread."""
@@ -154,24 +153,19 @@ class Engine:
         started = time.perf_counter()
         opts = Options.of(**options)
         path = os.path.expanduser(str(media))
-        if is_picture(path):
+        if check_media(path) == "image":
             return self._prepare_picture(path, opts, started)
         return self._prepare_video(path, opts, started)
 
     def _context(self, opts: Options) -> tuple[int, str]:
-        limit = min(self.context_length, opts.max_kv_size or self.context_length)
+        limit = context_limit(self.context_length, opts.max_kv_size)
         return limit, "--max-kv-size" if limit < self.context_length else "the model's context"
 
-    def _prepare_video(self, path: str, opts: Options, started: float) -> Opening:
-        if not os.path.exists(path):
-            raise VideoError(f"video not found: {path}")
-        try:
-            check_readable(path)
-        except VideoError:
-            if os.path.isfile(path) and named_like_picture(path):
-                raise ImageError(f"{path} is not a picture (its content is not JPEG, PNG, "
-                                 "WebP, HEIC or AVIF) nor a video") from None
-            raise
+    def _system_prompt(self, opts: Options) -> str:
+        return opts.system_prompt or self.model.config.prompt.system_prompt
+
+    def _sampling(self, path: str, opts: Options) -> tuple[SamplingConfig, Optional[Span]]:
+        """The recipe as this video samples it (its T after --fps) and the part's frames."""
         sampling = self.model.config.recipe(opts.recipe, opts.num_frames)
         # A part is found (or refused) on the index: nothing decoded (SPEC §2.12).
         span = span_of(path, opts.part) if opts.part is not None else None
@@ -183,16 +177,38 @@ class Engine:
                 count, rate = info.num_frames, info.fps
             sampling = replace(sampling, num_frames=frames_for_rate(
                 sampling.num_frames, count, rate, opts.fps))
-        fingerprint = key = None
-        if opts.cache:
-            fingerprint = Fingerprint.of(path)
-            key = video_key(fingerprint, self.identity, self.dtype, sampling, seek=opts.seek,
-                            vision_backend=opts.vision_backend, fps=opts.fps, part=opts.part)
+        return sampling, span
+
+    def resolve(self, media, **options) -> dict:
+        """The options as `media` resolves them (the `options` its records carry: the T
+        actually sampled, the subtitle source actually read, the part in seconds), without
+        the memory plan: what a batch keys its lines by before answering."""
+        opts = Options.of(**options)
+        path = os.path.expanduser(str(media))
+        if check_media(path) == "image":
+            return resolved(opts, num_frames=None, subtitles=None,
+                            system_prompt=self._system_prompt(opts), media="image")
+        sampling, _ = self._sampling(path, opts)
+        found = resolve(path, opts.subtitles, opts.subtitle_lang, opts.speech_model)
+        return self._resolved(opts, sampling, found.track)
+
+    def _resolved(self, opts: Options, sampling: SamplingConfig, track) -> dict:
+        return resolved(opts, num_frames=sampling.num_frames,
+                        subtitles=track.read_from() if track is not None else None,
+                        speech_model=track.model if track is not None else None,
+                        system_prompt=self._system_prompt(opts))
+
+    def _prepare_video(self, path: str, opts: Options, started: float) -> Opening:
+        sampling, span = self._sampling(path, opts)
+        fingerprint = Fingerprint.of(path) if opts.cache else None
         found = resolve(path, opts.subtitles, opts.subtitle_lang, opts.speech_model,
                         self.transcripts if opts.cache else None, fingerprint)
+        record = self._resolved(opts, sampling, found.track)
+        key = (video_key(fingerprint, self.identity, self.dtype, sampling, record)
+               if opts.cache else None)
         opening = Opening(path, "video", opts, None, started, sampling=sampling,
                           fingerprint=fingerprint, key=key, span=span, subtitles=found.track,
-                          warnings=found.warnings)
+                          warnings=found.warnings, resolved=record)
         opening.memory = self._check_video(opening)
         return opening
 
@@ -255,7 +271,9 @@ class Engine:
             fingerprint = Fingerprint.of(path)
             key = image_key(fingerprint, self.identity, self.dtype, config.image)
         return Opening(path, "image", opts, memory, started, picture=info,
-                       fingerprint=fingerprint, key=key)
+                       fingerprint=fingerprint, key=key,
+                       resolved=resolved(opts, num_frames=None, subtitles=None,
+                                         system_prompt=self._system_prompt(opts), media="image"))
 
     def cached(self, opening: Opening) -> bool:
         """Whether the cache holds this opening's visual tokens (nothing to decode)."""

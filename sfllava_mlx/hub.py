@@ -24,11 +24,14 @@ def download(repo: str, patterns: list) -> Path:
                               details=rest.strip()) from None
 
 
+def check_reference(path_or_repo: str, what: str = "model") -> None:
+    """A local path that exists, or a hub repo id: anything else is not found."""
+    if not Path(path_or_repo).expanduser().exists() and not looks_like_repo_id(path_or_repo):
+        raise CheckpointError(f"{what} not found: {path_or_repo} (no such directory, not a repo id)")
+
+
 def local_or_download(path_or_repo: str, patterns: list, what: str = "model") -> Path:
     """A local directory, or a hub repo id downloaded; anything else is not found."""
+    check_reference(path_or_repo, what)
     path = Path(path_or_repo).expanduser()
-    if path.exists():
-        return path
-    if not looks_like_repo_id(path_or_repo):
-        raise CheckpointError(f"{what} not found: {path_or_repo} (no such directory, not a repo id)")
-    return download(path_or_repo, patterns)
+    return path if path.exists() else download(path_or_repo, patterns)

@@ -12,7 +12,7 @@ from typing import Optional
 from .cache import prefix_key
 from .conversation import Chunk, Conversation, Turn
 from .encode import VisualTokens
-from .options import Options
+from .options import Options, with_answer
 from .steps import Steps, run
 
 
@@ -46,6 +46,7 @@ class Session:
         self.load_s = now - opening.started if entry is not None else 0.0  # a hit's reads
         self.open_s = now - opening.started
         self._first = True  # the first answer counts from the open and reports its work
+        self.asked = self.options  # the options of the last answer (`ask`)
 
     # -- what it is about ----------------------------------------------------------------
     @property
@@ -105,28 +106,37 @@ class Session:
         return self.conversation.last_turn
 
     # -- the conversation ------------------------------------------------------------------
-    def ask(self, question: str, *, max_tokens: Optional[int] = None, temp: float = 0.0,
-            top_p: float = 1.0, seed: Optional[int] = None, progress=None,
-            start_time: Optional[float] = None, decoder=None) -> Iterator[Optional[Chunk]]:
-        """Stream the answer to `question` as Chunks; `last_turn` holds it once done.
+    def ask(self, question: str, *, max_tokens: Optional[int] = None,
+            temp: Optional[float] = None, top_p: Optional[float] = None,
+            seed: Optional[int] = None, progress=None, start_time: Optional[float] = None,
+            decoder=None) -> Iterator[Optional[Chunk]]:
+        """Stream the answer to `question` as Chunks; `last_turn` holds it once done. The
+        decoding options not given are the Session's (`options`), each checked by its rule.
 
         The first answer after opening counts its time to first token from the open and
         reports the open's work (frames, vision, prefill, `cache_load` on a hit).
         `decoder`: a `batching.Decoder` to decode in, with other answers (the stream then
         yields None between its tokens, see `Conversation.ask`)."""
+        asked = self.options.replace(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+        self.asked = asked
         first = self._first and not self.turns
         start = start_time or (self.opening.started if first else None)
         before = len(self.turns)
         try:
             yield from self.conversation.ask(
-                question, max_tokens=max_tokens or self.options.max_tokens, temp=temp,
-                top_p=top_p, seed=seed, start_time=start, decoder=decoder,
+                question, max_tokens=asked.max_tokens, temp=asked.temp, top_p=asked.top_p,
+                seed=asked.seed, start_time=start, decoder=decoder,
                 progress=(lambda d, t: progress("prefill", d, t)) if progress else None)
         finally:
             if len(self.turns) > before:
                 self.last_turn.timings_s["cache_load"] = self.load_s if first else 0.0
                 if first:
                     self._first = False
+
+    @property
+    def resolved(self) -> dict:
+        """The options that made the last answer (SPEC §4's `options`), as resolved."""
+        return with_answer(self.opening.resolved, self.asked)
 
     def record(self) -> dict:
         """The object `generate --json` prints for the last turn (SPEC §4)."""
@@ -144,6 +154,7 @@ class Session:
             "recipe": self.recipe,
             "part": self.part.to_json() if self.part is not None else None,
             "subtitles": self.subtitles.record() if self.subtitles is not None else None,
+            "options": self.resolved,
         }
 
     def reset(self) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sfllava_mlx.options import Options, requested
 from tests.conftest import LOGPROB_TOL, REPO, run_env, sfllava, sfllava_command
 
 PROMPTS = ("What happens in this video?", "Who is in it?")
@@ -370,7 +371,7 @@ def test_a_torn_last_line_is_dropped_and_cut_before_appending(tmp_path):
 
     part = tmp_path / ".r.jsonl.rank0.part"
     rec = {"video": "a.mkv", "prompt": "p", "fingerprint": "f" * 64, "model_identity": "m",
-           "recipe": "native", "text": "hi", "error": None}
+           "options": requested(Options()), "text": "hi", "error": None}
     part.write_bytes(json.dumps(rec).encode() + b"\n" + b'{"video": "b.mkv", "pro')
     lines = parse(part.read_bytes())
     assert len(lines.records) == 1 and lines.torn == 1
@@ -384,13 +385,15 @@ def test_a_torn_last_line_is_dropped_and_cut_before_appending(tmp_path):
 def test_merge_puts_input_order_first_and_loses_no_line():
     from sfllava_app.batch.results import merge, pair_key
 
+    options = requested(Options())
+
     def rec(video, prompt, fp):
         return {"video": video, "prompt": prompt, "fingerprint": fp, "model_identity": "m",
-                "recipe": "native", "text": f"{video}/{prompt}", "error": None}
+                "options": options, "text": f"{video}/{prompt}", "error": None}
 
     old = rec("old/x.mkv", "p", "X")  # not in this input: kept, after
     b, a = rec("b.mkv", "p", "B"), rec("a.mkv", "p", "A")
-    wanted = [(v, pair_key(fp, v, "p", "m", "native"))
+    wanted = [(v, pair_key(fp, v, "p", "m", options))
               for v, fp in (("a.mkv", "A"), ("b.mkv", "B"), ("copy-of-b.mkv", "B"))]
     merged, answers = merge([old, b, a, dict(b)], wanted)
     assert [r["video"] for r in merged] == ["a.mkv", "b.mkv", "copy-of-b.mkv", "old/x.mkv"]
@@ -414,7 +417,7 @@ def test_directories_hold_videos_and_other_files(tmp_path):
     found = expand([str(tmp_path), str(named), str(tmp_path / "clip.mkv"), "missing.mkv"])
     assert [Path(c.path).name for c in found] == ["clip.mkv", "named.txt", "photo.jpg",
                                                    "readme.txt", "missing.mkv"]
-    kinds = {Path(c.path).name: inspect(c, set(), lambda fp: True) for c in found}
+    kinds = {Path(c.path).name: inspect(c, lambda path: (None, None)) for c in found}
     assert kinds["clip.mkv"].kind == "video" and kinds["clip.mkv"].duration == pytest.approx(2.0)
     assert kinds["photo.jpg"].kind == "video"  # a picture is answered too (SPEC §2.11)
     assert kinds["readme.txt"].kind == "skip"
@@ -611,4 +614,4 @@ def test_decode_concurrency_below_1_is_a_usage_error(model, tmp_path, capsys):
 
     assert main(["batch", str(tmp_path), "--model", str(model), "--prompt", "hi", "--out",
                  str(tmp_path / "r.jsonl"), "--decode-concurrency", "0"]) == 2
-    assert "--decode-concurrency must be at least 1" in capsys.readouterr().err
+    assert "--decode-concurrency must be a whole number of at least 1" in capsys.readouterr().err

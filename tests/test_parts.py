@@ -24,7 +24,7 @@ import pytest
 
 from sfllava_mlx import Engine, UserError
 from sfllava_mlx import frames as F
-from sfllava_mlx.options import Options
+from sfllava_mlx.options import Options, identity, requested
 from tests.conftest import (
     LOGPROB_TOL,
     MAX_TOKENS,
@@ -133,9 +133,10 @@ def test_what_is_not_a_time(text, says):
 def test_options_hold_the_part_in_seconds():
     a = Options(start="0:04", end="12.5")
     assert (a.start, a.end) == (4.0, 12.5) and a.part == F.Part(4.0, 12.5)
-    assert Options(start=4, end=12.5).prefix_identity() == a.prefix_identity()
-    assert Options().prefix_identity() != a.prefix_identity()  # held conversations: by part
-    assert Options(start=4).prefix_identity() != a.prefix_identity()
+    held = lambda o: identity(requested(o), "visual", "prompt", "context")  # noqa: E731
+    assert held(Options(start=4, end=12.5)) == held(a)
+    assert held(Options()) != held(a)  # held conversations: by part
+    assert held(Options(start=4)) != held(a)
     assert Options().part is None and Options(end="1:00").part == F.Part(None, 60.0)
     assert "--start" in Options(start=1).video_only_given()  # a picture ignores it, and says so
     for bad, says in [(dict(start=5, end=2), "--start 0:05 is not before --end 0:02"),
@@ -596,7 +597,7 @@ def test_batch_answers_the_part_of_every_video(tmp_path, converted, engine):
     r = batch("--end", "5")  # another part: other pairs
     assert "2 to answer" in r.stderr and r.returncode == 0, r.stderr
     records = json_lines(out.read_text())
-    assert len(records) == 4 and all(x["error"] is None for x in records if x["part"]["end"] == 5)
+    assert len(records) == 4 and all(x["error"] is None for x in records if x["options"]["end"] == 5)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")

@@ -598,7 +598,7 @@ def test_decode_concurrency_below_1_is_refused(converted, capsys):
     from sfllava_app.cli import main
 
     assert main(["serve", "--model", converted["oryx-vit"], "--decode-concurrency", "0"]) == 2
-    assert "--decode-concurrency must be at least 1" in capsys.readouterr().err
+    assert "--decode-concurrency must be a whole number of at least 1" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -485,7 +485,7 @@ def test_the_header_constant_is_lmms_evals_wording():
 
 
 def test_subtitle_options_are_checked(engine, place):
-    for bad in (dict(subtitles=""), dict(subtitles=None), dict(subtitle_lang=" "),
+    for bad in (dict(subtitles=""), dict(subtitle_lang=" "),
                 dict(speech_model=3)):
         with pytest.raises(UserError) as e:
             engine.plan(place / "srt.mkv", **bad)
@@ -513,7 +513,7 @@ def test_a_part_selects_the_lines_of_its_own_frames(place, engine):
 
 def test_batch_resumes_per_subtitle_request(place, converted, tmp_path):
     """The same library again with other --subtitles is not "already answered": the lines'
-    resume key holds the subtitle request (the default's keys stay as they were)."""
+    resume key holds the subtitles as read (the resolved options)."""
     out = tmp_path / "r.jsonl"
     base = ["batch", place / "srt.mkv", "--model", converted[LAYOUT], "--prompt", QUESTION,
             "--max-tokens", 2, "--out", out, "--no-cache"]
@@ -522,8 +522,8 @@ def test_batch_resumes_per_subtitle_request(place, converted, tmp_path):
     assert "1 already in" in again.stderr
     off = sfllava(base + ["--subtitles", "off"], tmp_path)
     assert off.returncode == 0 and "0 already in" in off.stderr, off.stderr
-    lines = {json.dumps(x["subtitle_request"]): x
-             for x in map(json.loads, out.read_text().splitlines())}
-    assert set(lines) == {"null", json.dumps({"subtitles": "off", "subtitle_lang": None})}
-    assert lines["null"]["subtitles"]["lines"] > 0
-    assert lines[json.dumps({"subtitles": "off", "subtitle_lang": None})]["subtitles"] is None
+    lines = {x["options"]["subtitles"]: x for x in map(json.loads, out.read_text().splitlines())}
+    stream = f"stream {lines[next(k for k in lines if k)]['subtitles']['stream']}"
+    assert set(lines) == {stream, None}  # the embedded stream read, or none
+    assert lines[stream]["subtitles"]["lines"] > 0
+    assert lines[None]["subtitles"] is None

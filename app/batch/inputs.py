@@ -3,10 +3,10 @@ that shares the videos out over the ranks (SPEC §6).
 
 - `expand(paths)`: files named on the command line, and every file under the directories
   (recursively, sorted, hidden files and folders left out), in input order.
-- `inspect(candidate, known)`: the file's content fingerprint (the video cache's, §4) and,
-  for a file found in a directory, whether PyAV opens it with a video stream; its duration
-  (container metadata, no decoding) for the plan. A fingerprint already in the results file
-  is a video answered before: it is not opened again.
+- `inspect(candidate, resolve)`: the file's content fingerprint (the video cache's, §4),
+  for a file found in a directory whether PyAV opens it with a video stream, its duration
+  (container metadata, no decoding) for the plan, and the options as it resolves them (the
+  T it samples, the subtitles it has: what its lines are keyed by).
 - `share_out(weights, size)`: longest first onto the least-loaded rank; the same plan on
   every rank (no randomness, ties to the lower index and rank).
 """
@@ -36,6 +36,8 @@ class Inspected:
     kind: str  # "video" (a video or a picture: answered) or "skip" (found in a directory, neither)
     fingerprint: Optional[str]  # None where the file cannot be read
     duration: float  # seconds (0 where unknown)
+    options: Optional[dict] = None  # the options as this file resolves them (SPEC §4)
+    error: Optional[str] = None  # why they cannot be resolved: its pairs are error lines
 
 
 def read_prompts(args) -> list[str]:
@@ -114,24 +116,22 @@ def probe_container(path: str) -> tuple[bool, float]:
         return False, 0.0
 
 
-def inspect(c: Candidate, known: set, needs_duration) -> Inspected:
-    """`known`: fingerprints the results file already answers (for this model and recipe);
-    `needs_duration(fingerprint)`: whether the video still has pairs to answer."""
+def inspect(c: Candidate, resolve) -> Inspected:
+    """`resolve(path)`: (the options as the file resolves them, or None and the one-line
+    error that stopped them) — what its lines are keyed by."""
     fp = fingerprint_of(c.path)
     if not c.named and fp is None:
         return Inspected("skip", None, 0.0)
-    if fp is not None and fp in known and not needs_duration(fp):
-        return Inspected("video", fp, 0.0)  # answered before: no need to open it again
     if c.named and fp is None:
         return Inspected("video", None, 0.0)  # the answer is an error line
     from sfllava_mlx.image import is_picture
 
     if is_picture(c.path):  # a photo is answered too (SPEC §2.11): about a frame's work
-        return Inspected("video", fp, 1.0)
+        return Inspected("video", fp, 1.0, *resolve(c.path))
     is_video, duration = probe_container(c.path)
-    if not is_video and not c.named and fp not in known:
+    if not is_video and not c.named:
         return Inspected("skip", fp, 0.0)
-    return Inspected("video", fp, duration)
+    return Inspected("video", fp, duration, *resolve(c.path))
 
 
 def share_out(weights: list[float], size: int) -> list[int]:

@@ -10,7 +10,7 @@ the part files removed: at every instant each answer is in `--out` or in a part 
 
 A line is one (video, prompt) pair; the pair is done when a line with the same key exists:
 the video's content fingerprint (its path where the file could not be read), the prompt,
-the model's identity, the recipe and the part (`--start` / `--end`).
+the model's identity and the resolved options (`options`: all that changes the answer).
 """
 
 from __future__ import annotations
@@ -25,31 +25,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from sfllava_mlx.options import identity
+
 # The fields of `generate --json` (SPEC §4), null in an error line.
 ANSWER_FIELDS = ("text", "tokens", "logprobs", "prompt_tokens", "visual_tokens", "timings_s",
-                 "peak_memory_gb", "cache", "finish_reason", "subtitles")
+                 "peak_memory_gb", "cache", "finish_reason", "recipe", "part", "subtitles")
 
 
-def pair_key(fingerprint: Optional[str], video: str, prompt: str, model: str, recipe: str,
-             part: Optional[dict] = None, subtitle_request: Optional[dict] = None) -> str:
-    """`part`: the `part` field of the lines ({"start", "end"} in seconds, SPEC §2.12), None
-    for the whole video; `subtitle_request`: the lines' field of that name (--subtitles and
-    --subtitle-lang where they are not the defaults), None for the defaults. Keys of the
-    defaults stay as they always were."""
+def pair_key(fingerprint: Optional[str], video: str, prompt: str, model: str,
+             options: dict) -> str:
+    """`options`: the resolved options of the answer (a line's `options`, SPEC §4): every
+    one that changes the answer is in the key, so a rerun with other options answers
+    again and keeps the lines of the others."""
     what = f"fp:{fingerprint}" if fingerprint else f"path:{video}"
-    key = [what, prompt, model, recipe]
-    if part is not None:
-        key.append([part.get("start"), part.get("end")])
-    if subtitle_request is not None:
-        key.append(subtitle_request)
-    return json.dumps(key)
+    return json.dumps([what, prompt, model, json.loads(identity(options))])
 
 
 def record_key(rec: dict) -> Optional[str]:
     try:
         return pair_key(rec.get("fingerprint"), rec["video"], rec["prompt"],
-                        rec["model_identity"], rec.get("recipe") or "native", rec.get("part"),
-                        rec.get("subtitle_request"))
+                        rec["model_identity"], rec["options"])
     except (KeyError, TypeError, AttributeError):
         return None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -10,10 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 from sfllava_mlx.errors import UserError
-from sfllava_mlx.options import Options
+from sfllava_mlx.options import requested, with_answer
 
 from ..fmt import count
-from ..options import ask_options, check_decode_concurrency, session_options
+from ..options import ask_options, check_decode_concurrency, checked_options, session_options
 from . import inputs, results
 from .progress import Progress
 
@@ -28,6 +27,8 @@ class Item:
     fingerprint: Optional[str]
     duration: float
     pending: list  # prompts this run answers for it
+    options: dict  # the options as it resolves them: its lines' `options` and keys
+    error: Optional[str] = None  # why they could not be resolved (its lines are errors)
 
 
 def message(e: BaseException) -> str:
@@ -45,9 +46,6 @@ class Batch:
         self.group = group
         self.rank, self.size = group.rank, group.size
         self.out = Path(os.path.abspath(args.out))
-        self.recipe = args.recipe
-        self.part = None  # every video's part (SPEC §2.12), as the lines carry it
-        self.subtitle_request = None  # --subtitles / --subtitle-lang, where not the defaults
 
     def say(self, text: str) -> None:
         if self.rank == 0:
@@ -104,15 +102,9 @@ class Batch:
 
     # -- 1. set-up, local to this rank ---------------------------------------------------
     def setup(self) -> None:
-        from sfllava_mlx import Engine
-
         check_decode_concurrency(self.args)
+        self.options = checked_options(self.args)  # a bad value: refused before the model
         self.prompts = inputs.read_prompts(self.args)
-        options = Options.of(**session_options(self.args))  # a bad --start: refused here
-        self.part = options.part.to_json() if options.part is not None else None
-        asked = {"subtitles": options.subtitles, "subtitle_lang": options.subtitle_lang}
-        # What the answers depend on beyond the video: in the resume key when not the default.
-        self.subtitle_request = asked if asked != {"subtitles": "auto", "subtitle_lang": None} else None
         if self.out.is_dir():
             raise UserError(f"--out {self.args.out} is a directory; name a .jsonl file")
         try:
@@ -120,6 +112,8 @@ class Batch:
         except OSError as e:
             raise UserError(f"cannot create the folder of --out {self.args.out}: "
                             f"{e.strerror or e}") from None
+        from sfllava_mlx import Engine  # after every check: the heavy imports
+
         self.engine = Engine(self.args.model)
         self.identity = self.engine.identity  # hashed once, not per video
         # What this rank can see of the results: --out (rank 0) and part files.
@@ -129,29 +123,28 @@ class Batch:
                          if ls.records}
         if self.rank == 0:
             seen.append(results.read(self.out))
-        self.done_local = set()
-        for ls in seen:
-            for rec in ls.records:
-                if (rec.get("model_identity") == self.identity
-                        and (rec.get("recipe") or "native") == self.recipe):
-                    self.done_local.add(results.record_key(rec))
+        self.done_local = {results.record_key(rec) for ls in seen for rec in ls.records
+                           if rec.get("model_identity") == self.identity}
 
     # -- 2. what to answer ---------------------------------------------------------------
-    def key(self, fingerprint, video, prompt) -> str:
-        return results.pair_key(fingerprint, video, prompt, self.identity, self.recipe, self.part,
-                                self.subtitle_request)
+    def key(self, v: Item, prompt: str) -> str:
+        return results.pair_key(v.fingerprint, v.video, prompt, self.identity, v.options)
+
+    def resolve(self, path: str) -> tuple[dict, Optional[str]]:
+        """(the options as `path` resolves them, None), or (the options as given, the
+        error) where it cannot: its pairs are then error lines keyed by those."""
+        try:
+            record = self.engine.resolve(path, **session_options(self.args))
+        except UserError as e:
+            return requested(self.options), message(e)
+        return with_answer(record, self.options), None
 
     def discover(self):
         g = self.group
         found = inputs.expand(self.args.paths) if self.rank == 0 else None
         candidates = [inputs.Candidate(**c) for c in
                       g.broadcast_json(inputs.to_json(found) if found is not None else None)]
-        known = {k[0][3:] for k in map(json.loads, self.done) if k[0].startswith("fp:")}
-
-        def needs_duration(fp):
-            return any(self.key(fp, "", p) not in self.done for p in self.prompts)
-
-        mine = {i: inputs.inspect(c, known, needs_duration).__dict__
+        mine = {i: inputs.inspect(c, self.resolve).__dict__
                 for i, c in enumerate(candidates) if i % self.size == self.rank}
         table = {}
         for part in g.exchange_json(mine):
@@ -162,7 +155,9 @@ class Batch:
             if info.kind == "skip":
                 skipped += 1
                 continue
-            videos.append(Item(len(videos), c.video, c.path, info.fingerprint, info.duration, []))
+            options = info.options or requested(self.options)
+            videos.append(Item(len(videos), c.video, c.path, info.fingerprint, info.duration, [],
+                               options, info.error))
         return videos, skipped
 
     def schedule(self, videos: list[Item]) -> list:
@@ -173,7 +168,7 @@ class Batch:
         self.total_done = 0
         for v in videos:
             for p in self.prompts:
-                k = self.key(v.fingerprint, v.video, p)
+                k = self.key(v, p)
                 wanted.append((v.video, k))
                 if k in self.done:
                     self.total_done += 1
@@ -201,7 +196,7 @@ class Batch:
         from .prefetch import FramePipeline
 
         options = session_options(self.args)
-        prefetch = options["vision_backend"] == "mlx"  # Core ML reads all frames itself
+        prefetch = self.options.vision_backend == "mlx"  # Core ML reads all frames itself
         pipeline = FramePipeline(
             [_open_path(v) for v in mine], lambda path: self.engine.prepare(path, **options),
             self.engine.model.config.preprocess.image_size, decode=prefetch,
@@ -224,6 +219,8 @@ class Batch:
 
         mx.reset_peak_memory()
         try:
+            if v.error is not None:
+                raise UserError(v.error)
             session = self.engine.open(prefetched.opening(), reader=prefetched.frames)
         except KeyboardInterrupt:
             raise
@@ -307,12 +304,12 @@ class Batch:
 
     def write(self, v: Item, prompt: str, answer: Optional[dict], error: Optional[str]) -> None:
         rec = {"video": v.video, "prompt": prompt, "fingerprint": v.fingerprint,
-               "model": self.args.model, "model_identity": self.identity, "recipe": self.recipe,
-               "part": self.part, "subtitle_request": self.subtitle_request}
+               "model": self.args.model, "model_identity": self.identity}
         if answer is None:
             rec.update(dict.fromkeys(results.ANSWER_FIELDS))
         else:  # generate --json's object, whatever fields it has
             rec.update({k: x for k, x in answer.items() if k not in rec and k != "error"})
+        rec["options"] = v.options  # what it was keyed by: the resolution before answering
         rec["error"] = error
         self.writer.write(rec)
 

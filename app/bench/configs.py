@@ -10,7 +10,6 @@ from typing import Optional
 from sfllava_mlx.errors import UserError
 
 from . import hardware
-from . import random_weights as rw
 
 
 def _list(kind):
@@ -43,6 +42,8 @@ class Config:
     family: Optional[str] = None  # the model's (known once it is built)
 
     def label(self) -> str:
+        from . import random_weights as rw  # MLX models: not for --help
+
         name = f"{rw.display_name(self.size)} (random weights)" if self.size else self.model
         if self.family and not self.size:
             name = f"{name} [{self.family}]"
@@ -52,6 +53,8 @@ class Config:
 
 
 def configurations(args) -> list[Config]:
+    from . import random_weights as rw  # MLX models: not for --help
+
     if not (args.model or args.random_weights or args.sizes):
         raise UserError("bench needs --model DIR, --random-weights SIZE or --sizes")
     for name in ("runs", "max_tokens"):
@@ -122,6 +125,8 @@ def build_model(cfg: Config, args, rows: Optional[list] = None):
     """(model, tokenizer) for a configuration; the machine is checked before allocating,
     for the longest video of `rows` (the configurations that will share the model)."""
     import mlx.core as mx
+
+    from . import random_weights as rw  # MLX models: not for --help
 
     rows = rows or [cfg]
     if cfg.size:

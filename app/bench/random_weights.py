@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,8 +44,9 @@ from sfllava_mlx.config import (
     family_recipes,
 )
 from sfllava_mlx.errors import UserError
-from sfllava_mlx.memory import check, plan_tokens
-from sfllava_mlx.model import SFLLaVA, cast_model
+
+if TYPE_CHECKING:  # the runtime (mlx-lm) is imported when a model is built, not for --help
+    from sfllava_mlx.model import SFLLaVA
 from sfllava_mlx.tokens import num_visual_tokens
 
 # One table a family: size -> the LLM's shape (mlx-lm qwen2 ModelArgs fields).
@@ -158,6 +159,8 @@ def quantize_language_model(model: SFLLaVA, bits: int, group_size: int = 64) -> 
 
 def check_fits(model: SFLLaVA, visual_tokens: int, what: str) -> None:
     """The memory plan of the longest video `model` will see, before its weights exist."""
+    from sfllava_mlx.memory import check, plan_tokens
+
     check(plan_tokens(model, visual_tokens, 8),
           what, lambda: ["a smaller size, fewer bits (-q) or fewer frames"])
 
@@ -184,6 +187,8 @@ def build_random(config: ModelConfig, dtype=mx.float32, q_bits: Optional[int] = 
                  label: str = "the model") -> SFLLaVA:
     """An SFLLaVA of any config with random weights (checked to fit, then allocated)."""
     dtype = as_dtype(dtype)
+    from sfllava_mlx.model import SFLLaVA, cast_model
+
     model = SFLLaVA(config)  # lazy: MLX's own initialisers never run, fill_random replaces them
     fill_random(model, seed)
     cast_model(model, dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from ..options import add_generation_arguments, add_model_argument
+from ..options import add_generation_arguments, add_model_argument, checked_options
 
 
 def add_arguments(p) -> None:
@@ -28,6 +28,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    checked_options(args, args.file)  # before anything heavy is imported
     if sys.stdin.isatty() and sys.stdout.isatty() and not args.json:
         from .terminal import main as terminal
 

@@ -47,7 +47,7 @@ class Chat:
             probe(path)  # refused as a picture before anything else
         self.session.save()
         options = session_options(self.args)
-        if options["subtitles"] not in MODES:  # --subtitles FILE was the first video's
+        if options.get("subtitles", "auto") not in MODES:  # --subtitles FILE was the first video's
             options["subtitles"] = "auto"
         session = self.engine.open(path, progress=progress, prefill=progress is not None,
                                    **options)

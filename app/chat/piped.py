@@ -9,7 +9,7 @@ from typing import Optional
 
 from sfllava_mlx.errors import ContextOverflowError
 
-from ..options import ask_options, picture_note, session_options
+from ..options import picture_note, session_options
 from ..subtitles import plain_listing, summary, warn
 from .chat import COMMANDS, Chat
 
@@ -35,7 +35,7 @@ def main(args) -> int:
             continue
         mx.reset_peak_memory()
         try:
-            for chunk in chat.session.ask(question, **ask_options(args)):
+            for chunk in chat.session.ask(question):
                 if not args.json:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()

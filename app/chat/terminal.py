@@ -9,7 +9,7 @@ from typing import Optional
 
 from sfllava_mlx.errors import ContextOverflowError, UserError
 
-from ..options import ask_options, picture_note, session_options
+from ..options import picture_note, session_options
 from .chat import COMMANDS, Chat, media_word, part_label
 
 
@@ -86,7 +86,7 @@ def answer(chat: Chat, ui, question: str) -> None:
     mx.reset_peak_memory()
     session = chat.session
     before = len(session.turns)
-    stream = session.ask(question, start_time=start, **ask_options(chat.args))
+    stream = session.ask(question, start_time=start)
     stopped = False
     try:
         with ui.answer() as view:
@@ -105,7 +105,7 @@ def answer(chat: Chat, ui, question: str) -> None:
         ui.note("stopped before the first token: the question was dropped")
         return
     chat.record(question, turn.text, stopped)
-    ui.status(turn, stopped, session.conversation.offset, chat.engine.context_length)
+    ui.status(turn, stopped, session.conversation.offset, session.conversation.context_limit)
     session.save()
 
 
@@ -174,7 +174,7 @@ def stats_rows(chat: Chat, info: dict) -> list:
             ("model", f"{info['name']} · {info['params']} parameters · {info['dtype']}"),
             ("visual tokens", str(session.visual.embeddings.shape[0])),
             ("cache", f"{session.cache} (opened in {session.open_s:.2f} s)"),
-            ("context", f"{conversation.offset} / {chat.engine.context_length} tokens"),
+            ("context", f"{conversation.offset} / {conversation.context_limit} tokens"),
             ("turns", f"{len(session.turns)} in this conversation, {chat.turns_total} in all")]
     vt = session.visual.timings
     if session.media == "image":

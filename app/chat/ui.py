@@ -93,7 +93,8 @@ class ChatUI:
         lines.append(model_summary(model_info) + "\n")
         lines.append("input  ", style="bold")
         lines.append(f"{n} frames ({exact}) → {video.visual.embeddings.shape[0]} visual tokens · "
-                     f"cache {video.cache} · ready in {video.open_s:.2f} s\n")
+                     f"cache {video.cache} · context {video.conversation.context_limit} tokens · "
+                     f"ready in {video.open_s:.2f} s\n")
         lines.append("recipe ", style="bold")
         lines.append(recipe_summary(session))
         if session.subtitles is not None:

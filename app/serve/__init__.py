@@ -28,6 +28,7 @@ from ..options import (
     add_generation_arguments,
     add_model_argument,
     check_decode_concurrency,
+    checked_options,
 )
 
 
@@ -93,11 +94,7 @@ def check_options(args) -> list:
     if args.max_conversations < 1:
         raise UserError("--max-conversations must be at least 1")
     check_decode_concurrency(args)
-    from sfllava_mlx.options import Options
-
-    from ..options import session_options
-
-    Options.of(**session_options(args))  # the requests' defaults (a bad --start, ...)
+    checked_options(args)  # the requests' defaults (a bad --start, ...) and the model
     dirs = args.media_dir or [os.getcwd()]
     for d in dirs:
         if not os.path.isdir(d):
@@ -106,6 +103,7 @@ def check_options(args) -> list:
 
 
 def main(args) -> int:
+    dirs = check_options(args)  # before anything heavy is imported
     import uvicorn
 
     from sfllava_mlx.engine import model_name
@@ -115,7 +113,6 @@ def main(args) -> int:
     from .media import Media
     from .worker import Worker
 
-    dirs = check_options(args)
     sock = bind(args.host, args.port)  # before loading: a busy port fails at once
     upload_dir = tempfile.mkdtemp(prefix="sfllava-serve-")  # mode 0700: this user only
     worker = Worker(args)

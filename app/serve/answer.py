@@ -15,7 +15,7 @@ import time
 
 from sfllava_mlx.config import PREFILL_STEP
 from sfllava_mlx.memory import kv_bytes
-from sfllava_mlx.options import Options
+from sfllava_mlx.options import ASK, Options, identity
 
 from ..options import session_options
 from .held import Held
@@ -30,20 +30,18 @@ PREFILL_BESIDE = PREFILL_STEP // 4
 
 def request_options(worker, req) -> dict:
     """The Session options: the server's flags with the request's over them."""
-    opts = {**session_options(worker.args), **req.options}
-    if req.system is not None:
-        opts["system_prompt"] = req.system
-    if req.max_tokens:
-        opts["max_tokens"] = req.max_tokens
-    return opts
+    given = {"system_prompt": req.system, "max_tokens": req.max_tokens,
+             "temp": req.temperature, "top_p": req.top_p, "seed": req.seed}
+    return {**session_options(worker.args), **req.options,
+            **{k: v for k, v in given.items() if v is not None}}
 
 
-def ask_options(worker, req, options: dict) -> dict:
-    a = worker.args
-    return dict(max_tokens=options["max_tokens"],
-                temp=a.temp if req.temperature is None else req.temperature,
-                top_p=a.top_p if req.top_p is None else req.top_p,
-                seed=a.seed if req.seed is None else req.seed)
+def held_key(worker, media, options: dict) -> tuple:
+    """What a held conversation is keyed by: the media's content and the resolved options
+    that change its visual tokens, its prompt or its KV cache (subtitles as actually found:
+    a data URL has no sidecar) — not the decoding ones (SPEC §4)."""
+    resolved = worker.engine.resolve(media.path, **options)
+    return media.key, identity(resolved, "visual", "prompt", "context")
 
 
 def answer_steps(worker, task):
@@ -54,7 +52,8 @@ def answer_steps(worker, task):
         raise APIError(400, "a video is required: put a video_url part in the first user "
                             "message", "missing_video", "messages")
     options = request_options(worker, req)
-    key = (job.media.key, Options.of(**options).prefix_identity())
+    asked = Options.of(**options)  # this request's decoding options, whatever it continues
+    key = held_key(worker, job.media, options)
     held = worker.held.find(key, req.history)
     cache_state = "held"
     if held is None:
@@ -64,7 +63,7 @@ def answer_steps(worker, task):
         opening = engine.prepare(job.media.path, **options)  # the checks; nothing decoded
         plan = opening.memory
         task.working_set = plan.working_set
-        count_memory(worker, task, plan.visual_tokens, req.history, options)
+        count_memory(worker, task, plan.visual_tokens, req.history, asked)
         while not worker.fits(task):
             yield
         session = yield from engine.open_steps(opening)
@@ -76,7 +75,7 @@ def answer_steps(worker, task):
     session = held.session
     if cache_state == "held":
         count_memory(worker, task, session.conversation.offset, req.history[len(held.pairs):],
-                     options)
+                     asked)
         while not worker.fits(task):
             yield
     prefill_chunk = PREFILL_BESIDE if worker.decoder is not None else None
@@ -92,7 +91,7 @@ def answer_steps(worker, task):
     decoder = worker.decoder if task.answer else None
     turns_before = len(session.turns)
     stream = session.ask(req.question, start_time=task.start, decoder=decoder,
-                         **ask_options(worker, req, options))
+                         **{k: getattr(asked, k) for k in ASK})
     try:
         for chunk in stream:
             if chunk is not None:
@@ -125,7 +124,7 @@ def answer_steps(worker, task):
             "cached_tokens": max(0, total - record["prompt_tokens"])}
 
 
-def count_memory(worker, task, start_tokens: int, replayed: list, options: dict) -> None:
+def count_memory(worker, task, start_tokens: int, replayed: list, options: Options) -> None:
     """What `task` holds while it answers: the cache it starts from (`start_tokens`, plus
     the turns it replays) and, where its answer decodes in the batch, the answer's own copy
     of the whole conversation. An answer that decodes alone writes in place; one whose
@@ -137,9 +136,9 @@ def count_memory(worker, task, start_tokens: int, replayed: list, options: dict)
     start = start_tokens + sum(len(encode(tokenizer, q)) + len(encode(tokenizer, a))
                                + PROMPT_TEXT_TOKENS for q, a in replayed)
     whole = (start + len(encode(tokenizer, task.job.req.question)) + PROMPT_TEXT_TOKENS
-             + options["max_tokens"])
-    kv_bits = options.get("kv_bits")
-    batched = worker.decoder is not None and not kv_bits and not options.get("max_kv_size")
+             + options.max_tokens)
+    kv_bits = options.kv_bits
+    batched = worker.decoder is not None and not kv_bits and not options.max_kv_size
     task.starts = kv_bytes(model, start if batched else whole, kv_bits)
     task.answer = kv_bytes(model, whole) if batched else 0
     if batched and not fits(batch_bytes(worker.weights, task.working_set, task.starts,

@@ -37,6 +37,12 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+def refused(e: APIError) -> JSONResponse:
+    """A request refused before it reached the queue: logged as every request is."""
+    log(f"refused {e.status} {e.code}: {e.message}")
+    return error_response(e)
+
+
 class Guard:
     """Pure ASGI middleware: the bearer key (SPEC §5) and, without a key, the Host header.
 
@@ -68,7 +74,7 @@ class Guard:
                                  "invalid_api_key")
         if error is None:
             return await self.app(scope, receive, send)
-        response = error_response(error)
+        response = refused(error)
         if error.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
@@ -82,12 +88,12 @@ def create_app(worker: Worker, media: Media, *, model_id: str, model_arg: str,
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return error_response(e)
+        return refused(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return error_response(APIError(e.status_code, str(e.detail), code))
+        return refused(APIError(e.status_code, str(e.detail), code))
 
     @app.exception_handler(Exception)
     async def server_error(request, e):
@@ -161,25 +167,36 @@ def create_app(worker: Worker, media: Media, *, model_id: str, model_arg: str,
 # ----------------------------------------------------------------------------------------
 
 
+# A body past the limit is still read, and dropped, up to this many bytes: a client that
+# is still sending then reads its 413 instead of a connection reset under its feet.
+DRAIN_BYTES = 256 * 2**20
+
+
 async def read_body(request: Request, limit: int, media: Media) -> Body:
-    """The body, refused with 413 past `limit` (a declared length is checked first)."""
+    """The body, refused with 413 past `limit` (a declared length is checked first: such a
+    body is drained, not kept)."""
     declared = request.headers.get("content-length")
+    too_big = False
     if declared is not None:
         try:
-            declared_n = int(declared)
+            too_big = int(declared) > limit
         except ValueError:
             raise APIError(400, "bad Content-Length", "invalid_request") from None
-        if declared_n > limit:
-            raise too_large(media)
-    body = Body(media.upload_dir)
+    body, seen = Body(media.upload_dir), 0
     try:
         async for chunk in request.stream():
-            body.add(chunk)
-            if body.size > limit:
-                raise too_large(media)
+            seen += len(chunk)
+            too_big = too_big or seen > limit
+            if not too_big:
+                body.add(chunk)
+            elif seen > limit + DRAIN_BYTES:
+                break
     except BaseException:
         body.close()
         raise
+    if too_big:
+        body.close()
+        raise too_large(media)
     return body
 
 

@@ -58,6 +58,13 @@ class HeldConversations:
             self._held.popitem(last=False)
         return held
 
+    def idle(self, keep=None) -> list:
+        """Held conversations no request is using (least recently used first), but `keep`."""
+        return [h for h in self._held.values() if not h.busy and h is not keep]
+
+    def drop(self, held: Held) -> None:
+        self._held.pop(id(held), None)
+
     def written(self, text: str, tokens: list) -> None:
         for t in {text, text.strip()} - {""}:
             self._answers[t] = list(tokens)

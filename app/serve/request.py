@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+from pydantic import ConfigDict, ValidationError, create_model, field_validator, model_validator
+
+from sfllava_mlx.errors import UserError
+from sfllava_mlx.frames.part import Part
+from sfllava_mlx.options import SPECS, OptionError, check
 
 VIDEO_PART_TYPES = ("video_url", "video")
 IMAGE_PART_TYPES = ("image_url",)
@@ -90,18 +96,16 @@ def _text_of(content, where: str) -> tuple[str, list]:
     return "\n".join(texts), videos
 
 
-def _number(body: dict, name: str, kind, lo=None, hi=None, integer=False):
-    value = body.get(name)
+def _option(body: dict, field: str, name: str):
+    """An OpenAI field that is one of our options (`temperature` is `temp`), checked by the
+    option's rule and named as the request names it."""
+    value = body.get(field)
     if value is None:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if integer:
-        ok = ok and float(value).is_integer()
-    if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f" between {lo} and {hi}" if hi is not None else (f" >= {lo}" if lo is not None else "")
-        fail(f"{name} must be a{'n integer' if integer else ' number'}{bounds}",
-              "invalid_value", name)
-    return kind(value)
+    try:
+        return check(name, value, field)
+    except OptionError as e:
+        fail(str(e), "invalid_value", field)
 
 
 def parse_chat(body) -> ChatRequest:
@@ -155,9 +159,9 @@ def parse_chat(body) -> ChatRequest:
     if not turns or len(turns) % 2 == 0:
         fail("the last message must be a user message", "invalid_messages", "messages")
 
-    max_tokens = _number(body, "max_completion_tokens", int, 1, integer=True)
+    max_tokens = _option(body, "max_completion_tokens", "max_tokens")
     if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int, 1, integer=True)
+        max_tokens = _option(body, "max_tokens", "max_tokens")
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         fail("stream must be a boolean", param="stream")
@@ -169,64 +173,48 @@ def parse_chat(body) -> ChatRequest:
         media=videos[0][0] if videos else "video",
         history=[(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2)],
         question=turns[-1], stream=bool(stream), max_tokens=max_tokens,
-        temperature=_number(body, "temperature", float, 0, 2),
-        top_p=_number(body, "top_p", float, 0, 1),
-        seed=_number(body, "seed", int, integer=True),
+        temperature=_option(body, "temperature", "temp"),
+        top_p=_option(body, "top_p", "top_p"),
+        seed=_option(body, "seed", "seed"),
         options=parse_options(options))
 
 
+def _checked(name: str):
+    def validate(cls, value):
+        return None if value is None else check(name, value, f"sfllava.{name}")
+
+    return field_validator(name, mode="before")(validate)
+
+
+def _part(model):
+    Part.of(model.start, model.end, names=("sfllava.start", "sfllava.end"))  # start < end
+    return model
+
+
+# The `sfllava` object (SPEC §5): the options the schema marks for the server, each checked
+# by its own rule (an OptionError passes through pydantic as it is: one line, named).
+SERVER_OPTIONS = tuple(n for n, s in SPECS.items() if s.server)
+SfllavaOptions = create_model(
+    "SfllavaOptions", __config__=ConfigDict(extra="forbid"),
+    __validators__={**{f"check_{n}": _checked(n) for n in SERVER_OPTIONS},
+                    "check_part": model_validator(mode="after")(_part)},
+    **{n: (Optional[Any], None) for n in SERVER_OPTIONS})
+
+
 def parse_options(o: dict) -> dict:
-    """The `sfllava` object: SPEC §2.9-2.10 and §4's per-request sampling options."""
-    known = ("recipe", "num_frames", "fps", "timestamps", "seek", "start", "end", "subtitles",
-             "subtitle_lang")
-    unknown = sorted(set(o) - set(known))
-    if unknown:
-        fail(f"unknown sfllava option(s): {', '.join(unknown)} (known: {', '.join(known)})",
-              "unsupported_parameter", "sfllava")
-    out = {}
-    if o.get("recipe") is not None:
-        if o["recipe"] not in ("native", "slowfast"):
-            fail("sfllava.recipe must be native or slowfast", "invalid_value", "sfllava.recipe")
-        out["recipe"] = o["recipe"]
-    if o.get("num_frames") is not None:
-        out["num_frames"] = _number(o, "num_frames", int, 1, 4096, integer=True)
-    if o.get("seek") is not None:
-        if o["seek"] not in ("exact", "keyframe"):
-            fail("sfllava.seek must be exact or keyframe", "invalid_value", "sfllava.seek")
-        out["seek"] = o["seek"]
-    if o.get("fps") is not None:
-        out["fps"] = _number(o, "fps", float, 0)
-        if out["fps"] <= 0:
-            fail("sfllava.fps must be positive", "invalid_value", "sfllava.fps")
-    if o.get("timestamps") is not None:
-        if not isinstance(o["timestamps"], bool):
-            fail("sfllava.timestamps must be a boolean", "invalid_value", "sfllava.timestamps")
-        out["timestamps"] = o["timestamps"]
-    out.update(parse_part(o))
-    for name in ("subtitles", "subtitle_lang"):  # a subtitle file: checked by media.py
-        if o.get(name) is not None:
-            if not isinstance(o[name], str) or not o[name].strip():
-                fail(f"sfllava.{name} must be " + ("auto, off, speech or the path of a subtitle "
-                     "file inside the media directory" if name == "subtitles" else
-                     "a language tag such as en"), "invalid_value", f"sfllava.{name}")
-            out[name] = o[name]
-    return out
-
-
-def parse_part(o: dict) -> dict:
-    """`start` / `end` (SPEC §2.12): seconds, or time text such as "45:00"."""
-    from sfllava_mlx.errors import UserError
-    from sfllava_mlx.frames import Part
-
-    given = {k: o[k] for k in ("start", "end") if o.get(k) is not None}
-    if not given:
-        return {}
+    """The `sfllava` object -> the options it gives (None left out), or APIError(400)."""
     try:
-        part = Part.of(given.get("start"), given.get("end"),
-                       names=("sfllava.start", "sfllava.end"))
-    except UserError as e:
-        fail(str(e), "invalid_value", str(e).split()[0])  # the message opens with the name
-    return {k: getattr(part, k) for k in given}
+        return SfllavaOptions.model_validate(o).model_dump(exclude_none=True)
+    except OptionError as e:
+        fail(str(e), "invalid_value", e.label)
+    except UserError as e:  # a part's own words (a time, start before end), name first
+        fail(str(e), "invalid_value", str(e).split()[0])
+    except ValidationError as e:
+        unknown = sorted(str(err["loc"][0]) for err in e.errors() if err["type"] == "extra_forbidden")
+        if unknown:
+            fail(f"unknown sfllava option(s): {', '.join(unknown)} (known: "
+                 f"{', '.join(SERVER_OPTIONS)})", "unsupported_parameter", "sfllava")
+        fail(f"sfllava: {e.errors()[0]['msg']}", "invalid_value", "sfllava")
 
 
 def load_json(text: bytes):

@@ -31,6 +31,7 @@ from typing import Optional
 from sfllava_mlx.errors import ContextOverflowError, UserError, VideoError
 
 from .held import HeldConversations
+from .log import log
 from .media import MediaFile
 from .request import APIError, ChatRequest
 
@@ -304,14 +305,30 @@ class Worker:
     _weights: Optional[int] = None
 
     def fits(self, task: Task) -> bool:
-        """Whether `task`'s answer fits beside the running ones (SPEC §5): every sequence's
-        KV cache counts, in the batch and where it starts from. Alone, it fits (a request
-        that cannot fit alone was refused when it was prepared)."""
+        """Whether `task`'s answer fits beside the running ones and the idle held
+        conversations (SPEC §5): every sequence's KV cache counts, in the batch and where it
+        starts from. Where it does not, idle conversations are dropped, least recently used
+        first, before it waits. Alone, it fits (a request that cannot fit alone was refused
+        when it was prepared)."""
         from sfllava_mlx.memory import batch_bytes, fits
 
-        tasks = [t for t in self.tasks if t is not task and (t.starts or t.answer)]
-        if not tasks:
-            return True
-        tasks.append(task)
-        return fits(batch_bytes(self.weights, max(t.working_set for t in tasks),
-                                sum(t.starts for t in tasks), [t.answer for t in tasks]))
+        tasks = [t for t in self.tasks if t is not task and (t.starts or t.answer)] + [task]
+        while True:
+            idle = self.held.idle(keep=task.held)
+            if len(tasks) == 1 and not idle:
+                return True
+            held = sum(self.held_bytes(h) for h in idle)
+            if fits(batch_bytes(self.weights, max(t.working_set for t in tasks),
+                                sum(t.starts for t in tasks) + held, [t.answer for t in tasks])):
+                return True
+            if not idle:
+                return False
+            self.held.drop(idle[0])
+            log(f"{task.job.id} dropped an idle held conversation ({idle[0].session.path}, "
+                f"{idle[0].session.conversation.offset} tokens) to make room")
+
+    def held_bytes(self, held) -> int:
+        from sfllava_mlx.memory import kv_bytes
+
+        conversation = held.session.conversation
+        return kv_bytes(self.engine.model, conversation.offset, held.session.options.kv_bits)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from ..config import ImageConfig, SamplingConfig
+from ..options import changing
 from .fingerprint import Fingerprint
 
 
@@ -32,19 +32,17 @@ class CacheKey:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
 
 
-def video_key(fingerprint: Fingerprint, model: str, dtype: str, sampling: SamplingConfig, *,
-              seek: str = "exact", vision_backend: str = "mlx",
-              fps: Optional[float] = None, part=None) -> CacheKey:
-    """`sampling`: this video's recipe as sampled (its T after --fps); `fps`: the --fps;
-    `part`: the frames.Part sampled (SPEC §2.12), None for the whole video."""
+def video_key(fingerprint: Fingerprint, model: str, dtype: str, sampling: SamplingConfig,
+              options: dict) -> CacheKey:
+    """`sampling`: this video's recipe as sampled (its T after --fps); `options`: the resolved
+    options (`options.resolved`), of which those that change the visual tokens key it."""
     recipe = {k: v for k, v in asdict(sampling).items()
               if k not in ("num_frames", "slow_every") and v != getattr(SamplingConfig, k)}
-    if fps is not None:
-        recipe["fps"] = float(fps)
-    if part is not None:  # the whole video keeps the key it always had
-        recipe["part"] = [part.start, part.end]
+    visual = {n: options[n] for n in changing("visual") if n in options}
+    recipe.update({n: v for n, v in visual.items()
+                   if n not in ("num_frames", "seek", "vision_backend") and v is not None})
     return CacheKey(fingerprint.size, fingerprint.sampled, model, sampling.num_frames,
-                    sampling.slow_every, seek, dtype, vision_backend, recipe)
+                    sampling.slow_every, visual["seek"], dtype, visual["vision_backend"], recipe)
 
 
 def image_key(fingerprint: Fingerprint, model: str, dtype: str, image: ImageConfig) -> CacheKey:

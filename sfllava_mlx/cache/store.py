@@ -38,7 +38,6 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..kv import copy_prefix
 from .files import (
     META_FILE,
     CorruptEntry,
@@ -302,6 +301,8 @@ class VideoCache:
     def store_prefix(self, entry_path: Path, kv_key: str, cache: list, *, length: int,
                      system_prompt: str) -> bool:
         from mlx_lm.models.cache import save_prompt_cache
+
+        from ..kv import copy_prefix  # mlx-lm: imported by what writes, not by `cache ls`
 
         final = entry_path / f"kv-{kv_key}"
         if final.is_dir() or not entry_path.is_dir():

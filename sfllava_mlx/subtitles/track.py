@@ -38,6 +38,13 @@ class SubtitleTrack:
             out.update(model=self.model, language=self.language)
         return out
 
+    def read_from(self) -> str:
+        """Where they were read, as a record's `options.subtitles` says it: the file's path,
+        "stream N" (the container's stream index) or "speech"."""
+        if self.source in ("sidecar", "file"):
+            return self.path
+        return f"stream {self.stream}" if self.source == "embedded" else "speech"
+
     def describe(self) -> str:
         """One line for people: "sidecar clip.en.srt", "embedded stream 2 (subrip, eng)"."""
         if self.source in ("sidecar", "file"):
