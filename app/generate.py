@@ -7,6 +7,7 @@ from .options import (
     add_generation_arguments,
     add_model_argument,
     ask_options,
+    engine_options,
     picture_note,
     session_options,
 )
@@ -29,7 +30,7 @@ def main(args) -> int:
 
     if args.image is not None:
         probe(args.image)  # not a picture, empty or huge: refused before the model loads
-    engine = Engine(args.model)
+    engine = Engine(args.model, **engine_options(args))
     with speech_progress() as progress:  # a bar while speech is transcribed (a terminal)
         session = engine.open(args.image or args.video, progress=progress,
                               **session_options(args))

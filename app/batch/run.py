@@ -13,7 +13,7 @@ from sfllava_mlx.errors import UserError
 from sfllava_mlx.options import Options
 
 from ..fmt import count
-from ..options import ask_options, check_decode_concurrency, session_options
+from ..options import ask_options, check_decode_concurrency, engine_options, session_options
 from . import inputs, results
 from .progress import Progress
 
@@ -120,7 +120,7 @@ class Batch:
         except OSError as e:
             raise UserError(f"cannot create the folder of --out {self.args.out}: "
                             f"{e.strerror or e}") from None
-        self.engine = Engine(self.args.model)
+        self.engine = Engine(self.args.model, **engine_options(self.args))
         self.identity = self.engine.identity  # hashed once, not per video
         # What this rank can see of the results: --out (rank 0) and part files.
         self.read_paths = results.owned_parts(self.out, self.rank, self.size)
