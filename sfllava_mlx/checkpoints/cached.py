@@ -50,7 +50,7 @@ def cached_path(source: Path, name: str, settings: Settings, root: Optional[Path
     key = hashlib.sha256("\0".join([directory_identity(source), resolved.label,
                                     version()]).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip("/")).strip("-.") or "model"
-    return (root or models_root()) / f"{slug[-80:]}-{resolved.label}-{key}"
+    return Path(root or models_root()) / f"{slug[-80:]}-{resolved.label}-{key}"
 
 
 def converted(source: Path, name: str, settings: Settings = Settings(),
