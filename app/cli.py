@@ -19,6 +19,7 @@ SUBCOMMANDS = [
     ("serve", ".serve", "an OpenAI-compatible local server for video chat"),
     ("batch", ".batch", "answer questions about many videos, resumable, over several Macs"),
     ("cache", ".cache", "list or clear the video cache"),
+    ("models", ".models", "list the runnable models on disk (hub cache, converted models)"),
 ]
 
 

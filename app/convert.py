@@ -35,7 +35,7 @@ def print_summary(r) -> None:
     print(f"  size on disk  {human_bytes(r.bytes_on_disk)}")
     print(f"  time          {r.seconds:.1f} s")
     if r.dropped:
-        from sfllava_convert.layouts import group_dropped
+        from sfllava_convert.convert import group_dropped
 
         print(f"  dropped {len(r.dropped)} unused tensor(s):")
         for pattern, count, reason in group_dropped(r.dropped):

@@ -7,6 +7,7 @@ from .options import (
     add_generation_arguments,
     add_model_argument,
     checked_options,
+    engine_options,
     picture_note,
     session_options,
 )
@@ -31,7 +32,7 @@ def main(args) -> int:
         probe(args.image)  # not a picture, empty or huge: refused before the model loads
     from sfllava_mlx import Engine
 
-    engine = Engine(args.model)
+    engine = Engine(args.model, **engine_options(args))
     with speech_progress() as progress:  # a bar while speech is transcribed (a terminal)
         session = engine.open(args.image or args.video, progress=progress,
                               **session_options(args))

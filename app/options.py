@@ -18,7 +18,23 @@ COUNT = Whole("a whole number of at least 1", 1)
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="converted model directory or hub repo id")
+    p.add_argument("--model", required=True,
+                   help="model directory or hub repo id: an sfllava or mlx-vlm conversion, or a "
+                        "Hugging Face checkpoint (converted on first use)")
+    # what they mean to `sfllava convert`, for a Hugging Face checkpoint's first use
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="weight dtype (default: the checkpoint's; float32 on MLX's CPU backend)")
+    p.add_argument("-q", "--quantize", action="store_true",
+                   help="quantize the LLM of a Hugging Face checkpoint converted on first use")
+    p.add_argument("--q-bits", type=int, choices=[4, 8], default=4, help="bits per weight (with -q)")
+    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64,
+                   help="quantization group size (with -q)")
+
+
+def engine_options(args) -> dict:
+    """The keyword options of `Engine` that add_model_argument's flags give."""
+    return dict(dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
+                q_group_size=args.q_group_size)
 
 
 def add_options(p, names=tuple(SPECS)) -> None:

@@ -133,7 +133,7 @@ def write_llava_hf_checkpoint(path: Path, *, dtype: str = "bfloat16", shards: in
 
 # `sfllava convert`, except that SourceCheckpoint._loaded is cleared after _build_weights.
 DROP_SOURCE_TENSORS = """
-import sfllava_convert.convert as c
+import sfllava_mlx.checkpoints.convert as c
 _build = c._build_weights
 def _build_and_drop(src, p, dtype):
     out = _build(src, p, dtype)

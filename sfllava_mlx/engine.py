@@ -113,12 +113,16 @@ def model_name(path_or_repo: str) -> str:
 class Engine:
     """One loaded model and the persistent video cache, for any number of Sessions."""
 
-    def __init__(self, model, tokenizer=None, *, dtype=None, cache_dir=None):
-        """`model`: a converted model directory or hub repo id, loaded here; or an SFLLaVA
-        already loaded (random weights, tests), with its `tokenizer`."""
+    def __init__(self, model, tokenizer=None, *, dtype=None, cache_dir=None, quantize=False,
+                 q_bits=4, q_group_size=64):
+        """`model`: a model directory or hub repo id of any kind `load` takes (a Hugging Face
+        checkpoint is converted on first use, with dtype / quantize / q_bits / q_group_size
+        meaning what they mean to `sfllava convert`), loaded here; or an SFLLaVA already
+        loaded (random weights, tests), with its `tokenizer`."""
         if tokenizer is None:
             self.name = model_name(str(model))
-            model, tokenizer = load(str(model), dtype=dtype)
+            model, tokenizer = load(str(model), dtype=dtype, quantize=quantize, q_bits=q_bits,
+                                    q_group_size=q_group_size)
         else:
             self.name = model_name(str(model.path)) if model.path else "model"
         self.model, self.tokenizer = model, tokenizer

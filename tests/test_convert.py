@@ -184,7 +184,7 @@ def test_blocks_past_the_feature_layer_may_be_absent(tmp_path, capsys):
 
 def test_layout_defaults_without_vision_config():
     """SPEC §3 defaults: Oryx-ViT, and SigLIP so400m-patch14-384 when mm_vision_tower names it."""
-    from sfllava_convert.layouts import ORYX, SIGLIP, vision_config
+    from sfllava_mlx.checkpoints.layouts import ORYX, SIGLIP, vision_config
     from sfllava_mlx.errors import CheckpointError
 
     oryx, raw = vision_config(ORYX, {}, {TOWER + "pos_embed": (1, 128 * 128, 1152)})

@@ -168,7 +168,7 @@ def test_converter_writes_image_section(ov, converted):
 
 
 def test_image_section_of_other_configs():
-    from sfllava_convert.layouts import configs as layouts
+    from sfllava_mlx.checkpoints.layouts import configs as layouts
     from sfllava_mlx.config import PreprocessConfig, VisionConfig
 
     v, pre = VisionConfig(image_size=384, patch_size=14), PreprocessConfig()

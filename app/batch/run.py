@@ -12,7 +12,13 @@ from sfllava_mlx.errors import UserError
 from sfllava_mlx.options import requested, with_answer
 
 from ..fmt import count
-from ..options import ask_options, check_decode_concurrency, checked_options, session_options
+from ..options import (
+    ask_options,
+    check_decode_concurrency,
+    checked_options,
+    engine_options,
+    session_options,
+)
 from . import inputs, results
 from .progress import Progress
 
@@ -114,7 +120,7 @@ class Batch:
                             f"{e.strerror or e}") from None
         from sfllava_mlx import Engine  # after every check: the heavy imports
 
-        self.engine = Engine(self.args.model)
+        self.engine = Engine(self.args.model, **engine_options(self.args))
         self.identity = self.engine.identity  # hashed once, not per video
         # What this rank can see of the results: --out (rank 0) and part files.
         self.read_paths = results.owned_parts(self.out, self.rank, self.size)

@@ -9,7 +9,7 @@ from typing import Optional
 
 from sfllava_mlx.errors import ContextOverflowError
 
-from ..options import picture_note, session_options
+from ..options import engine_options, picture_note, session_options
 from ..subtitles import plain_listing, summary, warn
 from .chat import COMMANDS, Chat
 
@@ -19,7 +19,7 @@ def main(args) -> int:
 
     from sfllava_mlx import Engine
 
-    engine = Engine(args.model)
+    engine = Engine(args.model, **engine_options(args))
     session = engine.open(args.file, **session_options(args))
     warn(session.warnings)
     if session.media == "image" and picture_note(session.options):

@@ -9,7 +9,7 @@ from typing import Optional
 
 from sfllava_mlx.errors import ContextOverflowError, UserError
 
-from ..options import picture_note, session_options
+from ..options import engine_options, picture_note, session_options
 from .chat import COMMANDS, Chat, media_word, part_label
 
 
@@ -20,7 +20,7 @@ def main(args) -> int:
 
     ui = ChatUI()
     with ui.console.status(f"loading model {args.model}…"):
-        engine = Engine(args.model)
+        engine = Engine(args.model, **engine_options(args))
     with ui.opening(args.file) as progress:
         session = engine.open(args.file, progress=progress, prefill=True,
                               **session_options(args))

@@ -30,6 +30,7 @@ from typing import Optional
 
 from sfllava_mlx.errors import ContextOverflowError, UserError, VideoError
 
+from ..options import engine_options
 from .held import HeldConversations
 from .log import log
 from .media import MediaFile
@@ -138,7 +139,7 @@ class Worker:
             from sfllava_mlx import Engine
             from sfllava_mlx.batching import Decoder
 
-            self.engine = Engine(self.args.model)
+            self.engine = Engine(self.args.model, **engine_options(self.args))
             if self.concurrency > 1:
                 self.decoder = Decoder(self.engine.model, self.engine.tokenizer,
                                        self.concurrency)

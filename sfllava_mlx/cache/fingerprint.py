@@ -84,9 +84,14 @@ def model_identity(model) -> str:
     blocks). A model built in memory (benchmarks) sets `model.identity` itself."""
     if model.identity:
         return str(model.identity)
-    path = model.path
-    if path is None:
+    if model.path is None:
         raise ValueError("model has neither a path nor an identity: it cannot be cached")
+    return directory_identity(model.path)
+
+
+def directory_identity(path) -> str:
+    """The content identity of a model directory (a converted model, an mlx-vlm one or a
+    Hugging Face checkpoint): its JSON files whole, the others by sampled fingerprint."""
     h = hashlib.sha256()
     for f in sorted(Path(path).iterdir()):
         if not f.is_file() or f.name.startswith("."):

@@ -1,4 +1,4 @@
-"""The two source layouts of SPEC §3: detection, configuration and the name/shape map.
+"""The source layouts of SPEC §3: detection, configuration and the name/shape map.
 
 The map runs from the MLX model's side: for every parameter of `SFLLaVA(config)` a
 template gives the source tensor(s) it is made of and how (copy, conv transpose,
@@ -9,8 +9,18 @@ SPEC §2.6 has no place for it) or unknown (an error).
 
 from .configs import model_config, text_config, vision_config
 from .names import HF, LAYOUTS, ORYX, SIGLIP, canonical_names, detect_layout
-from .rules import Rule, TensorMap, group_dropped, map_tensors, report, summary_line, transform
+from .rules import (
+    STORED_HF_MARKERS,
+    Rule,
+    TensorMap,
+    group_dropped,
+    map_tensors,
+    report,
+    stored_hf_weights,
+    summary_line,
+    transform,
+)
 
-__all__ = ["HF", "LAYOUTS", "ORYX", "TensorMap", "Rule", "SIGLIP", "canonical_names", "detect_layout",
-           "group_dropped", "model_config", "map_tensors", "report", "summary_line", "text_config",
+__all__ = ["HF", "LAYOUTS", "ORYX", "TensorMap", "Rule", "SIGLIP", "STORED_HF_MARKERS", "canonical_names", "detect_layout",
+           "group_dropped", "model_config", "map_tensors", "report", "stored_hf_weights", "summary_line", "text_config",
            "transform", "vision_config"]

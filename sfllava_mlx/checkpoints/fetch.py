@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sfllava_mlx.hub import download, local_or_download
-
+from ..hub import download, local_or_download
 from .source import AUX_FILES
 
 SAFETENSORS_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from sfllava_mlx.errors import CheckpointError
+from ...errors import CheckpointError
 
 ORYX = "oryx-vit"
 SIGLIP = "llava-siglip"

@@ -10,9 +10,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from sfllava_mlx.config import ModelConfig
-
-from .names import HF, NEWLINE, ORYX, ORYX_PREFIX, SEPARATOR, SIGLIP, SIGLIP_PREFIX
+from ...config import ModelConfig
+from ...errors import CheckpointError
+from .names import HF, NEWLINE, ORYX, ORYX_PREFIX, SEPARATOR, SIGLIP, SIGLIP_PREFIX, canonical_names
 
 # ----------------------------------------------------------------------------------------
 # The name and shape map
@@ -266,3 +266,48 @@ def summary_line(p: TensorMap) -> str:
         parts.append("learned separator/newline tensors the runtime has no place for ("
                      + ", ".join(p.separators[:3]) + (", ..." if len(p.separators) > 3 else "") + ")")
     return "checkpoint does not match its config: " + ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------
+# The llava-hf names stored by MLX (mlx-vlm's conversions), mapped at load time
+
+# mlx-vlm's names that are never ours (ours: language_model.*, vision_tower.{patch_embed,...})
+STORED_HF_MARKERS = ("multi_modal_projector.", "vision_tower.vision_model.")
+# MLX already holds the patch embedding in its own (O, H, W, I) order
+STORED_KINDS = {"conv": "copy"}
+QUANT_PARTS = ("scales", "biases")  # beside each weight mlx-vlm quantized
+
+
+def _with_quant_parts(target: str, sources: list, present) -> list:
+    """[(target, sources)], plus the .scales/.biases pairs where the file quantized it."""
+    out = [(target, sources)]
+    if target.endswith(".weight") and all(s[:-6] + "scales" in present for s in sources):
+        out += [(target[:-6] + part, [s[:-6] + part for s in sources]) for part in QUANT_PARTS]
+    return out
+
+
+def stored_hf_weights(weights: dict, cfg: ModelConfig, param_names) -> dict:
+    """{our name: array} from a file in llava-hf names written by MLX (mlx-vlm), through
+    the table `convert` reads; a tensor left over must be one it knows to be unused."""
+    aliases = canonical_names(HF, weights)  # rules' name -> the file's
+    out, used, missing = {}, set(), []
+    for target in param_names:
+        sources, kind = _sources_for(HF, target)
+        for name, srcs in _with_quant_parts(target, sources, aliases):
+            absent = [s for s in srcs if s not in aliases]
+            missing += absent
+            used.update(srcs)
+            if not absent:
+                arrays = [weights[aliases[s]] for s in srcs]
+                out[name] = transform(STORED_KINDS.get(kind, kind), arrays)
+    p = TensorMap(missing=[aliases.get(n, n) for n in missing])
+    for name in aliases:
+        if name not in used:
+            what, note = _leftover_reason(HF, name.rsplit(".", 1)[0] + ".weight"
+                                          if name.endswith(QUANT_PARTS) else name, cfg)
+            if what != "dropped":
+                p.unexpected[aliases[name]] = note
+    if not p.ok:
+        raise CheckpointError(summary_line(p), details=report(
+            p, {k: tuple(v.shape) for k, v in weights.items()}))
+    return out

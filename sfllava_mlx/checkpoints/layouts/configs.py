@@ -7,7 +7,7 @@ import math
 import re
 from typing import Optional
 
-from sfllava_mlx.config import (
+from ...config import (
     ONEVISION_PINPOINTS,
     ImageConfig,
     ModelConfig,
@@ -17,8 +17,7 @@ from sfllava_mlx.config import (
     VisionConfig,
     family_recipes,
 )
-from sfllava_mlx.errors import CheckpointError
-
+from ...errors import CheckpointError
 from .names import (
     DEFAULT_FEATURE_LAYER,
     GELU_NAMES,

@@ -15,7 +15,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from sfllava_mlx.errors import CheckpointError, UserError
+from ..errors import CheckpointError, UserError
 
 SAFETENSORS_DTYPES = {
     "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
