@@ -244,7 +244,9 @@ function showFigures(figures, last) {
   const record = last.sfllava, t = record.timings_s, n = last.usage.completion_tokens;
   const rate = n > 1 && t.generate > 0 ? `${((n - 1) / t.generate).toFixed(1)} tokens/s` : "– tokens/s";
   figures.dataset.cache = record.cache;
-  figures.textContent = `ttft ${t.ttft.toFixed(2)} s · ${rate} · cache ${record.cache} · ${n} tokens`;
+  figures.dataset.ttft = String(t.ttft);
+  const ttft = t.ttft < 1 ? `${(t.ttft * 1000).toFixed(0)} ms` : `${t.ttft.toFixed(2)} s`;
+  figures.textContent = `ttft ${ttft} · ${rate} · cache ${record.cache} · ${n} tokens`;
 }
 
 function mediaPart(media) {
