@@ -28,14 +28,16 @@ $(BIN)/sfllava: pyproject.toml
 
 setup: $(BIN)/sfllava
 
-# ffmpeg makes the long-GOP H.264/HEVC test videos, tmux drives the chat in a real terminal;
+# ffmpeg makes the long-GOP H.264/HEVC test videos, tmux drives the chat in a real terminal,
+# Debian's chromium runs the page's tests (Playwright drives it: no browser download);
 # OpenBLAS speeds MLX's CPU backend.
 system-deps:
 ifeq ($(UNAME),Linux)
-	@if ! command -v ffmpeg >/dev/null || ! command -v tmux >/dev/null || [ ! -e $(OPENBLAS) ]; then \
+	@if ! command -v ffmpeg >/dev/null || ! command -v tmux >/dev/null || [ ! -e $(OPENBLAS) ] \
+	    || [ ! -x /usr/bin/chromium ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && apt-get install -y -qq ffmpeg libopenblas0-pthread tmux) >/dev/null; \
-	  else echo "note: install ffmpeg, tmux and libopenblas0-pthread for the full test suite"; fi; \
+	    (apt-get update -qq && apt-get install -y -qq ffmpeg libopenblas0-pthread tmux chromium) >/dev/null; \
+	  else echo "note: install ffmpeg, tmux, chromium and libopenblas0-pthread for the full test suite"; fi; \
 	fi
 else
 	@command -v ffmpeg >/dev/null || echo "note: 'brew install ffmpeg' enables the H.264/HEVC tests"

@@ -154,6 +154,8 @@ def test_the_wheel_holds_the_three_packages_and_no_generic_names(tmp_path):
         for name, path in modules(folder).items():
             inside = "/".join(name.split(".")) + ("/__init__.py" if path.name == "__init__.py" else ".py")
             assert inside in names, f"{inside} is missing from the wheel"
+    for page in ("index.html", "page.js", "page.css"):  # the server's page (SPEC §9)
+        assert f"sfllava_app/serve/page/{page}" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "sfllava = sfllava_app.cli:entry" in zipfile.ZipFile(wheel).read(entry).decode()
     # MLX has no backend on Linux unless one is asked for: the plain install asks for the CPU one.

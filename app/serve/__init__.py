@@ -7,7 +7,8 @@
 The parts: `request.py` (what a request asks for), `media.py` (the body and the media it
 may read), `worker.py` (the model's worker thread, its queue and its round of steps),
 `answer.py` (one request's steps), `held.py` (the conversations held in memory), `api.py`
-(FastAPI routes, streaming, errors, the key). This
+(FastAPI routes, streaming, errors, the key), `page.py` and `page/` (the page at `/`,
+SPEC §9). This
 module checks the options, loads the model, binds the socket and runs uvicorn.
 """
 

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .log import log
 from .media import Body, Media, body_limit, cut_uploads
+from .page import add_page_routes, is_public
 from .request import APIError, load_json, parse_chat
 from .worker import Job, Worker
 
@@ -66,7 +67,8 @@ class Guard:
             if host and name not in self.allowed_hosts:
                 error = APIError(403, f"host {host!r} is not allowed: without --api-key the "
                                       "server answers loopback names only", "host_not_allowed")
-        elif not (scope["method"] == "GET" and scope["path"] == "/health"):
+        elif not (scope["method"] == "GET" and (scope["path"] == "/health"
+                                                or is_public(scope["path"]))):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.key):
                 error = APIError(401, "a valid API key is required (Authorization: Bearer KEY)"
@@ -161,6 +163,7 @@ def create_app(worker: Worker, media: Media, *, model_id: str, model_arg: str,
         log_job(job, 200, value)
         return completion(job, value, model_id)
 
+    add_page_routes(app, worker, media)  # GET / and what the page asks for (SPEC §9)
     return Guard(app, api_key, LOOPBACK_HOSTS + (host.lower(),))
 
 

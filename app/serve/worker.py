@@ -39,6 +39,21 @@ from .request import APIError, ChatRequest
 IDLE_WAIT_S = 0.01  # a round with nothing to do waits this long on a frame (or a new job)
 
 
+def user_api_error(e: Exception, upload: Optional[str] = None) -> Optional[APIError]:
+    """SPEC §5's answer to an error the user caused (None for a bug). `upload`: the path
+    of an uploaded video, named in messages as "the uploaded video", not by its file."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ContextOverflowError):
+        return APIError(400, str(e), "context_length_exceeded", "messages")
+    if isinstance(e, VideoError):
+        message = str(e) if upload is None else str(e).replace(upload, "the uploaded video")
+        return APIError(400, message, "invalid_video", "video_url")
+    if isinstance(e, UserError):
+        return APIError(400, str(e), "invalid_request")
+    return None
+
+
 class JobCancelled(Exception):
     """Its client left."""
 
@@ -274,17 +289,10 @@ class Worker:
                 traceback.print_exc()
 
     def _api_error(self, job: Job, e: Exception) -> APIError:
-        if isinstance(e, APIError):
-            return e
-        if isinstance(e, ContextOverflowError):
-            return APIError(400, str(e), "context_length_exceeded", "messages")
-        if isinstance(e, VideoError):
-            message = str(e)
-            if job.media is not None and job.media.upload:  # not the server's file names
-                message = message.replace(job.media.path, "the uploaded video")
-            return APIError(400, message, "invalid_video", "video_url")
-        if isinstance(e, UserError):
-            return APIError(400, str(e), "invalid_request")
+        upload = job.media.path if job.media is not None and job.media.upload else None
+        error = user_api_error(e, upload)
+        if error is not None:
+            return error
         traceback.print_exc()  # a bug: this request fails, the server goes on
         if not self.tasks:
             self.held.clear()  # a conversation may be half-updated: trust none
