@@ -315,7 +315,7 @@ def test_the_prefill_in_steps_is_mlx_lms_prefill(engine, videos, step):
 def test_the_readme_batching_example_runs(engine, videos, tmp_path, monkeypatch, capsys):
     import re
 
-    from tests.conftest import REPO
+    from sfllava_convert.tiny.command import REPO
 
     section = (REPO / "README.md").read_text().split("## Python API", 1)[1]
     code = re.findall(r"```python\n(.*?)```", section, re.S)[1]

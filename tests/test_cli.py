@@ -4,7 +4,8 @@ import json
 import signal
 import subprocess
 
-from tests.conftest import REPO, convert_checkpoint, run_env, sfllava, sfllava_command
+from sfllava_convert.tiny.command import REPO, run_env, sfllava_command
+from tests.conftest import convert_checkpoint, sfllava
 
 
 def assert_user_error(result, *words):

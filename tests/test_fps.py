@@ -16,16 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import (
-    LOGPROB_TOL,
-    MAX_TOKENS,
-    QUESTION,
-    REPO,
-    run_env,
-    sfllava,
-    sfllava_command,
-)
-from tests.videos import ffprobe_frames, have_ffmpeg, make_ffmpeg_video, make_ffv1_video
+from sfllava_convert.tiny.command import REPO, run_env, sfllava_command
+from sfllava_convert.tiny.videos import have_ffmpeg, make_ffmpeg_video, make_ffv1_video
+from tests.conftest import LOGPROB_TOL, MAX_TOKENS, QUESTION, sfllava
+from tests.videos import ffprobe_frames
 
 needs_ffmpeg = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed")
 LAYOUT = "oryx-vit"

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from sfllava_convert.tiny.pictures import picture_array
 from tests.conftest import FOLLOW_UP, LOGPROB_TOL, MAX_TOKENS, QUESTION, convert_checkpoint, sfllava
 from tests.onevision_reference import IMAGE_MEAN, IMAGE_STD, TINY_OV
 from tests.test_image_support import (
@@ -33,7 +34,6 @@ from tests.test_image_support import (
     bad_pictures,
     exif_rotated_pair,
     onevision_checkpoint,
-    picture_array,
     save_picture,
     single_answer,
     single_visual_tokens,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_env
-from tests.videos import make_ffv1_video
+from sfllava_convert.tiny.command import REPO, run_env
+from sfllava_convert.tiny.videos import make_ffv1_video
 
 # The folders and the import names they are installed as (pyproject's package-dir).
 FOLDERS = {"sfllava_mlx": "sfllava_mlx", "convert": "sfllava_convert", "app": "sfllava_app"}

@@ -14,13 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sfllava_convert.tiny import Tower
+
 from tests.conftest import (
     FOLLOW_UP,
     LAYOUTS,
     LOGPROB_TOL,
     MAX_TOKENS,
     QUESTION,
-    TINY,
     json_lines,
     sfllava,
     with_image_size,
@@ -212,7 +213,7 @@ def test_other_grid_sizes(layout, image_size, work, sources, converted, videos):
     model_dir = with_image_size(converted[layout], work / f"mlx-{layout}-{image_size}", image_size)
     model, _ = load(model_dir)
     ref = Reference(sources[layout], image_size=image_size)
-    g = image_size // TINY["patch_size"]
+    g = image_size // Tower().patch_size
     g0 = ref.pos_grid
     assert model.config.vision.grid == ref.grid == g != ref.pos_grid
 

@@ -22,26 +22,18 @@ import cv2
 import numpy as np
 import pytest
 
-from sfllava_mlx import Engine, UserError
-from sfllava_mlx import frames as F
-from sfllava_mlx.options import Options
-from tests.conftest import (
-    LOGPROB_TOL,
-    MAX_TOKENS,
-    QUESTION,
-    json_lines,
-    run_env,
-    sfllava,
-    sfllava_command,
-)
-from tests.videos import (
-    decode_all,
-    ffprobe_frames,
+from sfllava_convert.tiny.command import run_env, sfllava_command
+from sfllava_convert.tiny.videos import (
     have_ffmpeg,
     make_ffmpeg_video,
     make_ffv1_video,
     pattern_frames,
 )
+from sfllava_mlx import Engine, UserError
+from sfllava_mlx import frames as F
+from sfllava_mlx.options import Options
+from tests.conftest import LOGPROB_TOL, MAX_TOKENS, QUESTION, json_lines, sfllava
+from tests.videos import decode_all, ffprobe_frames
 
 needs_ffmpeg = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed")
 LAYOUT = "oryx-vit"
@@ -501,7 +493,7 @@ def test_chat_header_help_and_transcript_show_the_part(tmp_path, engine, videos)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, converted, videos):
-    from tests.serve_support import Server
+    from sfllava_convert.tiny.command import Server
 
     tmp = tmp_path_factory.mktemp("serve-parts")
     media = tmp / "media"
@@ -516,7 +508,7 @@ def server(tmp_path_factory, converted, videos):
 
 def test_serve_answers_about_a_part(server, part_reference):
     pytest.importorskip("openai")
-    from tests.serve_support import first_message
+    from sfllava_convert.tiny.command import first_message
 
     s, video = server
     client = s.client()
@@ -542,7 +534,7 @@ def test_serve_answers_about_a_part(server, part_reference):
 
 
 def test_serve_refuses_bad_parts_with_400(server):
-    from tests.serve_support import first_message
+    from sfllava_convert.tiny.command import first_message
 
     s, video = server
     bad = [({"start": 5, "end": 2}, "sfllava.start 0:05 is not before sfllava.end 0:02"),
