@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,18 @@ def with_image_size(model_dir: Path, dst: Path, image_size: int) -> Path:
     cfg["preprocess"]["image_size"] = image_size
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel a plain `pip install .` would build, built once per run."""
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(out), str(REPO)], capture_output=True, text=True,
+                           timeout=300, cwd=out)
+    assert build.returncode == 0, build.stderr
+    [path] = out.glob("sfllava_mlx-*.whl")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from sfllava_convert.tiny import Tower
-
 from tests.conftest import (
     FOLLOW_UP,
     LAYOUTS,

@@ -506,6 +506,7 @@ def server(tmp_path_factory, converted, videos):
         s.stop()
 
 
+@pytest.mark.server
 def test_serve_answers_about_a_part(server, part_reference):
     pytest.importorskip("openai")
     from sfllava_convert.tiny.command import first_message
@@ -533,6 +534,7 @@ def test_serve_answers_about_a_part(server, part_reference):
     assert whole.model_extra["sfllava"]["part"] is None
 
 
+@pytest.mark.server
 def test_serve_refuses_bad_parts_with_400(server):
     from sfllava_convert.tiny.command import first_message
 

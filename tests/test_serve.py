@@ -28,6 +28,7 @@ from tests.serve_support import chatty_model, data_url, truncated_mp4, wait_unti
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
+pytestmark = pytest.mark.server  # every test here talks to a real `sfllava serve`
 
 KEY = "sk-test-serve"
 FOLLOW_UP = "What color is the car?"

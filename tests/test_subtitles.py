@@ -437,6 +437,7 @@ def test_batch_lines_carry_the_subtitles(place, converted, tmp_path, expected, v
     assert f"warning: {broken / 'clip.mkv'}: ignoring the subtitles" in r.stderr
 
 
+@pytest.mark.server
 def test_serve_takes_subtitles_per_request(place, converted, tmp_path, expected, reference):
     from sfllava_convert.tiny.command import Server
 
