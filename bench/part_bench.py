@@ -5,7 +5,7 @@ terminal drives it: each open prefills its prefix).
     python -m bench.part_bench [--model DIR | --random-weights SIZE] [--dir DIR] [--runs 3]
                                [--num-frames T]
 
-On the 20-minute 640x360 long-GOP H.264 file of bench/frames_bench.py (made once, kept in
+On the 20-minute 640x360 long-GOP H.264 file of bench.frames_bench (made once, kept in
 DIR), with the part 10:00-12:00:
 - open the whole video (cold: empty video cache), then ask;
 - `/part 10:00-12:00` (cold: the part's frames decoded and encoded), then ask;

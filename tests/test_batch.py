@@ -26,6 +26,8 @@ import pytest
 from sfllava_convert.tiny.command import REPO, run_env, sfllava_command
 from tests.conftest import LOGPROB_TOL, sfllava
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the tiny models against their references
+
 PROMPTS = ("What happens in this video?", "Who is in it?")
 MAX_TOKENS = 8
 # Fields that describe the run rather than the answer: time, memory, the video cache's state,

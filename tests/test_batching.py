@@ -17,6 +17,8 @@ from sfllava_mlx import Engine
 from sfllava_mlx.batching import Decoder, answer_all
 from tests.conftest import LOGPROB_TOL
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the tiny models against their references
+
 PROMPTS = ("What happens in this video?", "Who is in it?", "What color is the car?",
            "Describe the scene in detail, please.")
 TOKENS = 40

@@ -310,6 +310,7 @@ print("ok", found)
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_never_leave_a_broken_entry(cache_home, videos):
     """Three processes write, read and drop the same entry at once: every read finds one
     writer's complete entry or none; no check ever fails, nothing is left behind."""
@@ -326,6 +327,7 @@ def test_concurrent_writers_never_leave_a_broken_entry(cache_home, videos):
     assert [p for p in root.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_second_process_hits_with_the_same_answer(tmp_path, model_dir, videos):
     """The contract end to end: `generate --json` in two processes."""
     home = tmp_path / "xdg"

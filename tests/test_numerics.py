@@ -182,6 +182,7 @@ def test_generate_json_matches_reference(layout, cli_answers, reference_answers,
 
 
 @pytest.mark.parametrize("layout", ["oryx-vit"])  # the LLM side does not depend on the layout
+@pytest.mark.slow
 def test_chat_follow_up_matches_reference(layout, work, converted, references, videos):
     """Two questions on stdin (not a terminal): one JSON object per turn, the second turn
     continuing the same conversation (SPEC §2.7 later turns, §4 non-terminal mode)."""

@@ -283,6 +283,7 @@ def test_frames_refuses_bad_parts(capsys, files, flags, says):
     assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and says in err
 
 
+@pytest.mark.slow
 def test_generate_refuses_bad_parts(tmp_path, converted, files):
     for flags, says in (REFUSED[2], REFUSED[3], REFUSED[6], REFUSED[7], REFUSED[9]):
         r = sfllava(["generate", "--model", converted[LAYOUT], "--video", files["ffv1"],
@@ -368,6 +369,7 @@ def test_time_instruction_speaks_in_the_videos_time(engine, videos, part_referen
     assert "The video lasts for 16.00 seconds" in part_reference["timed_question"]
 
 
+@pytest.mark.slow
 def test_generate_answer_equals_the_reference(tmp_path, converted, videos, part_reference):
     r = sfllava(["generate", "--model", converted[LAYOUT], "--video", videos["main"], "--prompt",
                  QUESTION, "--max-tokens", MAX_TOKENS, "--json", "--start", PART[0], "--end",
@@ -563,6 +565,7 @@ def test_serve_refuses_bad_parts_with_400(server):
 # batch
 
 
+@pytest.mark.slow
 def test_batch_answers_the_part_of_every_video(tmp_path, converted, engine):
     lib = tmp_path / "lib"
     lib.mkdir()
@@ -594,6 +597,7 @@ def test_batch_answers_the_part_of_every_video(tmp_path, converted, engine):
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+@pytest.mark.slow
 def test_terminal_part_and_back(tmp_path, converted, videos):
     """In a terminal: the header shows the part; /part back is quick and says it kept."""
     import shlex

@@ -35,6 +35,7 @@ from tests.subtitle_support import (
 from tests.test_chat_support import run_inprocess
 
 pytestmark = [
+    pytest.mark.slow,  # Whisper and the tiny model, end to end
     pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed (make setup)"),
     pytest.mark.skipif(__import__("importlib").util.find_spec("mlx_whisper") is None,
                        reason="mlx-whisper is not installed (pip install '.[speech]')"),

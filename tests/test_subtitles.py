@@ -36,7 +36,8 @@ from tests.subtitle_support import (
 from tests.test_chat_support import run_inprocess
 from tests.videos import corrupt_frames
 
-pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed (make setup)")
+pytestmark = [pytest.mark.slow,  # end-to-end runs of the tiny model against the reference
+              pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed (make setup)")]
 LAYOUT = "oryx-vit"
 # MP4's mov_text cannot hold overlapping events (ffmpeg's muxer cuts the earlier one
 # short): the MP4 gets the events without the one inside another.
