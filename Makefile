@@ -15,7 +15,7 @@ TORCH_PIN := torch
 RUN_ENV :=
 endif
 
-.PHONY: setup system-deps demo test lint profile clean
+.PHONY: setup system-deps demo test test-fast lint profile clean
 
 $(BIN)/sfllava: pyproject.toml
 	$(MAKE) system-deps
@@ -47,7 +47,11 @@ demo: setup
 	$(RUN_ENV) $(BIN)/python -m sfllava_app.demo
 
 test: setup
-	$(RUN_ENV) $(BIN)/python -m pytest -q tests
+	$(RUN_ENV) $(BIN)/python -m pytest -q --durations=15 tests
+
+# The edit loop: under a minute, without the slow, server and browser tests.
+test-fast: setup
+	$(RUN_ENV) $(BIN)/python -m pytest -q -m "not slow and not server and not browser" tests
 
 # ruff's rules are in pyproject.toml; .ci/run lints before it tests.
 lint: setup

@@ -1,7 +1,7 @@
 """`sfllava batch` throughput and the cost of resuming (issue 11).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        python bench/batch_bench.py [--models tiny,mid] [--videos 8] [--procs 1,2]
+        python -m bench.batch_bench [--models tiny,mid] [--videos 8] [--procs 1,2]
                                     [--resume-lines 1000] [--json out.json]
 
 - Throughput: a folder of H.264 camera-like clips (ffmpeg's testsrc2, 320x240, 25 fps,
@@ -33,40 +33,24 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from sfllava_convert.tiny import LLM, Tower, write_source_checkpoint
+from sfllava_convert.tiny.command import REPO, run_env, sfllava_command
+from sfllava_convert.tiny.videos import make_ffv1_video
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 PROMPTS = ("Describe this video.", "Where was it filmed?")
-TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=3, vision_heads=2,
-            vision_mlp=64, hidden=64, llm_layers=2, heads=4, kv_heads=2, intermediate=128)
-MID = dict(image_size=224, patch_size=16, vision_hidden=768, vision_layers=12, vision_heads=12,
-           vision_mlp=3072, hidden=896, llm_layers=24, heads=14, kv_heads=2, intermediate=4864)
+# tiny: sfllava_convert.tiny's defaults (the test suite's shapes)
+MID = dict(tower=Tower(image_size=224, patch_size=16, hidden=768, layers=12, heads=12, mlp=3072),
+           llm=LLM(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864))
 # Frames per video and answer length: the tiny model takes the SF-LLaVA-1.5 default of 128
 # frames; the mid model 32 (128 would take minutes per video on 2 CPU cores).
 SETTINGS = {"tiny": ["--max-tokens", "16"], "mid": ["--max-tokens", "16", "--num-frames", "32"]}
 
 
-def env(xdg: Path) -> dict:
-    e = dict(os.environ)
-    if Path(OPENBLAS).exists():
-        e["LD_PRELOAD"] = OPENBLAS
-    e["XDG_CACHE_HOME"] = str(xdg)
-    e["PYTHONPATH"] = str(REPO)
-    return e
-
-
-def sfllava() -> list:
-    exe = Path(sys.executable).parent / "sfllava"
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from sfllava_app.cli import entry; entry()"]
-
-
 def make_model(work: Path, name: str) -> Path:
     from sfllava_app.cli import main
-    from sfllava_convert.tiny import write_source_checkpoint
 
-    src = write_source_checkpoint(work / f"src-{name}", layout="oryx-vit", seed=0,
-                                  **(TINY if name == "tiny" else MID))
+    src = write_source_checkpoint(work / f"src-{name}", "oryx-vit", seed=0,
+                                  **({} if name == "tiny" else MID))
     dst = work / f"mlx-{name}"
     assert main(["convert", "--hf-path", str(src), "--mlx-path", str(dst),
                  "--dtype", "float32"]) == 0
@@ -117,7 +101,7 @@ def run_batch(cmd: list, out: Path, xdg: Path, per_video: int, stop_after=None) 
     out_before = count_lines(out)
     start = time.perf_counter()
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, env=env(xdg), cwd=REPO, text=True)
+                         stderr=subprocess.PIPE, env={**run_env(xdg), "XDG_CACHE_HOME": str(xdg)}, cwd=REPO, text=True)
     marks, seen = [], 0
     while p.poll() is None:
         n = lines_in(out, out_before)
@@ -151,7 +135,7 @@ def throughput(work: Path, model: Path, name: str, n_videos: int, procs: list[in
         args = ["batch", str(clips), "--model", str(model), "--out", str(out), *SETTINGS[name]]
         for p in PROMPTS:
             args += ["--prompt", p]
-        cmd = sfllava() + args
+        cmd = sfllava_command([]) + args
         if n > 1:
             cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(n), "--backend",
                    "ring", "--"] + cmd
@@ -175,7 +159,6 @@ def resume_cost(work: Path, model: Path, n_lines: int) -> dict:
     from sfllava_app.batch.results import line
     from sfllava_mlx import load
     from sfllava_mlx.cache import Fingerprint, model_identity
-    from tests.videos import make_ffv1_video
 
     lib = work / "resume-lib"
     lib.mkdir()
@@ -191,7 +174,7 @@ def resume_cost(work: Path, model: Path, n_lines: int) -> dict:
     (solo / new.name).symlink_to(new)
     out0 = work / "resume-template" / "results.jsonl"
     out0.parent.mkdir()
-    r_bare = run_batch(sfllava() + base[:1] + [str(solo)] + base[1:] + ["--out", str(out0)],
+    r_bare = run_batch(sfllava_command([]) + base[:1] + [str(solo)] + base[1:] + ["--out", str(out0)],
                        out0, work / "xdg", 1, stop_after=1)
     template = new_lines(out0, 0)[0]  # a real line: its answer fields
     # A results file of n_lines lines, one per old video (their real fingerprints)
@@ -204,14 +187,14 @@ def resume_cost(work: Path, model: Path, n_lines: int) -> dict:
             v = lib / f"v{i:04d}.mkv"
             f.write(line({**template, "video": str(v), "fingerprint": Fingerprint.of(v).sampled,
                           "model_identity": identity}))
-    r_resume = run_batch(sfllava() + base[:1] + [str(lib)] + base[1:] + ["--out", str(out)],
+    r_resume = run_batch(sfllava_command([]) + base[:1] + [str(lib)] + base[1:] + ["--out", str(out)],
                          out, work / "xdg", 1, stop_after=1)
     answered = [r["video"] for r in new_lines(out, n_lines)]
     assert answered == [str(new)], answered  # only the new video was answered
     # The same folder with no results file: start-up and discovery of every file
     out2 = work / "resume-fresh" / "results.jsonl"
     out2.parent.mkdir()
-    r_fresh = run_batch(sfllava() + base[:1] + [str(lib)] + base[1:] + ["--out", str(out2)],
+    r_fresh = run_batch(sfllava_command([]) + base[:1] + [str(lib)] + base[1:] + ["--out", str(out2)],
                         out2, work / "xdg", 1, stop_after=1)
     row = {"results_lines": n_lines,
            "first_new_answer_s": r_resume["video_done_s"][0],

@@ -1,7 +1,7 @@
 """Chat latency at real SF-LLaVA-1.5-1.5B shapes (random weights): follow-ups and reopening
 a cached video, as ratios measured side by side in one run.
 
-    python bench/chat_bench.py [--frames 16] [--runs 3] [--size 1.5b]
+    python -m bench.chat_bench [--frames 16] [--runs 3] [--size 1.5b]
 
 - cold open: time to first token of the first question about a video never seen
   (frames, vision tower, prefill of system prompt + video + question), cache empty;
@@ -25,27 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import cv2  # noqa: E402
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
+from sfllava_convert.tiny.videos import make_ffv1_video
 
 QUESTION = "What happens in this video?"
 FOLLOW_UPS = ["What color is the car?", "How many people are in the video?",
               "Where does the video take place?", "What happens at the end?"]
-
-
-def write_video(path: Path, seconds: float = 20.0, fps: int = 25, size=(640, 360)) -> Path:
-    """A moving pattern, FFV1 in .mkv (lossless, seek-exact)."""
-    w, h = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, size)
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)[:h, :w]
-    for t in range(int(seconds * fps)):
-        writer.write(np.roll(base, 4 * t, axis=1))
-    writer.release()
-    return path
 
 
 def first_token(session, question, start=None):
@@ -63,12 +47,15 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
 
+    import mlx.core as mx
+
     from sfllava_app.bench.random_weights import random_model
     from sfllava_mlx import Engine
 
     tmp = Path(tempfile.mkdtemp(prefix="sfllava-chat-bench-"))
     os.environ["XDG_CACHE_HOME"] = str(tmp / "xdg")
-    video = write_video(tmp / "clip.mkv")
+    video = tmp / "clip.mkv"  # 20 s of 640x360 at 25 fps, FFV1 (lossless, seek-exact)
+    make_ffv1_video(video, 500, width=640, height=360, fps=25)
     tic = time.perf_counter()
     model, tok = random_model(a.size, dtype=mx.float32, num_frames=a.frames)
     print(f"model: SF-LLaVA-1.5 {a.size} shapes, random weights, float32, {a.frames} frames "

@@ -11,7 +11,7 @@ is deleted unless --keep. Shapes (--shapes):
   ~16 GB in shards), written tensor by tensor (never the whole model in memory).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
-        python bench/convert_bench.py [--shapes ov-7b] [--variants bf16,q8,q4] [--keep]
+        python -m bench.convert_bench [--shapes ov-7b] [--variants bf16,q8,q4] [--keep]
 
 --drop-source-tensors runs the converter with one change (docs/performance.md, "LLaVA-OneVision"):
 once the lazy MLX weights are built, the source's per-file dicts of lazily loaded tensors
@@ -22,7 +22,7 @@ that needs it is written, instead of every tensor read staying in memory to the 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -30,34 +30,28 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from sfllava_convert.tiny import (  # noqa: E402
+from sfllava_convert.tiny import LLM, Files, Tower, write_source_checkpoint, write_tokenizer
+from sfllava_convert.tiny.checkpoint import write_weights
+from sfllava_convert.tiny.command import run_env, sfllava_command
+from sfllava_convert.tiny.tensors import (
     SIGLIP_PREFIX,
-    _split_shards,
-    _write_json,
     llm_shapes,
     make_tensor,
     siglip_shapes,
-    write_safetensors,
-    write_source_checkpoint,
-    write_tokenizer,
+    write_json,
 )
 
 # SF-LLaVA-1.5-1B: Qwen2.5-1.5B, Oryx-ViT (SPEC §3), mlp2x_gelu projector 1152 -> 1536.
-SHAPES_1_5B = dict(
-    hidden=1536, llm_layers=28, heads=12, kv_heads=2, intermediate=8960, vocab_size=151936, tied=True,
-    vision_hidden=1152, vision_layers=27, vision_heads=16, vision_mlp=4304, patch_size=16,
-    image_size=384, pos_grid=128,
-)
+SHAPES_1_5B = (LLM(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960,
+                   vocab_size=151936, tied=True),
+               Tower(hidden=1152, layers=27, heads=16, mlp=4304, patch_size=16, image_size=384,
+                     pos_grid=128))
 # llava-onevision-qwen2-7b-ov (llava-hf): Qwen2-7B, SigLIP so400m (26 blocks stored, patch 14,
 # 384 px), projector 1152 -> 3584 -> 3584, image_newline (3584,).
-SHAPES_OV_7B = dict(
-    hidden=3584, llm_layers=28, heads=28, kv_heads=4, intermediate=18944, vocab_size=152064,
-    tied=False, vision_hidden=1152, vision_layers=26, vision_heads=16, vision_mlp=4304,
-    patch_size=14, image_size=384, pos_grid=27,
-)
+SHAPES_OV_7B = (LLM(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944,
+                    vocab_size=152064, tied=False),
+                Tower(hidden=1152, layers=26, heads=16, mlp=4304, patch_size=14, image_size=384,
+                      pos_grid=27))
 SHAPES = {"sfllava-1.5b": SHAPES_1_5B, "ov-7b": SHAPES_OV_7B}
 
 VARIANTS = {
@@ -68,64 +62,53 @@ VARIANTS = {
 }
 
 
-def write_llava_hf_checkpoint(path: Path, *, dtype: str = "bfloat16", shards: int = 4, seed: int = 0,
-                              std: float = 0.02, hidden, llm_layers, heads, kv_heads, intermediate,
-                              vocab_size, tied, vision_hidden, vision_layers, vision_heads,
-                              vision_mlp, patch_size, image_size, pos_grid) -> Path:
+def write_llava_hf_checkpoint(path: Path, llm: LLM, tower: Tower, *, dtype: str = "bfloat16",
+                              shards: int = 4, seed: int = 0, std: float = 0.02) -> Path:
     """A LlavaOnevisionForConditionalGeneration checkpoint with the names transformers 5's
     save_pretrained writes (`language_model.model.*`, `language_model.lm_head.weight`,
     `multi_modal_projector.linear_{1,2}.*`, `vision_tower.{embeddings,encoder,post_layernorm}.*`,
     `image_newline`), random weights, one tensor in memory at a time."""
     path.mkdir(parents=True, exist_ok=True)
     n_tok = write_tokenizer(path)
+    hidden, vision_hidden = llm.hidden, tower.hidden
     names = {}
-    for name, shape in llm_shapes(hidden=hidden, llm_layers=llm_layers, heads=heads,
-                                  kv_heads=kv_heads, intermediate=intermediate, vocab=vocab_size,
-                                  tied=tied).items():
+    for name, shape in llm_shapes(hidden=hidden, llm_layers=llm.layers, heads=llm.heads,
+                                  kv_heads=llm.kv_heads, intermediate=llm.intermediate,
+                                  vocab=llm.vocab_size, tied=llm.tied).items():
         names["language_model." + name] = shape  # model.* and lm_head.* under language_model.
-    for name, shape in siglip_shapes(vision_hidden=vision_hidden, vision_layers=vision_layers,
-                                     vision_mlp=vision_mlp, patch_size=patch_size,
-                                     pos_grid=pos_grid).items():
+    for name, shape in siglip_shapes(vision_hidden=vision_hidden, vision_layers=tower.layers,
+                                     vision_mlp=tower.mlp, patch_size=tower.patch_size,
+                                     pos_grid=tower.grid).items():
         names["vision_tower." + name[len(SIGLIP_PREFIX):]] = shape
     for i, (out_dim, in_dim) in ((1, (hidden, vision_hidden)), (2, (hidden, hidden))):
         names[f"multi_modal_projector.linear_{i}.weight"] = (out_dim, in_dim)
         names[f"multi_modal_projector.linear_{i}.bias"] = (out_dim,)
     names["image_newline"] = (hidden,)
-
-    def make(name, shape):
-        return make_tensor(seed, name, shape, std)
-
-    weight_map, total = {}, 0
-    groups = _split_shards(names, shards)
-    for i, group in enumerate(groups, 1):
-        fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        total += write_safetensors(path / fname, group, make, dtype)
-        weight_map.update({name: fname for name in group})
-    _write_json(path / "model.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_weights(path, names, lambda name, shape: make_tensor(seed, name, shape, std), dtype,
+                  shards)
     ids = {t: n_tok - 3 + i for i, t in enumerate(("<|endoftext|>", "<|im_start|>", "<|im_end|>"))}
-    text = {"model_type": "qwen2", "hidden_size": hidden, "intermediate_size": intermediate,
-            "num_hidden_layers": llm_layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads, "vocab_size": vocab_size, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 32768, "tie_word_embeddings": tied,
+    text = {"model_type": "qwen2", "hidden_size": hidden, "intermediate_size": llm.intermediate,
+            "num_hidden_layers": llm.layers, "num_attention_heads": llm.heads,
+            "num_key_value_heads": llm.kv_heads, "vocab_size": llm.vocab_size, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 32768, "tie_word_embeddings": llm.tied,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
             "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
     vision = {"model_type": "siglip_vision_model", "hidden_size": vision_hidden,
-              "intermediate_size": vision_mlp, "num_hidden_layers": vision_layers,
-              "num_attention_heads": vision_heads, "image_size": image_size,
-              "patch_size": patch_size, "hidden_act": "gelu_pytorch_tanh",
+              "intermediate_size": tower.mlp, "num_hidden_layers": tower.layers,
+              "num_attention_heads": tower.heads, "image_size": tower.image_size,
+              "patch_size": tower.patch_size, "hidden_act": "gelu_pytorch_tanh",
               "layer_norm_eps": 1e-6, "vision_use_head": False}
-    _write_json(path / "config.json", {
+    write_json(path / "config.json", {
         "architectures": ["LlavaOnevisionForConditionalGeneration"],
         "model_type": "llava_onevision", "dtype": dtype, "text_config": text,
         "vision_config": vision, "vision_feature_layer": -1,
         "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9",
         "image_token_index": n_tok, "video_token_index": n_tok + 1,
         "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
-        "tie_word_embeddings": tied, "use_image_newline_parameter": True})
-    _write_json(path / "preprocessor_config.json", {
+        "tie_word_embeddings": llm.tied, "use_image_newline_parameter": True})
+    write_json(path / "preprocessor_config.json", {
         "image_processor_type": "LlavaOnevisionImageProcessor", "do_resize": True,
-        "size": {"height": image_size, "width": image_size}, "resample": 3, "do_rescale": True,
+        "size": {"height": tower.image_size, "width": tower.image_size}, "resample": 3, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
         "image_std": [0.5] * 3})
     return path
@@ -173,16 +156,12 @@ def main(argv=None) -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="sfllava-convert-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    shapes = dict(SHAPES[args.shapes])
+    llm, tower = SHAPES[args.shapes]
     shards = args.shards or (4 if args.shapes == "ov-7b" else 2)
     if args.llm_layers:
-        shapes["llm_layers"] = args.llm_layers
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    openblas = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-    if Path(openblas).exists():
-        env["LD_PRELOAD"] = openblas
-    exe = Path(sys.executable).parent / "sfllava"
-    sfllava = [str(exe)] if exe.exists() else [sys.executable, "-c", "from sfllava_app.cli import entry; entry()"]
+        llm = dataclasses.replace(llm, layers=args.llm_layers)
+    env = run_env(work)
+    sfllava = sfllava_command([])
     if args.drop_source_tensors:
         sfllava = [sys.executable, "-c", DROP_SOURCE_TENSORS]
     # GNU time prints the child's peak RSS (KB) as the last line of stderr
@@ -192,10 +171,10 @@ def main(argv=None) -> int:
         src = work / "src"
         t = time.perf_counter()
         if args.shapes == "ov-7b":
-            write_llava_hf_checkpoint(src, dtype="bfloat16", shards=shards, seed=0, **shapes)
+            write_llava_hf_checkpoint(src, llm, tower, dtype="bfloat16", shards=shards, seed=0)
         else:
-            write_source_checkpoint(src, "oryx-vit", dtype="bfloat16", shards=shards, seed=0,
-                                    **shapes)
+            write_source_checkpoint(src, "oryx-vit", llm=llm, tower=tower, seed=0,
+                                    files=Files(dtype="bfloat16", shards=shards))
         print(f"source checkpoint ({args.shapes}): {dir_size(src) / 1e9:.2f} GB bfloat16 in "
               f"{shards} shards, written in {time.perf_counter() - t:.0f} s", flush=True)
 

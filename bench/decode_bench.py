@@ -1,7 +1,7 @@
 """Many answers at once (issue 17): decoding together against one at a time, in one run.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        python bench/decode_bench.py [--parts decode,batch,serve,pause] [--frames 64]
+        python -m bench.decode_bench [--parts decode,batch,serve,pause] [--frames 64]
                                      [--tokens 160] [--rounds 2] [--small] [--json out.json]
 
 The model: random weights through the real converter, with LLaVA-OneVision-0.5B's LLM
@@ -34,26 +34,21 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.conftest import run_env, sfllava_command  # noqa: E402
-from tests.serve_support import Server, first_message  # noqa: E402
+from sfllava_convert.tiny import LLM, Tower, write_source_checkpoint
+from sfllava_convert.tiny.command import REPO, Server, first_message, run_env, sfllava_command
+from sfllava_convert.tiny.videos import make_ffv1_video
 
 PROMPTS = ("What happens in this video?", "Who is in it?", "What color is the car?",
            "Describe the scene in detail, please.", "Where was it filmed?",
            "What is the weather like?", "How many people are there?", "What happens at the end?")
-OV05 = dict(hidden=896, llm_layers=24, heads=14, kv_heads=2, intermediate=4864,
-            vocab_size=151936)
-VIT = dict(image_size=224, patch_size=16, vision_hidden=384, vision_layers=6, vision_heads=6,
-           vision_mlp=1536)
-SMALL = dict(hidden=128, llm_layers=4, heads=4, kv_heads=2, intermediate=256, vocab_size=4096)
+OV05 = LLM(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab_size=151936)
+VIT = Tower(image_size=224, patch_size=16, hidden=384, layers=6, heads=6, mlp=1536)
+SMALL = LLM(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=256, vocab_size=4096)
 
 
 def load() -> str:
@@ -62,34 +57,17 @@ def load() -> str:
 
 def build(work: Path, small: bool) -> Path:
     from sfllava_app.cli import main
-    from sfllava_convert.tiny import write_source_checkpoint
-
     dst = work / "model"
     if (dst / "config.json").exists():
         return dst
-    src = write_source_checkpoint(work / "src", layout="oryx-vit", seed=0, **VIT,
-                                  **(SMALL if small else OV05))
+    src = write_source_checkpoint(work / "src", "oryx-vit", seed=0, tower=VIT,
+                                  llm=SMALL if small else OV05)
     assert main(["convert", "--hf-path", str(src), "--mlx-path", str(dst),
                  "--dtype", "float32"]) == 0
     import shutil
 
     shutil.rmtree(src)
     return dst
-
-
-def write_video(path: Path, seed: int, seconds: float = 10.0, fps: int = 25) -> Path:
-    import cv2
-    import numpy as np
-
-    w, h = 640, 360
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-    base = base.repeat(8, 0).repeat(8, 1)[:h, :w]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, (w, h))
-    for t in range(int(seconds * fps)):
-        writer.write(np.roll(base, 4 * t, axis=1))
-    writer.release()
-    return path
 
 
 # ----------------------------------------------------------------------------------------
@@ -274,8 +252,9 @@ def main() -> None:
     model = build(work, args.small)
     media = work / "media"
     media.mkdir(exist_ok=True)
-    video = write_video(media / "clip.mkv", 1)
-    other = write_video(media / "other.mkv", 2)
+    video, other = media / "clip.mkv", media / "other.mkv"  # 10 s of 640x360 at 25 fps
+    make_ffv1_video(video, 250, width=640, height=360, fps=25, seed=1)
+    make_ffv1_video(other, 250, width=640, height=360, fps=25, seed=2)
     parts = args.parts.split(",")
     report = {"load_start": os.getloadavg()}
     if "decode" in parts:

@@ -2,7 +2,7 @@
 side by side in one process.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        python bench/decode_overhead.py [--tokens 256] [--rounds 7] [--json out.json]
+        python -m bench.decode_overhead [--tokens 256] [--rounds 7] [--json out.json]
 
 On the demo's tiny model (`make demo`: Qwen2 64 wide, 2 layers) a token's matmuls cost next
 to nothing, so what is measured is the loop's own overhead per token. The model's final norm
@@ -23,13 +23,12 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from sfllava_convert.tiny import Tower, write_source_checkpoint
+from sfllava_convert.tiny.videos import moving_shapes, write_video
 
 
 def demo_model(work: Path) -> Path:
@@ -37,10 +36,9 @@ def demo_model(work: Path) -> Path:
     import mlx.core as mx
 
     from sfllava_app.cli import main as sfllava
-    from sfllava_convert.tiny import write_source_checkpoint
 
     src, dst = work / "src", work / "mlx"
-    write_source_checkpoint(src, layout="oryx-vit", image_size=64, patch_size=8, seed=3)
+    write_source_checkpoint(src, "oryx-vit", tower=Tower(image_size=64, patch_size=8), seed=3)
     assert sfllava(["convert", "--hf-path", str(src), "--mlx-path", str(dst), "--force"]) == 0
     f = dst / "model.safetensors"
     weights = mx.load(str(f))
@@ -59,7 +57,6 @@ def main() -> None:
     import mlx.core as mx
     from mlx_lm.generate import stream_generate
 
-    from sfllava_app.demo import write_video
     from sfllava_mlx import Engine
     from sfllava_mlx.kv import copy_prefix
     from sfllava_mlx.prompt import encode, first_turn
@@ -67,7 +64,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sfllava-decode-"))
     try:
         engine = Engine(demo_model(work))
-        video = write_video(work / "ball.mkv")
+        video = write_video(work / "shapes.mkv", moving_shapes(150, 320, 240), fps=25)  # the demo's
         session = engine.open(video, cache=False)
         session.prefill()
         conversation = session.conversation

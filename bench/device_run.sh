@@ -196,7 +196,7 @@ EOF
 
 HAS_OV=0
 if $PY -c 'import sys; from sfllava_app.bench.random_weights import SIZES; sys.exit("ov-7b" not in SIZES)' \
-   && grep -q -- '--recipe' app/bench.py; then HAS_OV=1; fi
+   && grep -rq -- '--recipe' app/bench/; then HAS_OV=1; fi
 say "ov-7b in bench: $HAS_OV"
 
 # One process per configuration (the bench prints its JSON only at the end, so a run cut by
@@ -216,5 +216,5 @@ bench sf15b-fp16-q4 90 --random-weights $S15 --dtype $FP --q-bits 4 "${SF[@]}"
 bench sf15b-fp16 90 --random-weights $S15 --dtype $FP --q-bits none "${SF[@]}"
 
 # ------------------------------------------------------------------ summary (last in the output)
-$PY "$REPO/bench/device_summary.py" "$RESULTS" | tee "$OUT/summary.txt"
+$PY -m bench.device_summary "$RESULTS" | tee "$OUT/summary.txt"
 say "done"

@@ -1,10 +1,11 @@
 """Summarise bench/device_run.sh's results.jsonl: one line per configuration.
 
-    python bench/device_summary.py OUT/results.jsonl
+    python -m bench.device_summary OUT/results.jsonl
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -57,4 +58,6 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", help="results.jsonl written by bench/device_run.sh")
+    sys.exit(main(ap.parse_args().results))

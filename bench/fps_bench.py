@@ -1,7 +1,7 @@
 """Time to first token of a clip at `--fps F` against the recipe's frame count, side by side.
 
-    python bench/fps_bench.py --model DIR [--seconds 20] [--fps 2] [--runs 2]
-    python bench/fps_bench.py --random-weights 1.5b [--q-bits 4] ...
+    python -m bench.fps_bench --model DIR [--seconds 20] [--fps 2] [--runs 2]
+    python -m bench.fps_bench --random-weights 1.5b [--q-bits 4] ...
 
 One process, one loaded model, a generated clip of `--seconds` at 25 fps; each setting
 runs `--runs` times after a warm-up (the video cache off), alternating, and the median
@@ -13,12 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
@@ -35,8 +30,8 @@ def main() -> None:
 
     import mlx.core as mx
 
+    from sfllava_convert.tiny.videos import make_ffv1_video
     from sfllava_mlx import Engine
-    from tests.videos import make_ffv1_video
 
     if opts.model:
         engine = Engine(opts.model)

@@ -1,6 +1,6 @@
 """Frame sampling benchmark (issue 4): the sampler against the two simple ways, side by side.
 
-    python bench/frames_bench.py [--dir DIR] [--repeats 2] [--num-frames 128]
+    python -m bench.frames_bench [--dir DIR] [--repeats 2] [--num-frames 128]
                                  [--only long|short|part]
 
 Makes with ffmpeg (once, kept in DIR) a 20-minute 640x360 and a 2-minute 1280x720 H.264 file,

@@ -2,7 +2,7 @@
 as a one-frame video (the only way before pictures existed): visual tokens and time to
 first token, and their ratios.
 
-    python bench/image_bench.py [--sizes tiny,mid] [--runs 2] [--json]
+    python -m bench.image_bench [--sizes tiny,mid] [--runs 2] [--json]
 
 Random weights (`sfllava_app.bench.random_weights.build_random`), float32, the video cache off,
 one process per call, each run after a warm-up; the median TTFT of `--runs` is reported.
@@ -23,9 +23,6 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 QWEN_MID = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=8, num_attention_heads=14,
                 num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
@@ -81,20 +78,16 @@ def config(family: str, size: str):
 
 def photo(dst: Path) -> tuple[Path, Path]:
     """A 1920x1080 JPEG and a one-frame lossless video of the same (decoded) pixels."""
-    import cv2
     import numpy as np
     from PIL import Image
 
-    from tests.test_image_support import picture_array
+    from sfllava_convert.tiny.pictures import picture_array
+    from sfllava_convert.tiny.videos import write_video
 
     jpeg = dst / "photo.jpg"
     Image.fromarray(picture_array(1920, 1080, seed=7)).save(jpeg, "JPEG", quality=90)
     rgb = np.asarray(Image.open(jpeg).convert("RGB"))
-    video = dst / "photo.mkv"
-    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"FFV1"), 25.0, (1920, 1080))
-    w.write(np.ascontiguousarray(rgb[:, :, ::-1]))
-    w.release()
-    return jpeg, video
+    return jpeg, write_video(dst / "photo.mkv", [rgb], fps=25.0)
 
 
 def ttft(engine, path) -> tuple[float, int, dict]:

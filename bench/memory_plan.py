@@ -1,7 +1,7 @@
 """The memory plan (sfllava_mlx/memory.py) against the measured peak, and what fits where.
 
-    python bench/memory_plan.py measure [--size 1.5b] [--frames 8,16,32] [--q-bits 4]
-    python bench/memory_plan.py table
+    python -m bench.memory_plan measure [--size 1.5b] [--frames 8,16,32] [--q-bits 4]
+    python -m bench.memory_plan table
 
 `measure` runs the real pipeline on a generated clip with random weights at the real shapes
 (one fresh process per configuration, so each peak is its own) and prints the plan's
@@ -18,10 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def one_run(size: str, frames: int, q_bits: int, max_tokens: int, video: str) -> dict:
@@ -43,7 +39,7 @@ def one_run(size: str, frames: int, q_bits: int, max_tokens: int, video: str) ->
 
 
 def measure(opts) -> None:
-    from tests.videos import make_ffv1_video
+    from sfllava_convert.tiny.videos import make_ffv1_video
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

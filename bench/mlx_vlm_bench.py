@@ -26,7 +26,7 @@ The random LLM emits ids past the small test tokenizer's vocabulary; both sides 
 with the naive streaming detokenizer (the BPE one indexes a table of the tokenizer's size).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        .venv/bin/python bench/mlx_vlm_bench.py [--frames 32] [--max-tokens 32] [--tiny]
+        .venv/bin/python -m bench.mlx_vlm_bench [--frames 32] [--max-tokens 32] [--tiny]
 """
 
 from __future__ import annotations

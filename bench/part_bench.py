@@ -2,10 +2,10 @@
 process through the chat's own state (`sfllava_app.chat.chat.Chat`, as `sfllava chat` in a
 terminal drives it: each open prefills its prefix).
 
-    python bench/part_bench.py [--model DIR | --random-weights SIZE] [--dir DIR] [--runs 3]
+    python -m bench.part_bench [--model DIR | --random-weights SIZE] [--dir DIR] [--runs 3]
                                [--num-frames T]
 
-On the 20-minute 640x360 long-GOP H.264 file of bench/frames_bench.py (made once, kept in
+On the 20-minute 640x360 long-GOP H.264 file of bench.frames_bench (made once, kept in
 DIR), with the part 10:00-12:00:
 - open the whole video (cold: empty video cache), then ask;
 - `/part 10:00-12:00` (cold: the part's frames decoded and encoded), then ask;
@@ -30,10 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from frames_bench import FILES, PART, make_file  # noqa: E402
+from bench.frames_bench import FILES, PART, make_file
 
 QUESTION = "What happens in this part of the video?"
 FOLLOW_UP = "And in the whole video?"

@@ -1,6 +1,6 @@
 """`sfllava serve` through the API, against `sfllava generate`, measured in one run.
 
-    python bench/serve_bench.py [--models tiny,mid] [--runs 3] [--frames 16] [--clients 8]
+    python -m bench.serve_bench [--models tiny,mid] [--runs 3] [--frames 16] [--clients 8]
 
 For each model (tiny: conftest's tiny shape; mid: a random model with a Qwen2.5-0.5B-shaped
 LLM, 24 layers, 896 wide, and a 6-block ViT at 224 px — written by convert.tiny and
@@ -33,40 +33,30 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.conftest import TINY, run_env, sfllava_command  # noqa: E402
-from tests.serve_support import Server, first_message  # noqa: E402
+from sfllava_convert.tiny import LLM, Tower, write_source_checkpoint
+from sfllava_convert.tiny.command import Server, first_message, run_env, sfllava_command
+from sfllava_convert.tiny.videos import make_ffv1_video
 
 QUESTION = "What happens in this video?"
 FOLLOW_UP = "What color is the car?"
-MID = dict(image_size=224, patch_size=16, vision_hidden=384, vision_layers=6, vision_heads=6,
-           vision_mlp=1536, hidden=896, llm_layers=24, heads=14, kv_heads=2, intermediate=4864)
+# tiny: sfllava_convert.tiny's defaults (the test suite's shapes)
+MID = dict(tower=Tower(image_size=224, patch_size=16, hidden=384, layers=6, heads=6, mlp=1536),
+           llm=LLM(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864))
 
 
 def build_model(tmp: Path, name: str) -> Path:
     from sfllava_app.cli import main as sfllava
-    from sfllava_convert.tiny import write_source_checkpoint
 
-    shape = TINY if name == "tiny" else MID
+    shape = {} if name == "tiny" else MID
     src, dst = tmp / f"{name}-src", tmp / name
-    write_source_checkpoint(src, layout="oryx-vit", seed=0, **shape)
+    write_source_checkpoint(src, "oryx-vit", seed=0, **shape)
     assert sfllava(["convert", "--hf-path", str(src), "--mlx-path", str(dst), "--dtype", "float32"]) == 0
     return dst
 
 
-def write_video(path: Path, seed: int, seconds: float = 10.0, fps: int = 25, size=(640, 360)) -> Path:
-    import cv2
-    import numpy as np
-
-    w, h = size
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)[:h, :w]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, size)
-    for t in range(int(seconds * fps)):
-        writer.write(np.roll(base, 4 * t, axis=1))
-    writer.release()
+def write_video(path: Path, seed: int) -> Path:
+    """10 s of 640x360 at 25 fps, FFV1 (lossless, seek-exact)."""
+    make_ffv1_video(path, 250, width=640, height=360, fps=25, seed=seed)
     return path
 
 

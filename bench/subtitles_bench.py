@@ -1,6 +1,6 @@
 """Subtitles and speech (issue 18): what reading what is said costs, beside what it feeds.
 
-    python bench/subtitles_bench.py [--dir DIR] [--repeats 5] [--speech-seconds 60] [--skip-film]
+    python -m bench.subtitles_bench [--dir DIR] [--repeats 5] [--speech-seconds 60] [--skip-film]
 
 1. A two-hour film's SRT (1,800 events, tags and two-line events, as films have): read and
    parsed by pysubs2 and selected by 128 sampled frames (`sfllava_mlx.subtitles`), median
@@ -27,12 +27,8 @@ import platform
 import random
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 FILM_SECONDS = 2 * 3600
 EVENTS = 1800
@@ -180,8 +176,8 @@ def bench_prepare(d: Path, repeats: int) -> None:
 def bench_speech(d: Path, seconds: int) -> None:
     import numpy as np
 
+    from sfllava_convert.tiny.whisper import write_tiny_whisper
     from sfllava_mlx.subtitles.speech import Audio, transcribe
-    from tests.subtitle_support import write_tiny_whisper
 
     rng = np.random.default_rng(0)
     t = np.arange(seconds * 16000) / 16000

@@ -10,7 +10,6 @@ tokens: then every usual porting mistake changes the greedy answer (tests/test_m
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,18 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+from sfllava_convert.tiny.command import REPO, run_env, sfllava_command
+
 LAYOUTS = ("oryx-vit", "llava-siglip")
 QUESTION = "What happens in this video?"
 FOLLOW_UP = "What color is the car?"
 MAX_TOKENS = 8
 LOGPROB_TOL = 5e-4  # the issues' bound for `generate --json` logprobs against a reference
 SEED = 0  # tiny checkpoint seed; tests/test_mistakes.py checks the answer stays decisive
-# The tiny shape, pinned here (SHARPEN was tuned on it): frames 32 px, patch 8 -> G = G0 = 4,
-# so 32 slow frames x 2x2 + 96 fast frames x 1x1 = 224 visual tokens.
-TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=3, vision_heads=2,
-            vision_mlp=64, hidden=64, llm_layers=2, heads=4, kv_heads=2, intermediate=128)
+# The tiny shape is sfllava_convert.tiny's defaults (SHARPEN was tuned on them): frames 32 px,
+# patch 8 -> G = G0 = 4, so 32 slow frames x 2x2 + 96 fast frames x 1x1 = 224 visual tokens.
 
 # Factors applied to the random source tensors (see module docstring). q/k: peaked attention;
 # v/o: attention output dominates the residual stream; embeddings (tied with lm_head): peaked
@@ -55,21 +52,6 @@ def sharpen(src: Path, rules: dict = SHARPEN) -> None:
         for n in hits:
             tensors[n] = (tensors[n] * np.float32(factor)).astype(np.float32)
     save_file(tensors, str(f), metadata={"format": "pt"})
-
-
-def run_env(tmp: Path) -> dict:
-    env = dict(os.environ)
-    if Path(OPENBLAS).exists():
-        env["LD_PRELOAD"] = OPENBLAS  # MLX's CPU matmul is ~40x faster with it
-    env["XDG_CACHE_HOME"] = str(tmp / "xdg-cache")  # the video cache stays in the test's tmp
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
-def sfllava_command(args: list) -> list:
-    exe = Path(sys.executable).parent / "sfllava"  # the console script pip installed
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from sfllava_app.cli import entry; entry()"]
-    return cmd + [str(a) for a in args]
 
 
 def sfllava(args: list, tmp: Path, stdin: str | None = None, timeout: float = 180):
@@ -106,6 +88,18 @@ def with_image_size(model_dir: Path, dst: Path, image_size: int) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel a plain `pip install .` would build, built once per run."""
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(out), str(REPO)], capture_output=True, text=True,
+                           timeout=300, cwd=out)
+    assert build.returncode == 0, build.stderr
+    [path] = out.glob("sfllava_mlx-*.whl")
+    return path
+
+
+@pytest.fixture(scope="session")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("numerics")
 
@@ -115,7 +109,7 @@ def videos(work) -> dict:
     """main: more frames than positions, larger than S (area resize); other: same size,
     other content; short: fewer frames than positions (indices repeat), smaller than S
     (cubic resize)."""
-    from tests.videos import make_ffv1_video
+    from sfllava_convert.tiny.videos import make_ffv1_video
 
     spec = {"main": (160, 48, 40, 0), "other": (160, 48, 40, 1), "short": (40, 24, 16, 2)}
     out = {}
@@ -132,7 +126,7 @@ def sources(work) -> dict:
 
     out = {}
     for layout in LAYOUTS:
-        src = write_source_checkpoint(work / f"src-{layout}", layout=layout, seed=SEED, **TINY)
+        src = write_source_checkpoint(work / f"src-{layout}", layout=layout, seed=SEED)
         sharpen(src)
         out[layout] = src
     return out

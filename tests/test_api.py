@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sfllava_convert.tiny.command import REPO
 from sfllava_mlx import Engine, UserError
-from tests.conftest import FOLLOW_UP, LAYOUTS, LOGPROB_TOL, MAX_TOKENS, QUESTION, REPO
+from tests.conftest import FOLLOW_UP, LAYOUTS, LOGPROB_TOL, MAX_TOKENS, QUESTION
 
 
 def answer(session, question=QUESTION, **ask):

@@ -23,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sfllava_convert.tiny.command import REPO, run_env, sfllava_command
 from sfllava_mlx.options import Options, requested
-from tests.conftest import LOGPROB_TOL, REPO, run_env, sfllava, sfllava_command
+from tests.conftest import LOGPROB_TOL, sfllava
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the tiny models against their references
 
 PROMPTS = ("What happens in this video?", "Who is in it?")
 MAX_TOKENS = 8
@@ -40,7 +43,7 @@ LAUNCH = Path(sys.executable).parent / "mlx.launch"
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory) -> dict:
-    from tests.videos import make_ffv1_video
+    from sfllava_convert.tiny.videos import make_ffv1_video
 
     root = tmp_path_factory.mktemp("batch")
     lib = root / "lib"
@@ -406,7 +409,7 @@ def test_directories_hold_videos_and_other_files(tmp_path):
     import numpy as np
 
     from sfllava_app.batch.inputs import expand, inspect
-    from tests.videos import make_ffv1_video
+    from sfllava_convert.tiny.videos import make_ffv1_video
 
     make_ffv1_video(tmp_path / "clip.mkv", 20, width=32, height=32)
     cv2.imwrite(str(tmp_path / "photo.jpg"), np.zeros((16, 16, 3), np.uint8))

@@ -17,6 +17,8 @@ from sfllava_mlx import Engine
 from sfllava_mlx.batching import Decoder, answer_all
 from tests.conftest import LOGPROB_TOL
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the tiny models against their references
+
 PROMPTS = ("What happens in this video?", "Who is in it?", "What color is the car?",
            "Describe the scene in detail, please.")
 TOKENS = 40
@@ -315,7 +317,7 @@ def test_the_prefill_in_steps_is_mlx_lms_prefill(engine, videos, step):
 def test_the_readme_batching_example_runs(engine, videos, tmp_path, monkeypatch, capsys):
     import re
 
-    from tests.conftest import REPO
+    from sfllava_convert.tiny.command import REPO
 
     section = (REPO / "README.md").read_text().split("## Python API", 1)[1]
     code = re.findall(r"```python\n(.*?)```", section, re.S)[1]

@@ -183,7 +183,7 @@ def test_modified_video_misses_even_with_same_size_and_samples(cache_home, engin
                                                                monkeypatch):
     """mtime is a hint: when it moved, the whole content is compared."""
     video = tmp_path / "v.mkv"
-    from tests.videos import make_ffv1_video
+    from sfllava_convert.tiny.videos import make_ffv1_video
 
     make_ffv1_video(video, 40, width=160, height=48, seed=0)
     answer(engine, video)
@@ -273,7 +273,7 @@ def test_lru_eviction_under_the_cap(cache_home, loaded, videos, tmp_path, monkey
     answer(engine, videos["other"])
     os.utime(first / cache_store.LAST_USED, (time.time() + 5, time.time() + 5))  # main used last
     third = tmp_path / "third.mkv"
-    from tests.videos import make_ffv1_video
+    from sfllava_convert.tiny.videos import make_ffv1_video
 
     make_ffv1_video(third, 30, seed=7)
     answer(engine, third)
@@ -310,6 +310,7 @@ print("ok", found)
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_never_leave_a_broken_entry(cache_home, videos):
     """Three processes write, read and drop the same entry at once: every read finds one
     writer's complete entry or none; no check ever fails, nothing is left behind."""
@@ -326,6 +327,7 @@ def test_concurrent_writers_never_leave_a_broken_entry(cache_home, videos):
     assert [p for p in root.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_second_process_hits_with_the_same_answer(tmp_path, model_dir, videos):
     """The contract end to end: `generate --json` in two processes."""
     home = tmp_path / "xdg"

@@ -89,6 +89,7 @@ def demo(tmp_path_factory):
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+@pytest.mark.slow
 def test_terminal_chat(demo, tmp_path):
     environ = env(tmp_path / "xdg")
     base = " ".join(map(shlex.quote, sfllava_cmd() + [

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from sfllava_convert.tiny import write_source_checkpoint
-from tests.videos import make_ffv1_video
+from sfllava_convert.tiny.videos import make_ffv1_video
 
 REPO = Path(__file__).resolve().parents[1]
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"

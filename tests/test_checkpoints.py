@@ -32,7 +32,8 @@ if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the fixture is written with transformers 5's save_pretrained names",
                 allow_module_level=True)
 
-from tests.conftest import LOGPROB_TOL, MAX_TOKENS, QUESTION, convert_checkpoint, run_env, sfllava  # noqa: E402
+from sfllava_convert.tiny.command import run_env  # noqa: E402
+from tests.conftest import LOGPROB_TOL, MAX_TOKENS, QUESTION, convert_checkpoint, sfllava  # noqa: E402
 from tests.onevision_reference import (  # noqa: E402
     VIDEO_MEAN,
     VIDEO_STD,
@@ -45,6 +46,8 @@ from tests.onevision_reference import (  # noqa: E402
     pixels,
     write_checkpoint,
 )
+
+pytestmark = pytest.mark.slow  # mlx-vlm conversions of a tiny checkpoint, and their answers
 
 FRAMES = 8
 HUB_MLX_VLM, HUB_HF, HUB_SFLLAVA, HUB_QWEN = ("mlx-community/tiny-ov-4bit", "llava-hf/tiny-ov-hf",
@@ -79,7 +82,7 @@ def _generate(model, video, tmp, env=None):
 
 
 def _cmd(args):
-    from tests.conftest import sfllava_command
+    from sfllava_convert.tiny.command import sfllava_command
 
     return sfllava_command(args)
 

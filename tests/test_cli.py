@@ -4,7 +4,10 @@ import json
 import signal
 import subprocess
 
-from tests.conftest import REPO, convert_checkpoint, run_env, sfllava, sfllava_command
+import pytest
+
+from sfllava_convert.tiny.command import REPO, run_env, sfllava_command
+from tests.conftest import convert_checkpoint, sfllava
 
 
 def assert_user_error(result, *words):
@@ -21,24 +24,28 @@ def test_version(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("sfllava ")
 
 
+@pytest.mark.slow
 def test_missing_model_is_a_user_error(tmp_path, videos):
     r = sfllava(["generate", "--model", tmp_path / "nope", "--video", videos["main"],
                  "--prompt", "hi"], tmp_path)
     assert_user_error(r, "model not found")
 
 
+@pytest.mark.slow
 def test_directory_without_model_is_a_user_error(tmp_path, videos):
     r = sfllava(["generate", "--model", tmp_path, "--video", videos["main"], "--prompt", "hi"],
                 tmp_path)
     assert_user_error(r, "config.json")
 
 
+@pytest.mark.slow
 def test_missing_video_is_a_user_error(tmp_path, converted):
     r = sfllava(["generate", "--model", converted["oryx-vit"], "--video", tmp_path / "no.mp4",
                  "--prompt", "hi"], tmp_path)
     assert_user_error(r, "no.mp4")
 
 
+@pytest.mark.slow
 def test_context_overflow_is_a_user_error(tmp_path, sources, videos):
     # A context of 200 tokens cannot hold the 224 visual tokens of the tiny model.
     import shutil
@@ -54,6 +61,7 @@ def test_context_overflow_is_a_user_error(tmp_path, sources, videos):
     assert_user_error(r, "context")
 
 
+@pytest.mark.slow
 def test_json_stdout_is_only_json(tmp_path, converted, videos):
     r = sfllava(["generate", "--model", converted["oryx-vit"], "--video", videos["main"],
                  "--prompt", "What happens?", "--max-tokens", "4", "--json"], tmp_path)
@@ -72,6 +80,7 @@ def test_json_stdout_is_only_json(tmp_path, converted, videos):
     assert all(lp <= 0 for lp in out["logprobs"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_generate_quietly_with_130(tmp_path, converted, videos):
     cmd = sfllava_command(["generate", "--model", converted["oryx-vit"], "--video",
                            videos["main"], "--prompt", "Tell me everything.",
@@ -85,6 +94,7 @@ def test_ctrl_c_ends_generate_quietly_with_130(tmp_path, converted, videos):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+@pytest.mark.slow
 def test_a_kv_cache_smaller_than_the_video_is_refused(tmp_path, converted, videos):
     # A rotating cache of 100 tokens would overwrite the 224 visual tokens: refused, not cut.
     r = sfllava(["generate", "--model", converted["oryx-vit"], "--video", videos["main"],

@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sfllava_convert.tiny import read_source_tensors, read_tensors, write_source_checkpoint
+from sfllava_convert.tiny import (
+    LLM,
+    Extras,
+    Files,
+    Tower,
+    read_source_tensors,
+    read_tensors,
+    write_source_checkpoint,
+)
 
 TOWER = "model.vision_tower.vision_tower."
 SIG = TOWER + "vision_model."
@@ -75,8 +83,8 @@ def llm_expected(src: dict, out: dict, tied: bool) -> None:
 
 
 def test_oryx_vit_weights_follow_the_documented_transforms(tmp_path, capsys):
-    src_dir = write_source_checkpoint(tmp_path / "src", "oryx-vit", tied=False, final_norm=True,
-                                      pos_grid=6, seed=3)
+    src_dir = write_source_checkpoint(tmp_path / "src", "oryx-vit", llm=LLM(tied=False),
+                                      tower=Tower(final_norm=True, pos_grid=6), seed=3)
     dst = tmp_path / "mlx"
     rc, out, err = cli(["--hf-path", src_dir, "--mlx-path", dst, "--dtype", "float32"], capsys)
     assert rc == 0, err
@@ -113,8 +121,8 @@ def test_oryx_vit_weights_follow_the_documented_transforms(tmp_path, capsys):
 
 def test_llava_siglip_fuses_qkv_and_drops_what_the_feature_layer_skips(tmp_path, capsys):
     pos_ids = SIG + "embeddings.position_ids"
-    src_dir = write_source_checkpoint(tmp_path / "src", "llava-siglip", siglip_head=True,
-                                      extra_tensors={pos_ids: (1, 16)}, seed=4)
+    src_dir = write_source_checkpoint(tmp_path / "src", "llava-siglip", tower=Tower(siglip_head=True),
+                                      extras=Extras(tensors={pos_ids: (1, 16)}), seed=4)
     dst = tmp_path / "mlx"
     rc, out, err = cli(["--hf-path", src_dir, "--mlx-path", dst], capsys)
     assert rc == 0, err
@@ -145,8 +153,9 @@ def test_llava_siglip_fuses_qkv_and_drops_what_the_feature_layer_skips(tmp_path,
 
 
 def test_sharded_untied_transformers5_config(tmp_path, capsys):
-    src_dir = write_source_checkpoint(tmp_path / "src", "llava-siglip", shards=3, tied=False,
-                                      rope_style="rope_parameters", rope_theta=5e5, seed=5)
+    src_dir = write_source_checkpoint(tmp_path / "src", "llava-siglip",
+                                      llm=LLM(tied=False, rope_theta=5e5),
+                                      files=Files(shards=3, rope_style="rope_parameters"), seed=5)
     assert len(list(src_dir.glob("model-*.safetensors"))) == 3
     dst = tmp_path / "mlx"
     rc, out, err = cli(["--hf-path", src_dir, "--mlx-path", dst], capsys)
@@ -159,7 +168,7 @@ def test_sharded_untied_transformers5_config(tmp_path, capsys):
 @pytest.mark.parametrize("layout,select,feature", [("oryx-vit", 1, 1), ("oryx-vit", -2, 2),
                                                    ("llava-siglip", -1, 3), ("llava-siglip", 2, 2)])
 def test_explicit_select_layer_wins(tmp_path, capsys, layout, select, feature):
-    src_dir = write_source_checkpoint(tmp_path / "src", layout, mm_vision_select_layer=select)
+    src_dir = write_source_checkpoint(tmp_path / "src", layout, extras=Extras(select_layer=select))
     dst = tmp_path / "mlx"
     rc, _, err = cli(["--hf-path", src_dir, "--mlx-path", dst], capsys)
     assert rc == 0, err
@@ -173,12 +182,13 @@ def test_blocks_past_the_feature_layer_may_be_absent(tmp_path, capsys):
     when the feature layer does not need it, and a missing-tensor error when it does."""
     last = [n for n in read_source_tensors(write_source_checkpoint(tmp_path / "names", "llava-siglip"))
             if n.startswith(SIG + "encoder.layers.2.")]
-    src = write_source_checkpoint(tmp_path / "src", "llava-siglip", drop_tensors=last)  # select -2
+    src = write_source_checkpoint(tmp_path / "src", "llava-siglip",
+                                  extras=Extras(drop_tensors=last))  # select -2
     rc, _, err = cli(["--hf-path", src, "--mlx-path", tmp_path / "mlx"], capsys)
     assert rc == 0, err
     assert load_config(tmp_path / "mlx")["vision_config"]["feature_layer"] == 2
-    src = write_source_checkpoint(tmp_path / "src-1", "llava-siglip", drop_tensors=last,
-                                  mm_vision_select_layer=-1)
+    src = write_source_checkpoint(tmp_path / "src-1", "llava-siglip",
+                                  extras=Extras(drop_tensors=last, select_layer=-1))
     assert_refused(tmp_path, capsys, src, tmp_path / "mlx-1", "16 missing tensors", details_have=last)
 
 
@@ -207,8 +217,8 @@ def test_layout_defaults_without_vision_config():
 
 def test_defaults_are_checked_against_the_tensors(tmp_path, capsys):
     """Without vision_config the Oryx defaults apply, and the tiny tensors do not fit them."""
-    src = write_source_checkpoint(tmp_path / "src", "oryx-vit", vision_config_in_config=False,
-                                  extra_config={"mm_hidden_size": 1152})
+    src = write_source_checkpoint(tmp_path / "src", "oryx-vit", files=Files(vision_config=False),
+                                  extras=Extras(config={"mm_hidden_size": 1152}))
     err = assert_refused(tmp_path, capsys, src, tmp_path / "mlx", "wrong shape",
                          details_have=[TOWER + "blocks.0.mlp.fc1.weight: expected [4304, 1152], found [64, 32]"])
     assert "missing" in err  # blocks 3..26 of the 27 default ones
@@ -217,7 +227,7 @@ def test_defaults_are_checked_against_the_tensors(tmp_path, capsys):
 def test_bfloat16_source_and_dtype_choice(tmp_path, capsys):
     import mlx.core as mx
 
-    src_dir = write_source_checkpoint(tmp_path / "src", "oryx-vit", dtype="bfloat16")
+    src_dir = write_source_checkpoint(tmp_path / "src", "oryx-vit", files=Files(dtype="bfloat16"))
     rc, _, err = cli(["--hf-path", src_dir, "--mlx-path", tmp_path / "default"], capsys)
     assert rc == 0, err
     w = mx.load(str(tmp_path / "default" / "model.safetensors"))
@@ -237,7 +247,7 @@ def test_bfloat16_source_and_dtype_choice(tmp_path, capsys):
 def test_quantized_llm_float_vision(tmp_path, capsys, bits):
     from sfllava_mlx import load
 
-    src_dir = write_source_checkpoint(tmp_path / "src", "llava-siglip", tied=False)
+    src_dir = write_source_checkpoint(tmp_path / "src", "llava-siglip", llm=LLM(tied=False))
     dst = tmp_path / "mlx"
     rc, out, err = cli(["--hf-path", src_dir, "--mlx-path", dst, "-q", "--q-bits", bits,
                         "--q-group-size", 64], capsys)
@@ -294,12 +304,13 @@ def test_force_replaces_an_existing_model(tmp_path, capsys):
 
 def test_pickle_only_with_allow_pickle(tmp_path, capsys):
     pytest.importorskip("torch", reason="torch writes (and reads) the pickle")
-    src = write_source_checkpoint(tmp_path / "src", "oryx-vit", pickle=True, dtype="bfloat16")
+    src = write_source_checkpoint(tmp_path / "src", "oryx-vit",
+                                  files=Files(pickle=True, dtype="bfloat16"))
     dst = tmp_path / "mlx"
     assert_refused(tmp_path, capsys, src, dst, "--allow-pickle")
     rc, _, err = cli(["--hf-path", src, "--mlx-path", dst, "--allow-pickle", "--dtype", "float32"], capsys)
     assert rc == 0, err
-    ref = write_source_checkpoint(tmp_path / "ref", "oryx-vit", dtype="bfloat16")
+    ref = write_source_checkpoint(tmp_path / "ref", "oryx-vit", files=Files(dtype="bfloat16"))
     src_t, conv = read_source_tensors(ref), converted_tensors(dst)
     np.testing.assert_array_equal(conv["vision_tower.pos_embed"], src_t[TOWER + "pos_embed"][0])
     np.testing.assert_array_equal(conv["language_model.model.embed_tokens.weight"],
@@ -350,27 +361,28 @@ def test_coreml_flag_exports_after_converting(tmp_path, capsys, monkeypatch):
 
 def test_missing_tensor(tmp_path, capsys):
     name = "model.layers.1.mlp.up_proj.weight"
-    src = write_source_checkpoint(tmp_path / "src", "oryx-vit", drop_tensors=[name])
+    src = write_source_checkpoint(tmp_path / "src", "oryx-vit", extras=Extras(drop_tensors=[name]))
     assert_refused(tmp_path, capsys, src, tmp_path / "mlx", "1 missing", details_have=["missing", name])
 
 
 def test_wrong_shape(tmp_path, capsys):
     name = SIG + "encoder.layers.0.self_attn.k_proj.weight"
-    src = write_source_checkpoint(tmp_path / "src", "llava-siglip", extra_tensors={name: (31, 32)})
+    src = write_source_checkpoint(tmp_path / "src", "llava-siglip",
+                                  extras=Extras(tensors={name: (31, 32)}))
     assert_refused(tmp_path, capsys, src, tmp_path / "mlx", "wrong shape",
                    details_have=[f"{name}: expected [32, 32], found [31, 32]"])
 
 
 def test_unknown_tensor(tmp_path, capsys):
     src = write_source_checkpoint(tmp_path / "src", "oryx-vit",
-                                  extra_tensors={"model.mm_adapter.weight": (8, 8)})
+                                  extras=Extras(tensors={"model.mm_adapter.weight": (8, 8)}))
     assert_refused(tmp_path, capsys, src, tmp_path / "mlx", "unexpected",
                    details_have=["model.mm_adapter.weight [8, 8]"])
 
 
 def test_learned_separator_is_named_not_dropped(tmp_path, capsys):
     src = write_source_checkpoint(tmp_path / "src", "llava-siglip",
-                                  extra_tensors={"model.frame_separator": (64,)})
+                                  extras=Extras(tensors={"model.frame_separator": (64,)}))
     err = assert_refused(tmp_path, capsys, src, tmp_path / "mlx", "model.frame_separator")
     assert "separator" in err.splitlines()[0]
 
@@ -378,16 +390,17 @@ def test_learned_separator_is_named_not_dropped(tmp_path, capsys):
 def test_unknown_layout(tmp_path, capsys):
     tower = [n for n in read_source_tensors(write_source_checkpoint(tmp_path / "names", "oryx-vit"))
              if n.startswith(TOWER)]
-    src = write_source_checkpoint(tmp_path / "src", "oryx-vit", drop_tensors=tower,
-                                  extra_tensors={"model.vision_tower.encoder.stem.weight": (4, 4)})
+    src = write_source_checkpoint(tmp_path / "src", "oryx-vit", extras=Extras(
+        drop_tensors=tower, tensors={"model.vision_tower.encoder.stem.weight": (4, 4)}))
     assert_refused(tmp_path, capsys, src, tmp_path / "mlx", "layout",
                    details_have=["model.vision_tower.encoder"])
-    no_tower = write_source_checkpoint(tmp_path / "no-tower", "oryx-vit", drop_tensors=tower)
+    no_tower = write_source_checkpoint(tmp_path / "no-tower", "oryx-vit",
+                                       extras=Extras(drop_tensors=tower))
     assert_refused(tmp_path, capsys, no_tower, tmp_path / "mlx", "no vision tower weights")
 
 
 def test_truncated_safetensors(tmp_path, capsys):
-    src = write_source_checkpoint(tmp_path / "src", "oryx-vit", shards=2)
+    src = write_source_checkpoint(tmp_path / "src", "oryx-vit", files=Files(shards=2))
     shard = sorted(src.glob("model-*.safetensors"))[1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 1000])
@@ -404,7 +417,8 @@ def test_missing_checkpoint_and_tokenizer(tmp_path, capsys):
 
 def test_tokenizer_larger_than_the_embeddings(tmp_path, capsys):
     # config.json says 600 embeddings, the tokenizer has 640 tokens
-    src = write_source_checkpoint(tmp_path / "src", "oryx-vit", extra_config={"vocab_size": 600})
+    src = write_source_checkpoint(tmp_path / "src", "oryx-vit",
+                                  extras=Extras(config={"vocab_size": 600}))
     assert_refused(tmp_path, capsys, src, tmp_path / "mlx", "640 tokens")
 
 
@@ -413,7 +427,7 @@ def test_refusal_through_the_console_command(tmp_path):
     from tests.conftest import sfllava
 
     name = "model.layers.0.self_attn.q_proj.bias"
-    src = write_source_checkpoint(tmp_path / "src", "llava-siglip", drop_tensors=[name])
+    src = write_source_checkpoint(tmp_path / "src", "llava-siglip", extras=Extras(drop_tensors=[name]))
     r = sfllava(["convert", "--hf-path", src, "--mlx-path", tmp_path / "mlx"], tmp_path)
     assert r.returncode == 2
     assert r.stderr.splitlines()[0].startswith("error: checkpoint does not match")
@@ -428,7 +442,8 @@ def test_refusal_through_the_console_command(tmp_path):
 def test_tiny_checkpoint_loads_into_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    src = write_source_checkpoint(tmp_path / "src", "llava-siglip", siglip_head=True, tied=False)
+    src = write_source_checkpoint(tmp_path / "src", "llava-siglip", llm=LLM(tied=False),
+                                  tower=Tower(siglip_head=True))
     cfg = load_config(src)
     tensors = {k: torch.from_numpy(v.copy()) for k, v in read_source_tensors(src).items()}
     qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
@@ -445,9 +460,9 @@ def test_tiny_checkpoint_loads_into_transformers(tmp_path):
 
 
 def test_tiny_checkpoint_is_deterministic(tmp_path):
-    a = write_source_checkpoint(tmp_path / "a", "oryx-vit", seed=7, dtype="bfloat16")
-    b = write_source_checkpoint(tmp_path / "b", "oryx-vit", seed=7, dtype="bfloat16")
-    c = write_source_checkpoint(tmp_path / "c", "oryx-vit", seed=8, dtype="bfloat16")
+    a = write_source_checkpoint(tmp_path / "a", "oryx-vit", seed=7, files=Files(dtype="bfloat16"))
+    b = write_source_checkpoint(tmp_path / "b", "oryx-vit", seed=7, files=Files(dtype="bfloat16"))
+    c = write_source_checkpoint(tmp_path / "c", "oryx-vit", seed=8, files=Files(dtype="bfloat16"))
     for f in sorted(os.listdir(a)):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()

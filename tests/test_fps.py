@@ -16,16 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import (
-    LOGPROB_TOL,
-    MAX_TOKENS,
-    QUESTION,
-    REPO,
-    run_env,
-    sfllava,
-    sfllava_command,
-)
-from tests.videos import ffprobe_frames, have_ffmpeg, make_ffmpeg_video, make_ffv1_video
+from sfllava_convert.tiny.command import REPO, run_env, sfllava_command
+from sfllava_convert.tiny.videos import have_ffmpeg, make_ffmpeg_video, make_ffv1_video
+from tests.conftest import LOGPROB_TOL, MAX_TOKENS, QUESTION, sfllava
+from tests.videos import ffprobe_frames
 
 needs_ffmpeg = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed")
 LAYOUT = "oryx-vit"
@@ -130,6 +124,7 @@ def opencv_time_instruction(video: Path, indices: list) -> str:
             "questions related to this video.")
 
 
+@pytest.mark.slow
 def test_timestamps_answer_matches_the_reference(tmp_path, sources, converted, videos):
     """generate --fps 2 --timestamps equals the torch reference fed the same 32 frames and
     the question with the time instruction before it."""
@@ -160,6 +155,7 @@ def test_timestamps_answer_matches_the_reference(tmp_path, sources, converted, v
 # The video cache keys on the frames, not on the question
 
 
+@pytest.mark.slow
 def test_cache_keys_on_fps_and_frame_count(tmp_path, converted, videos):
     def ask(*flags):
         r = sfllava(["generate", "--model", converted[LAYOUT], "--video", videos["main"],
@@ -200,6 +196,7 @@ def test_a_request_that_cannot_fit_is_refused_before_any_work(tmp_path, converte
     assert not list((tmp_path / "xdg-cache").rglob("visual.safetensors"))
 
 
+@pytest.mark.slow
 def test_a_video_past_the_context_is_refused_before_decoding(tmp_path, converted, videos):
     r = sfllava(["generate", "--model", converted[LAYOUT], "--video", videos["main"], "--prompt",
                  QUESTION, "--max-kv-size", 200, "--max-tokens", 4], tmp_path)

@@ -15,20 +15,18 @@ import cv2
 import numpy as np
 import pytest
 
-from sfllava_mlx import frames as F
-from sfllava_mlx.errors import VideoError
-from sfllava_mlx.frames import index as frame_index
-from sfllava_mlx.frames import reader as frame_reader
-from sfllava_mlx.frames import video as frame_video
-from tests.videos import (
-    corrupt_frames,
-    decode_all,
-    ffprobe_frames,
+from sfllava_convert.tiny.videos import (
     have_ffmpeg,
     make_audio_only,
     make_ffmpeg_video,
     make_ffv1_video,
 )
+from sfllava_mlx import frames as F
+from sfllava_mlx.errors import VideoError
+from sfllava_mlx.frames import index as frame_index
+from sfllava_mlx.frames import reader as frame_reader
+from sfllava_mlx.frames import video as frame_video
+from tests.videos import corrupt_frames, decode_all, ffprobe_frames
 
 needs_ffmpeg = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed (make setup)")
 

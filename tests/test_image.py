@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from sfllava_convert.tiny.pictures import picture_array
 from tests.conftest import FOLLOW_UP, LOGPROB_TOL, MAX_TOKENS, QUESTION, convert_checkpoint, sfllava
 from tests.onevision_reference import IMAGE_MEAN, IMAGE_STD, TINY_OV
 from tests.test_image_support import (
@@ -33,7 +34,6 @@ from tests.test_image_support import (
     bad_pictures,
     exif_rotated_pair,
     onevision_checkpoint,
-    picture_array,
     save_picture,
     single_answer,
     single_visual_tokens,
@@ -218,6 +218,7 @@ def test_anyres_geometry_matches_transformers():
 
 
 @pytest.mark.parametrize("name", list(PICTURES))
+@pytest.mark.slow
 def test_onevision_picture(name, ov, mlx_ov, hf, hf_answers, pictures):
     import mlx.core as mx
 
@@ -257,6 +258,7 @@ def test_onevision_picture(name, ov, mlx_ov, hf, hf_answers, pictures):
     assert turn.prompt_tokens == hf_answers(name).prompt_tokens
 
 
+@pytest.mark.slow
 def test_generate_image_json(cli, hf_answers):
     (rec,), stderr = cli["generate"].result()
     want = hf_answers("wide")
@@ -268,6 +270,7 @@ def test_generate_image_json(cli, hf_answers):
     assert t["vision"] > 0 and t["ttft"] >= t["vision"]
 
 
+@pytest.mark.slow
 def test_chat_on_a_picture_and_the_cache(cli, hf_answers):
     """chat FILE on a picture (by content), a follow-up in the same conversation, and a
     second chat on the same picture starting from the persistent cache."""

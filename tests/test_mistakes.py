@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import LAYOUTS, MAX_TOKENS, QUESTION
 from tests.reference import Mistakes, Reference
 
+pytestmark = pytest.mark.slow  # the torch reference answers once per mistake
+
 MISTAKES = {
     "bgr-frames": Mistakes(bgr=True),
     "frame-index-off-by-one": Mistakes(index_offset=1),

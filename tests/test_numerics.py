@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sfllava_convert.tiny import Tower
 from tests.conftest import (
     FOLLOW_UP,
     LAYOUTS,
     LOGPROB_TOL,
     MAX_TOKENS,
     QUESTION,
-    TINY,
     json_lines,
     sfllava,
     with_image_size,
@@ -182,6 +182,7 @@ def test_generate_json_matches_reference(layout, cli_answers, reference_answers,
 
 
 @pytest.mark.parametrize("layout", ["oryx-vit"])  # the LLM side does not depend on the layout
+@pytest.mark.slow
 def test_chat_follow_up_matches_reference(layout, work, converted, references, videos):
     """Two questions on stdin (not a terminal): one JSON object per turn, the second turn
     continuing the same conversation (SPEC §2.7 later turns, §4 non-terminal mode)."""
@@ -212,7 +213,7 @@ def test_other_grid_sizes(layout, image_size, work, sources, converted, videos):
     model_dir = with_image_size(converted[layout], work / f"mlx-{layout}-{image_size}", image_size)
     model, _ = load(model_dir)
     ref = Reference(sources[layout], image_size=image_size)
-    g = image_size // TINY["patch_size"]
+    g = image_size // Tower().patch_size
     g0 = ref.pos_grid
     assert model.config.vision.grid == ref.grid == g != ref.pos_grid
 

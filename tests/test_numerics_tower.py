@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sfllava_mlx import load
-from tests.conftest import LAYOUTS, TINY, convert_checkpoint
+from tests.conftest import LAYOUTS, convert_checkpoint
 from tests.reference import Reference
 
 
@@ -19,7 +19,7 @@ from tests.reference import Reference
 def test_tower_matches_reference_with_large_weights(layout, tmp_path):
     from sfllava_convert.tiny import write_source_checkpoint
 
-    src = write_source_checkpoint(tmp_path / "src", layout=layout, seed=7, std=0.35, **TINY)
+    src = write_source_checkpoint(tmp_path / "src", layout=layout, seed=7, std=0.35)
     model, _ = load(convert_checkpoint(src, tmp_path / "mlx", "--dtype", "float32"))
     ref = Reference(src)
     pixels = torch.tensor(np.random.default_rng(0).uniform(-1, 1, (3, 3, 32, 32)),

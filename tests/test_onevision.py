@@ -47,6 +47,8 @@ from tests.onevision_reference import (  # noqa: E402
     write_checkpoint,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the tiny models against their references
+
 MARGIN = 1e-2  # greedy top-1 vs top-2 log-probability: float32 noise cannot flip a token
 GRID = TINY_OV["image_size"] // TINY_OV["patch_size"]  # 7, odd like the real 27
 

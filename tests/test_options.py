@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sfllava_convert.tiny.command import REPO, Server, first_message, run_env
 from sfllava_mlx.errors import UserError
 from sfllava_mlx.options import (
     SPECS,
@@ -26,8 +27,8 @@ from sfllava_mlx.options import (
     Whole,
     flag,
 )
-from tests.conftest import REPO, json_lines, run_env
-from tests.serve_support import Server, data_url, first_message
+from tests.conftest import json_lines
+from tests.serve_support import data_url
 
 HEAVY = ("mlx_lm", "transformers", "torch")
 QUESTION = "What happens in this video?"
@@ -137,6 +138,7 @@ OPENAI_FIELDS = {"temperature": "temp", "top_p": "top_p", "max_tokens": "max_tok
                  "seed": "seed"}
 
 
+@pytest.mark.server
 def test_a_bad_value_is_the_same_line_in_the_servers_400(server, library):
     """Every option of the `sfllava` object and every OpenAI field that is one of ours:
     400 with the rule's own words, the server serving on."""
@@ -213,6 +215,7 @@ def test_help_imports_no_runtime(tmp_path):
 # Resolved options: recorded, and what keys a batch line
 
 
+@pytest.mark.slow
 def test_generate_json_records_the_resolved_options(converted, library, tmp_path):
     def generate(*flags):
         args = ["generate", "--model", converted["oryx-vit"], "--video", library["clip"],
@@ -243,6 +246,7 @@ def test_generate_json_records_the_resolved_options(converted, library, tmp_path
     assert off["subtitles"] is None and off["system_prompt"] == "Be brief." and off["num_frames"] == 4
 
 
+@pytest.mark.slow
 def test_a_batch_rerun_with_other_options_answers_again(converted, library, tmp_path,
                                                         capsys, monkeypatch):
     """Each answer-changing option gets its own line; lines of other option sets stay;
@@ -288,6 +292,7 @@ def test_a_batch_rerun_with_other_options_answers_again(converted, library, tmp_
 # serve: held conversations by the resolved options, the 413, memory
 
 
+@pytest.mark.server
 def test_a_data_url_does_not_continue_a_conversation_whose_subtitles_it_lacks(server, library):
     """The same bytes as a file with a subtitle file beside it, and as a data URL (no
     sidecar): two conversations, each answered with what it has."""
@@ -312,6 +317,7 @@ def test_a_data_url_does_not_continue_a_conversation_whose_subtitles_it_lacks(se
     assert as_file["cache"] == "held" and as_file["subtitles"]["lines"] == 1
 
 
+@pytest.mark.server
 def test_an_upload_past_the_limit_is_the_clients_413(server, library, tmp_path):
     """Through the official client, several times: a 413, never a broken connection."""
     import openai
@@ -332,6 +338,7 @@ def test_an_upload_past_the_limit_is_the_clients_413(server, library, tmp_path):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.server
 def test_idle_held_conversations_give_their_memory_to_a_new_request(converted, library,
                                                                     videos, tmp_path):
     """Memory for one conversation: a second video's request drops the idle one (logged),
@@ -367,6 +374,7 @@ def test_idle_held_conversations_give_their_memory_to_a_new_request(converted, l
 # chat: the context limit it really has
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_chat_shows_the_max_kv_size_as_its_context(library, converted, tmp_path):
     import shlex

@@ -20,8 +20,11 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import FOLLOW_UP, QUESTION, REPO, run_env, sfllava_command
-from tests.serve_support import Server, chatty_model, first_message, wait_until
+from sfllava_convert.tiny.command import REPO, Server, first_message, run_env, sfllava_command
+from tests.conftest import FOLLOW_UP, QUESTION
+from tests.serve_support import chatty_model, wait_until
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]  # a real Chromium on a real server
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):

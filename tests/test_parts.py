@@ -22,26 +22,18 @@ import cv2
 import numpy as np
 import pytest
 
-from sfllava_mlx import Engine, UserError
-from sfllava_mlx import frames as F
-from sfllava_mlx.options import Options, identity, requested
-from tests.conftest import (
-    LOGPROB_TOL,
-    MAX_TOKENS,
-    QUESTION,
-    json_lines,
-    run_env,
-    sfllava,
-    sfllava_command,
-)
-from tests.videos import (
-    decode_all,
-    ffprobe_frames,
+from sfllava_convert.tiny.command import run_env, sfllava_command
+from sfllava_convert.tiny.videos import (
     have_ffmpeg,
     make_ffmpeg_video,
     make_ffv1_video,
     pattern_frames,
 )
+from sfllava_mlx import Engine, UserError
+from sfllava_mlx import frames as F
+from sfllava_mlx.options import Options, identity, requested
+from tests.conftest import LOGPROB_TOL, MAX_TOKENS, QUESTION, json_lines, sfllava
+from tests.videos import decode_all, ffprobe_frames
 
 needs_ffmpeg = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed")
 LAYOUT = "oryx-vit"
@@ -292,6 +284,7 @@ def test_frames_refuses_bad_parts(capsys, files, flags, says):
     assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and says in err
 
 
+@pytest.mark.slow
 def test_generate_refuses_bad_parts(tmp_path, converted, files):
     for flags, says in (REFUSED[2], REFUSED[3], REFUSED[6], REFUSED[7], REFUSED[9]):
         r = sfllava(["generate", "--model", converted[LAYOUT], "--video", files["ffv1"],
@@ -377,6 +370,7 @@ def test_time_instruction_speaks_in_the_videos_time(engine, videos, part_referen
     assert "The video lasts for 16.00 seconds" in part_reference["timed_question"]
 
 
+@pytest.mark.slow
 def test_generate_answer_equals_the_reference(tmp_path, converted, videos, part_reference):
     r = sfllava(["generate", "--model", converted[LAYOUT], "--video", videos["main"], "--prompt",
                  QUESTION, "--max-tokens", MAX_TOKENS, "--json", "--start", PART[0], "--end",
@@ -502,7 +496,7 @@ def test_chat_header_help_and_transcript_show_the_part(tmp_path, engine, videos)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, converted, videos):
-    from tests.serve_support import Server
+    from sfllava_convert.tiny.command import Server
 
     tmp = tmp_path_factory.mktemp("serve-parts")
     media = tmp / "media"
@@ -515,9 +509,10 @@ def server(tmp_path_factory, converted, videos):
         s.stop()
 
 
+@pytest.mark.server
 def test_serve_answers_about_a_part(server, part_reference):
     pytest.importorskip("openai")
-    from tests.serve_support import first_message
+    from sfllava_convert.tiny.command import first_message
 
     s, video = server
     client = s.client()
@@ -542,8 +537,9 @@ def test_serve_answers_about_a_part(server, part_reference):
     assert whole.model_extra["sfllava"]["part"] is None
 
 
+@pytest.mark.server
 def test_serve_refuses_bad_parts_with_400(server):
-    from tests.serve_support import first_message
+    from sfllava_convert.tiny.command import first_message
 
     s, video = server
     bad = [({"start": 5, "end": 2}, "sfllava.start 0:05 is not before sfllava.end 0:02"),
@@ -570,6 +566,7 @@ def test_serve_refuses_bad_parts_with_400(server):
 # batch
 
 
+@pytest.mark.slow
 def test_batch_answers_the_part_of_every_video(tmp_path, converted, engine):
     lib = tmp_path / "lib"
     lib.mkdir()
@@ -601,6 +598,7 @@ def test_batch_answers_the_part_of_every_video(tmp_path, converted, engine):
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+@pytest.mark.slow
 def test_terminal_part_and_back(tmp_path, converted, videos):
     """In a terminal: the header shows the part; /part back is quick and says it kept."""
     import shlex

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from tests.conftest import MAX_TOKENS, QUESTION, SEED, TINY, convert_checkpoint
+from tests.conftest import MAX_TOKENS, QUESTION, SEED, convert_checkpoint
 
 LAYOUT = "oryx-vit"  # quantization touches the LLM only, the same in both layouts
 
@@ -35,7 +35,7 @@ def plain(work, videos):
     from sfllava_convert.tiny import write_source_checkpoint
     from sfllava_mlx import load
 
-    src = write_source_checkpoint(work / f"src-{LAYOUT}-plain", layout=LAYOUT, seed=SEED, **TINY)
+    src = write_source_checkpoint(work / f"src-{LAYOUT}-plain", layout=LAYOUT, seed=SEED)
     dst = convert_checkpoint(src, work / f"mlx-{LAYOUT}-plain", "--dtype", "float32")
     model, tokenizer = load(dst)
     return dict(src=src, model=model, logits=spliced_logits(model, tokenizer, videos["main"]))

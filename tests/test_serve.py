@@ -22,19 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import MAX_TOKENS, QUESTION, json_lines, run_env, sfllava
-from tests.serve_support import (
-    Server,
-    chatty_model,
-    data_url,
-    first_message,
-    truncated_mp4,
-    video_part,
-    wait_until,
-)
+from sfllava_convert.tiny.command import Server, first_message, run_env, video_part
+from tests.conftest import MAX_TOKENS, QUESTION, json_lines, sfllava
+from tests.serve_support import chatty_model, data_url, truncated_mp4, wait_until
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
+pytestmark = pytest.mark.server  # every test here talks to a real `sfllava serve`
 
 KEY = "sk-test-serve"
 FOLLOW_UP = "What color is the car?"

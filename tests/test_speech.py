@@ -19,8 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sfllava_convert.tiny.command import REPO, run_env, sfllava_command
+from sfllava_convert.tiny.videos import have_ffmpeg
+from sfllava_convert.tiny.whisper import write_tiny_whisper
 from sfllava_mlx import Engine, UserError
-from tests.conftest import MAX_TOKENS, QUESTION, REPO, run_env, sfllava_command
+from tests.conftest import MAX_TOKENS, QUESTION
 from tests.subtitle_support import (
     HEADER,
     add_audio,
@@ -28,12 +31,11 @@ from tests.subtitle_support import (
     ffmpeg_audio,
     frame_times,
     kept_seconds,
-    write_tiny_whisper,
 )
 from tests.test_chat_support import run_inprocess
-from tests.videos import have_ffmpeg
 
 pytestmark = [
+    pytest.mark.slow,  # Whisper and the tiny model, end to end
     pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed (make setup)"),
     pytest.mark.skipif(__import__("importlib").util.find_spec("mlx_whisper") is None,
                        reason="mlx-whisper is not installed (pip install '.[speech]')"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sfllava_convert.tiny.videos import have_ffmpeg
 from sfllava_mlx import Engine, UserError
 from tests.conftest import LOGPROB_TOL, MAX_TOKENS, QUESTION, sfllava
 from tests.subtitle_support import (
@@ -33,9 +34,10 @@ from tests.subtitle_support import (
     write_vtt,
 )
 from tests.test_chat_support import run_inprocess
-from tests.videos import corrupt_frames, have_ffmpeg
+from tests.videos import corrupt_frames
 
-pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed (make setup)")
+pytestmark = [pytest.mark.slow,  # end-to-end runs of the tiny model against the reference
+              pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg is not installed (make setup)")]
 LAYOUT = "oryx-vit"
 # MP4's mov_text cannot hold overlapping events (ffmpeg's muxer cuts the earlier one
 # short): the MP4 gets the events without the one inside another.
@@ -436,8 +438,9 @@ def test_batch_lines_carry_the_subtitles(place, converted, tmp_path, expected, v
     assert f"warning: {broken / 'clip.mkv'}: ignoring the subtitles" in r.stderr
 
 
+@pytest.mark.server
 def test_serve_takes_subtitles_per_request(place, converted, tmp_path, expected, reference):
-    from tests.serve_support import Server
+    from sfllava_convert.tiny.command import Server
 
     outside = tmp_path / "outside.srt"
     write_srt(outside, FRENCH)

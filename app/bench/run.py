@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sfllava_convert.tiny.videos import moving_shapes, write_video
 from sfllava_mlx.errors import UserError
 
 # (key, label, unit): the report's stages in pipeline order.
@@ -141,19 +142,7 @@ def reopen_ttft(engine, path, options: dict, prompt: str) -> float:
 def make_video(path: Path, seconds: float = 10.0, fps: float = 25.0, width: int = 640,
                height: int = 360) -> Path:
     """A generated clip (MPEG-4 part 2 in .mp4): moving shapes on a gradient."""
-    import cv2
-    import numpy as np
-
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    if not writer.isOpened():
-        raise UserError("OpenCV cannot write a test video here: pass --video FILE")
-    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-    for i in range(int(seconds * fps)):
-        frame = np.broadcast_to(ramp * np.array([1.0, 0.5, 0.2]) + i, (height, width, 3))
-        frame = (frame % 256).astype(np.uint8).copy()
-        x = int(i * 7) % (width - 80)
-        cv2.rectangle(frame, (x, height // 3), (x + 80, height // 3 + 60), (0, 0, 255), -1)
-        cv2.circle(frame, (width - x - 40, 2 * height // 3), 30, (0, 255, 0), -1)
-        writer.write(frame)
-    writer.release()
-    return path
+    try:
+        return write_video(path, moving_shapes(int(seconds * fps), width, height), fps, "mp4v")
+    except RuntimeError as e:
+        raise UserError(f"{e}: pass --video FILE") from None

@@ -1,8 +1,20 @@
-"""A whole tiny source checkpoint: config.json, tensors, tokenizer and preprocessor files."""
+"""A whole tiny source checkpoint: config.json, tensors, tokenizer and preprocessor files.
+
+What to build is said in four small typed parts, each with the defaults of the test suite's
+tiny model (tests/conftest.py's SHARPEN is tuned on these sizes: change them and the
+mistake tests lose their teeth):
+
+- `LLM`: the Qwen2 language model's sizes, tying and RoPE base;
+- `Tower`: the vision tower's sizes and the optional parts its layout may carry;
+- `Files`: how the checkpoint is stored (dtype, shards, pickle, which config style);
+- `Extras`: LLaVA's recipe fields and deliberate departures (tensors or keys added or
+  dropped), for the converter's refusal tests.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -23,201 +35,227 @@ from .tensors import (
 from .tokenizer import SPECIAL_TOKENS, write_tokenizer
 
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
+ROPE_STYLES = ("rope_theta", "rope_parameters")
+
+
+@dataclass(frozen=True)
+class LLM:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vocab_size: Optional[int] = None  # default: the tokenizer's, padded to a multiple of 64
+    tokenizer_vocab: int = 640
+    tied: bool = True
+    rope_theta: float = 1000000.0
+
+    def vocab(self, n_tokens: int) -> int:
+        vocab = self.vocab_size or -(-n_tokens // 64) * 64
+        if vocab < n_tokens:
+            raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({n_tokens})")
+        return vocab
+
+
+@dataclass(frozen=True)
+class Tower:
+    image_size: int = 32
+    patch_size: int = 8
+    hidden: int = 32
+    layers: int = 3
+    heads: int = 2
+    mlp: int = 64
+    act: Optional[str] = None  # default: the layout's (gelu_pytorch_tanh for SigLIP, else gelu)
+    pos_grid: Optional[int] = None  # G0 of the learned position table (default: image // patch)
+    post_layernorm: bool = True  # llava-siglip only
+    siglip_head: bool = False  # llava-siglip only: SiglipMultiheadAttentionPoolingHead
+    final_norm: bool = False  # oryx-vit only
+
+    @property
+    def grid(self) -> int:
+        return self.pos_grid or self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class Files:
+    dtype: str = "float32"
+    shards: int = 1
+    pickle: bool = False  # pytorch_model.bin by torch.save (needs torch), for --allow-pickle
+    rope_style: str = "rope_theta"  # transformers 4; "rope_parameters": transformers 5
+    vision_config: bool = True  # a `vision_config` block in config.json
+    preprocessor: bool = True  # preprocessor_config.json
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class Extras:
+    model_type: str = "llava"
+    select_layer: Optional[int] = None  # mm_vision_select_layer; None: the layout's (-1 / -2)
+    vision_tower: Optional[str] = None  # mm_vision_tower; None: the layout's usual name
+    tensors: dict = field(default_factory=dict)  # {name: ndarray or shape}, added as they are
+    drop_tensors: Iterable[str] = ()
+    config: dict = field(default_factory=dict)  # config.json fields set last
+    drop_config: Iterable[str] = ()
+
 
 # ----------------------------------------------------------------------------------------
 # The checkpoint
 
 
-def write_source_checkpoint(
-    path,
-    layout: str = "oryx-vit",
-    *,
-    seed: int = 0,
-    tied: bool = True,
-    rope_style: str = "rope_theta",
-    rope_theta: float = 1000000.0,
-    shards: int = 1,
-    vision_config_in_config: bool = True,
-    dtype: str = "float32",
-    image_size: int = 32,
-    patch_size: int = 8,
-    vision_hidden: int = 32,
-    vision_layers: int = 3,
-    vision_heads: int = 2,
-    vision_mlp: int = 64,
-    vision_act: Optional[str] = None,
-    pos_grid: Optional[int] = None,
-    hidden: int = 64,
-    llm_layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-    vocab_size: Optional[int] = None,
-    tokenizer_vocab: int = 640,
-    mm_vision_select_layer: Optional[int] = None,
-    mm_vision_tower: Optional[str] = None,
-    post_layernorm: bool = True,
-    siglip_head: bool = False,
-    final_norm: bool = False,
-    std: float = 0.05,
-    image_mean=(0.5, 0.5, 0.5),
-    image_std=(0.5, 0.5, 0.5),
-    preprocessor: bool = True,
-    extra_tensors: Optional[dict] = None,
-    drop_tensors: Iterable[str] = (),
-    extra_config: Optional[dict] = None,
-    drop_config_keys: Iterable[str] = (),
-    model_type: str = "llava",
-    pickle: bool = False,
-) -> Path:
+def write_source_checkpoint(path, layout: str = "oryx-vit", *, llm: LLM = LLM(),
+                            tower: Tower = Tower(), files: Files = Files(),
+                            extras: Extras = Extras(), seed: int = 0, std: float = 0.05) -> Path:
     """Write a tiny SF-LLaVA-1.5 source checkpoint with HF names to `path`; return it.
 
     layout: "oryx-vit" (timm names, fused qkv, pos_embed (1, G0*G0, Dv)) or
       "llava-siglip" (HF SigLIP names under `vision_model.`).
-    pos_grid: G0 of the learned position table (default image_size // patch_size).
-    mm_vision_select_layer: written to config.json; None writes the layout's usual
-      value (-1 for oryx-vit, -2 for llava-siglip). Drop the key with
-      drop_config_keys=("mm_vision_select_layer",).
-    rope_style: "rope_theta" (transformers 4) or "rope_parameters" (transformers 5).
-    vocab_size: the LLM's vocabulary (default: the tokenizer's, padded to a multiple of 64).
-    extra_tensors: {name: ndarray or shape tuple} added as they are (e.g. a learned
-      `model.image_newline`); drop_tensors: names left out.
-    pickle: write `pytorch_model.bin` with torch.save instead of safetensors (needs torch).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
-    if dtype not in ST_DTYPES:
+    if files.dtype not in ST_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(ST_DTYPES)}")
+    if files.rope_style not in ROPE_STYLES:
+        raise ValueError("rope_style must be 'rope_theta' or 'rope_parameters'")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    siglip = layout == "llava-siglip"
-    pos_grid = pos_grid or image_size // patch_size
-    vision_act = vision_act or ("gelu_pytorch_tanh" if siglip else "gelu")
-
-    n_tok = write_tokenizer(path, tokenizer_vocab)
+    n_tok = write_tokenizer(path, llm.tokenizer_vocab)
     ids = {t: n_tok - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
-    vocab = vocab_size or -(-n_tok // 64) * 64
-    if vocab < n_tok:
-        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({n_tok})")
+    vocab = llm.vocab(n_tok)
 
-    # --- tensors
-    shapes = llm_shapes(hidden=hidden, llm_layers=llm_layers, heads=heads, kv_heads=kv_heads,
-                        intermediate=intermediate, vocab=vocab, tied=tied)
-    shapes.update(projector_shapes(vision_hidden=vision_hidden, hidden=hidden))
-    vargs = dict(vision_hidden=vision_hidden, vision_layers=vision_layers, vision_mlp=vision_mlp,
-                 patch_size=patch_size, pos_grid=pos_grid)
-    if siglip:
-        shapes.update(siglip_shapes(**vargs, post_layernorm=post_layernorm, siglip_head=siglip_head))
-    else:
-        shapes.update(oryx_shapes(**vargs, final_norm=final_norm))
-    fixed = {}
-    for name, value in (extra_tensors or {}).items():
-        if isinstance(value, np.ndarray):
-            fixed[name] = value.astype(np.float32)
-            shapes[name] = value.shape
-        else:
-            shapes[name] = tuple(value)
-    for name in drop_tensors:
+    shapes = tensor_shapes(layout, llm, tower, vocab)
+    shapes.update({n: v.shape if isinstance(v, np.ndarray) else tuple(v)
+                   for n, v in extras.tensors.items()})
+    for name in extras.drop_tensors:
         shapes.pop(name, None)
 
     def make(name, shape):
-        if name in fixed:
-            return fixed[name]
+        value = extras.tensors.get(name)
+        if isinstance(value, np.ndarray):
+            return value.astype(np.float32)
         return make_tensor(seed, name, shape, std)
 
-    if pickle:
-        _write_pickle(path / "pytorch_model.bin", shapes, make, dtype)
-    elif shards <= 1:
-        write_safetensors(path / "model.safetensors", shapes, make, dtype)
+    if files.pickle:
+        _write_pickle(path / "pytorch_model.bin", shapes, make, files.dtype)
     else:
-        groups = split_shards(shapes, shards)
-        weight_map, total = {}, 0
-        for i, group in enumerate(groups, 1):
-            fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-            total += write_safetensors(path / fname, group, make, dtype)
-            weight_map.update({name: fname for name in group})
-        write_json(path / "model.safetensors.index.json",
-                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_weights(path, shapes, make, files.dtype, files.shards)
+    write_json(path / "config.json", config_json(layout, llm, tower, files, extras, ids, vocab))
+    write_json(path / "generation_config.json",
+               {"bos_token_id": ids["<|endoftext|>"],
+                "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]})
+    if files.preprocessor:
+        write_json(path / "preprocessor_config.json", preprocessor_json(tower, files))
+    return path
 
-    # --- config.json: Qwen2 fields + LLaVA's mm_* fields, as LLaVA-NeXT's LlavaQwen checkpoints
-    # carry them (lmms-lab/llava-onevision-qwen2-*: model_type "llava", LlavaQwenForCausalLM)
+
+def tensor_shapes(layout: str, llm: LLM, tower: Tower, vocab: int) -> dict:
+    """{HF name: shape} of the LLM, the projector and the layout's tower."""
+    shapes = llm_shapes(hidden=llm.hidden, llm_layers=llm.layers, heads=llm.heads,
+                        kv_heads=llm.kv_heads, intermediate=llm.intermediate, vocab=vocab,
+                        tied=llm.tied)
+    shapes.update(projector_shapes(vision_hidden=tower.hidden, hidden=llm.hidden))
+    sizes = dict(vision_hidden=tower.hidden, vision_layers=tower.layers, vision_mlp=tower.mlp,
+                 patch_size=tower.patch_size, pos_grid=tower.grid)
+    if layout == "llava-siglip":
+        shapes.update(siglip_shapes(**sizes, post_layernorm=tower.post_layernorm,
+                                    siglip_head=tower.siglip_head))
+    else:
+        shapes.update(oryx_shapes(**sizes, final_norm=tower.final_norm))
+    return shapes
+
+
+def write_weights(path: Path, shapes: dict, make, dtype: str, shards: int = 1) -> None:
+    """model.safetensors, or `shards` files and their index, as save_pretrained names them."""
+    if shards <= 1:
+        write_safetensors(path / "model.safetensors", shapes, make, dtype)
+        return
+    groups = split_shards(shapes, shards)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups, 1):
+        fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        total += write_safetensors(path / fname, group, make, dtype)
+        weight_map.update({name: fname for name in group})
+    write_json(path / "model.safetensors.index.json",
+               {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def config_json(layout: str, llm: LLM, tower: Tower, files: Files, extras: Extras, ids: dict,
+                vocab: int) -> dict:
+    """Qwen2 fields + LLaVA's mm_* fields, as LLaVA-NeXT's LlavaQwen checkpoints carry them
+    (lmms-lab/llava-onevision-qwen2-*: model_type "llava", LlavaQwenForCausalLM)."""
+    siglip = layout == "llava-siglip"
     config = {
         "architectures": ["LlavaQwenForCausalLM"],
-        "model_type": model_type,
+        "model_type": extras.model_type,
         "attention_dropout": 0.0,
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
         "hidden_act": "silu",
-        "hidden_size": hidden,
+        "hidden_size": llm.hidden,
         "initializer_range": 0.02,
-        "intermediate_size": intermediate,
+        "intermediate_size": llm.intermediate,
         "max_position_embeddings": 32768,
-        "max_window_layers": llm_layers,
-        "num_attention_heads": heads,
-        "num_hidden_layers": llm_layers,
-        "num_key_value_heads": kv_heads,
+        "max_window_layers": llm.layers,
+        "num_attention_heads": llm.heads,
+        "num_hidden_layers": llm.layers,
+        "num_key_value_heads": llm.kv_heads,
         "rms_norm_eps": 1e-06,
         "sliding_window": 32768,
-        "tie_word_embeddings": tied,
-        "torch_dtype": dtype,
+        "tie_word_embeddings": llm.tied,
+        "torch_dtype": files.dtype,
         "use_cache": True,
         "use_sliding_window": False,
         "vocab_size": vocab,
         "image_aspect_ratio": "pad",
-        "mm_hidden_size": vision_hidden,
+        "mm_hidden_size": tower.hidden,
         "mm_patch_merge_type": "flat",
         "mm_projector_type": "mlp2x_gelu",
         "mm_use_im_patch_token": False,
         "mm_use_im_start_end": False,
         "mm_vision_select_feature": "patch",
-        "mm_vision_select_layer": (mm_vision_select_layer if mm_vision_select_layer is not None
+        "mm_vision_select_layer": (extras.select_layer if extras.select_layer is not None
                                    else (-2 if siglip else -1)),
-        "mm_vision_tower": mm_vision_tower or (SIGLIP_SO400M if siglip else "oryx_vit:oryx_vit.pth"),
+        "mm_vision_tower": extras.vision_tower or (SIGLIP_SO400M if siglip else "oryx_vit:oryx_vit.pth"),
         "tokenizer_model_max_length": 32768,
         "tokenizer_padding_side": "right",
     }
-    if rope_style == "rope_theta":
-        config["rope_theta"] = rope_theta
-    elif rope_style == "rope_parameters":
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
+    if files.rope_style == "rope_theta":
+        config["rope_theta"] = llm.rope_theta
+    else:  # transformers 5 names
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": llm.rope_theta}
         config["dtype"] = config.pop("torch_dtype")
-    else:
-        raise ValueError("rope_style must be 'rope_theta' or 'rope_parameters'")
-    if vision_config_in_config:
+    if files.vision_config:
         config["vision_config"] = {
             "model_type": "siglip_vision_model",
-            "hidden_size": vision_hidden,
-            "intermediate_size": vision_mlp,
-            "num_hidden_layers": vision_layers,
-            "num_attention_heads": vision_heads,
+            "hidden_size": tower.hidden,
+            "intermediate_size": tower.mlp,
+            "num_hidden_layers": tower.layers,
+            "num_attention_heads": tower.heads,
             "num_channels": 3,
-            "image_size": image_size,
-            "patch_size": patch_size,
-            "hidden_act": vision_act,
+            "image_size": tower.image_size,
+            "patch_size": tower.patch_size,
+            "hidden_act": tower.act or ("gelu_pytorch_tanh" if siglip else "gelu"),
             "layer_norm_eps": 1e-06,
             "attention_dropout": 0.0,
         }
-    config.update(extra_config or {})
-    for key in drop_config_keys:
+    config.update(extras.config)
+    for key in extras.drop_config:
         config.pop(key, None)
-    write_json(path / "config.json", config)
-    write_json(path / "generation_config.json",
-                {"bos_token_id": ids["<|endoftext|>"],
-                 "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]})
+    return config
 
-    if preprocessor:
-        write_json(path / "preprocessor_config.json", {
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "image_mean": list(image_mean),
-            "image_std": list(image_std),
-            "image_processor_type": "SiglipImageProcessor",
-            "resample": 3,
-            "rescale_factor": 1 / 255,
-            "size": {"height": image_size, "width": image_size},
-        })
-    return path
+
+def preprocessor_json(tower: Tower, files: Files) -> dict:
+    return {
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(files.image_mean),
+        "image_std": list(files.image_std),
+        "image_processor_type": "SiglipImageProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"height": tower.image_size, "width": tower.image_size},
+    }
 
 
 def _write_pickle(path: Path, shapes: dict, make, dtype: str) -> None:
