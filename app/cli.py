@@ -39,6 +39,22 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     return parser
 
 
+PART_FLAGS = ("--start", "--end")
+
+
+def join_part_values(argv: list) -> list:
+    """`--end -0:05` as `--end=-0:05`: argparse takes a value that starts with "-" and is not
+    a plain number for a flag, and answers with its usage; joined, the library refuses the
+    time in its one line, as it does `--end -5`."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in PART_FLAGS and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def report_error(e: UserError) -> None:
     print(f"error: {e}", file=sys.stderr)
     if e.details:
@@ -46,8 +62,6 @@ def report_error(e: UserError) -> None:
 
 
 def main(argv=None) -> int:
-    from .options import join_part_values
-
     argv = join_part_values(sys.argv[1:] if argv is None else [str(a) for a in argv])
     args = build_parser(argv).parse_args(argv)
     try:

@@ -81,22 +81,6 @@ def checked_options(args, media=None) -> Options:
     return check_request(vars(args).get("model"), media, **session_options(args))
 
 
-PART_FLAGS = ("--start", "--end")
-
-
-def join_part_values(argv: list) -> list:
-    """`--end -0:05` as `--end=-0:05`: argparse takes a value that starts with "-" and is not
-    a plain number for a flag, and answers with its usage; joined, the library refuses the
-    time in its one line, as it does `--end -5`."""
-    out = []
-    for arg in argv:
-        if out and out[-1] in PART_FLAGS and arg[:1] == "-" and arg[1:2].isdigit():
-            out[-1] = f"{out[-1]}={arg}"
-        else:
-            out.append(arg)
-    return out
-
-
 def add_decode_concurrency_argument(p, what: str) -> None:
     p.add_argument("--decode-concurrency", default=DECODE_CONCURRENCY, metavar="N",
                    help=f"{what} decode together, at most (mlx-lm's server flag; default "

@@ -13,7 +13,7 @@ after the first), alternating:
   memory (`mx.get_peak_memory()`) and peak RSS.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        python bench/checkpoints_bench.py [--reps 3] [--shapes small|tiny]
+        python -m bench.checkpoints_bench [--reps 3] [--shapes small|tiny]
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.mlx_vlm_bench import SHAPES_0_5B, SHAPES_TINY, write_checkpoint  # noqa: E402
+from bench.mlx_vlm_bench import SHAPES_0_5B, SHAPES_TINY, write_checkpoint
+from sfllava_convert.tiny.command import REPO
 
 # llava-onevision-qwen2-0.5b-ov's widths with 8 LLM layers, a 32k vocabulary and 4 tower
 # blocks: about 0.2 B parameters (0.8 GB in float32), so that a load takes about a second.

@@ -1,6 +1,6 @@
 """The page of `sfllava serve` in headless Chromium against the API, measured in one run.
 
-    python bench/page_bench.py [--runs 5] [--screenshot docs/page.png]
+    python -m bench.page_bench [--runs 5] [--screenshot docs/page.png]
 
 A tiny model (conftest's shape, sharpened) serves a 10 s 640x360 video. For the same request (the
 page's own body: a new conversation about the held video, streamed), alternately:
@@ -23,13 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from serve_bench import write_video  # noqa: E402
-
-from tests.conftest import TINY, sharpen  # noqa: E402
-from tests.serve_support import Server  # noqa: E402
+from sfllava_convert.tiny.checkpoint import sharpen
+from sfllava_convert.tiny.command import Server
+from sfllava_convert.tiny.videos import make_ffv1_video
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -59,7 +55,7 @@ def build_model(tmp: Path) -> Path:
     from sfllava_app.cli import main as sfllava
     from sfllava_convert.tiny import write_source_checkpoint
 
-    src = write_source_checkpoint(tmp / "tiny-src", layout="oryx-vit", seed=0, **TINY)
+    src = write_source_checkpoint(tmp / "tiny-src", layout="oryx-vit", seed=0)
     sharpen(src)
     assert sfllava(["convert", "--hf-path", str(src), "--mlx-path", str(tmp / "tiny"),
                     "--dtype", "float32"]) == 0
@@ -87,8 +83,8 @@ def main() -> int:
     model = build_model(tmp)
     media = tmp / "media"
     media.mkdir()
-    write_video(media / "holiday.mkv", seed=1)
-    write_video(media / "garden.mkv", seed=2, seconds=4)
+    make_ffv1_video(media / "holiday.mkv", 250, width=640, height=360, fps=25, seed=1)
+    make_ffv1_video(media / "garden.mkv", 100, width=640, height=360, fps=25, seed=2)
     server = Server(["--model", model, "--media-dir", media, "--max-tokens", 24], tmp).wait()
     os.environ.pop("LD_PRELOAD", None)  # the browser side never gets OpenBLAS (NOTES.md)
     try:

@@ -16,13 +16,13 @@ from .options import Options
 def check_media(path: str) -> str:
     """"image" or "video" for a file that can be opened as one; VideoError (ImageError for a
     file named like a picture) for a missing or unreadable one. Reads headers only."""
+    if not os.path.exists(path):  # before the decoders are imported
+        raise VideoError(f"video not found: {path}")
     from .frames.video import check_readable
     from .image import ImageError, is_picture, named_like_picture
 
     if is_picture(path):
         return "image"
-    if not os.path.exists(path):
-        raise VideoError(f"video not found: {path}")
     try:
         check_readable(path)
     except VideoError:
@@ -34,11 +34,11 @@ def check_media(path: str) -> str:
 
 
 def check_request(model: Optional[str], media: Optional[str], **options) -> Options:
-    """The options parsed and checked, the media readable, the model reference a directory
-    or a hub repo id: UserError otherwise."""
+    """The options parsed and checked, the model reference a directory or a hub repo id,
+    the media readable: UserError otherwise (the cheapest checks first)."""
     opts = Options.of(**options)
-    if media is not None:
-        check_media(os.path.expanduser(str(media)))
     if model is not None:
         check_reference(str(model))
+    if media is not None:
+        check_media(os.path.expanduser(str(media)))
     return opts

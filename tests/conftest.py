@@ -10,14 +10,13 @@ tokens: then every usual porting mistake changes the greedy answer (tests/test_m
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from sfllava_convert.tiny.checkpoint import sharpen
 from sfllava_convert.tiny.command import REPO, run_env, sfllava_command
 
 LAYOUTS = ("oryx-vit", "llava-siglip")
@@ -28,31 +27,6 @@ LOGPROB_TOL = 5e-4  # the issues' bound for `generate --json` logprobs against a
 SEED = 0  # tiny checkpoint seed; tests/test_mistakes.py checks the answer stays decisive
 # The tiny shape is sfllava_convert.tiny's defaults (SHARPEN was tuned on them): frames 32 px,
 # patch 8 -> G = G0 = 4, so 32 slow frames x 2x2 + 96 fast frames x 1x1 = 224 visual tokens.
-
-# Factors applied to the random source tensors (see module docstring). q/k: peaked attention;
-# v/o: attention output dominates the residual stream; embeddings (tied with lm_head): peaked
-# next-token distributions; projector output: visual tokens as loud as text tokens.
-SHARPEN = {
-    r"self_attn\.(q|k)_proj\.weight$": 6.0,
-    r"self_attn\.(v|o)_proj\.weight$": 4.0,
-    r"embed_tokens\.weight$": 10.0,
-    r"mm_projector\.2\.weight$": 4.0,
-}
-
-
-def sharpen(src: Path, rules: dict = SHARPEN) -> None:
-    """Rescale tensors of a single-file safetensors source checkpoint in place."""
-    from safetensors.numpy import load_file, save_file
-
-    f = src / "model.safetensors"
-    tensors = load_file(str(f))
-    for pattern, factor in rules.items():
-        hits = [n for n in tensors if re.search(pattern, n)]
-        assert hits, f"sharpen: no tensor matches {pattern}"
-        for n in hits:
-            tensors[n] = (tensors[n] * np.float32(factor)).astype(np.float32)
-    save_file(tensors, str(f), metadata={"format": "pt"})
-
 
 def sfllava(args: list, tmp: Path, stdin: str | None = None, timeout: float = 180):
     """Run the `sfllava` command in a subprocess, as a user (or a script) would."""

@@ -98,7 +98,7 @@ def test_fps_must_be_positive(tmp_path):
     video = tmp_path / "v.mkv"
     make_ffv1_video(video, 10)
     r = sfllava(["frames", video, "--fps", "0"], tmp_path)
-    assert r.returncode == 2 and "must be positive" in r.stderr
+    assert r.returncode == 2 and "--fps must be a number greater than 0" in r.stderr
 
 
 # ----------------------------------------------------------------------------------------

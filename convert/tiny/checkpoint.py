@@ -264,3 +264,31 @@ def _write_pickle(path: Path, shapes: dict, make, dtype: str) -> None:
     tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     state = {n: torch.from_numpy(np.ascontiguousarray(make(n, s))).to(tdtype) for n, s in shapes.items()}
     torch.save(state, path)
+
+
+# Factors applied to the random source tensors (so a tiny model's answers follow its input). q/k: peaked attention;
+# v/o: attention output dominates the residual stream; embeddings (tied with lm_head): peaked
+# next-token distributions; projector output: visual tokens as loud as text tokens.
+SHARPEN = {
+    r"self_attn\.(q|k)_proj\.weight$": 6.0,
+    r"self_attn\.(v|o)_proj\.weight$": 4.0,
+    r"embed_tokens\.weight$": 10.0,
+    r"mm_projector\.2\.weight$": 4.0,
+}
+
+
+def sharpen(src: Path, rules: dict = SHARPEN) -> None:
+    """Rescale tensors of a single-file safetensors source checkpoint in place."""
+    import re
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    f = src / "model.safetensors"
+    tensors = load_file(str(f))
+    for pattern, factor in rules.items():
+        hits = [n for n in tensors if re.search(pattern, n)]
+        assert hits, f"sharpen: no tensor matches {pattern}"
+        for n in hits:
+            tensors[n] = (tensors[n] * np.float32(factor)).astype(np.float32)
+    save_file(tensors, str(f), metadata={"format": "pt"})

@@ -42,7 +42,6 @@ PyAV, the same FFmpeg underneath:
 """
 
 from .part import Part, Span, span_of
-from .reader import FrameReader, SampledFrames, iter_frames, read_frames, sampled_timestamps
 from .sampling import (
     SEEK_MODES,
     format_time,
@@ -52,7 +51,21 @@ from .sampling import (
     stream_names,
     video_duration,
 )
-from .video import VideoInfo, probe
+
+# The decoder (PyAV) is imported when first used: the options and the command line's checks
+# read parts and time text without it.
+_LAZY = {"FrameReader": "reader", "SampledFrames": "reader", "iter_frames": "reader",
+         "read_frames": "reader", "sampled_timestamps": "reader", "VideoInfo": "video",
+         "probe": "video"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["FrameReader", "Part", "SampledFrames", "Span", "VideoInfo", "SEEK_MODES",
            "format_time", "frames_for_rate", "iter_frames", "parse_time", "probe", "read_frames",
