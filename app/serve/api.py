@@ -17,16 +17,18 @@ import asyncio
 import hmac
 import json
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .log import log
 from .media import Body, Media, body_limit, cut_uploads
-from .page import add_page_routes, is_public
+from .page import PAGE_DIR, PAGE_ROUTES, is_public
 from .request import APIError, load_json, parse_chat
 from .worker import Job, Worker
 
@@ -82,88 +84,126 @@ class Guard:
         await response(scope, receive, send)
 
 
+@dataclass
+class Served:
+    """What one app serves (`app.state.served`): the worker, the media dirs, the model's
+    names, the body limit."""
+
+    worker: Worker
+    media: Media
+    model_id: str
+    model_arg: str
+    created: int
+    limit: int
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created,
+                "owned_by": "sfllava"}
+
+
+def served(request: Request) -> Served:
+    return request.app.state.served
+
+
+async def health():
+    return {"status": "ok"}
+
+
+async def models(request: Request):
+    return {"object": "list", "data": [served(request).model_card()]}
+
+
+async def model(request: Request, name: str):
+    s = served(request)
+    if name not in (s.model_id, s.model_arg):
+        raise APIError(404, f"the model {name!r} does not exist: this server runs "
+                            f"{s.model_id!r}", "model_not_found", "model")
+    return s.model_card()
+
+
+async def status(request: Request):
+    s = served(request)
+    return {"model": s.model_id, **s.worker.status()}
+
+
+async def chat(request: Request):
+    s = served(request)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise APIError(400, "the body must be JSON (Content-Type: application/json)",
+                       "invalid_content_type")
+    body = await read_body(request, s.limit, s.media)
+    try:
+        req, video = await run_in_threadpool(prepare, body, s.media, s.model_id, s.model_arg)
+    finally:
+        body.close()
+    if await request.is_disconnected():
+        s.media.discard(video)
+        return JSONResponse({}, status_code=499)
+    job = Job(req, video, asyncio.get_running_loop(),
+              on_finish=lambda j: s.media.discard(j.media))
+    s.worker.submit(job)
+    try:
+        first = await next_event(job, request)
+    except BaseException:
+        job.cancel()
+        raise
+    if first[0] == "error":
+        log_job(job, first[1].status)
+        return error_response(first[1])
+    if first[0] == "cancelled":
+        return JSONResponse({}, status_code=499)
+    if req.stream:
+        return JobStream(job, first, s.model_id)
+    text, kind, value = [], *first
+    while kind == "delta":
+        text.append(value)
+        kind, value = await next_event(job, request)
+    if kind == "error":
+        log_job(job, value.status)
+        return error_response(value)
+    if kind == "cancelled":
+        return JSONResponse({}, status_code=499)
+    log_job(job, 200, value)
+    return completion(job, value, s.model_id)
+
+
+async def api_error(request, e: APIError):
+    return refused(e)
+
+
+async def http_error(request, e: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return refused(APIError(e.status_code, str(e.detail), code))
+
+
+async def server_error(request, e: Exception):
+    return error_response(APIError(500, f"internal error: {type(e).__name__}", "server_error"))
+
+
+# SPEC §5's API, then the page's (SPEC §9): (method, path, endpoint).
+ROUTES = [
+    ("GET", "/health", health),
+    ("GET", "/v1/models", models),
+    ("GET", "/v1/models/{name:path}", model),
+    ("GET", "/v1/sfllava/status", status),
+    ("POST", "/v1/chat/completions", chat),
+    *PAGE_ROUTES,
+]
+ERROR_HANDLERS = [(APIError, api_error), (StarletteHTTPException, http_error),
+                  (Exception, server_error)]
+
+
 def create_app(worker: Worker, media: Media, *, model_id: str, model_arg: str,
                api_key: Optional[str] = None, host: str = "127.0.0.1"):
     app = FastAPI(title="sfllava", docs_url=None, redoc_url=None, openapi_url=None)
-    created = int(time.time())
-    limit = body_limit(media.max_upload_bytes)
-
-    @app.exception_handler(APIError)
-    async def api_error(request, e: APIError):
-        return refused(e)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, e):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return refused(APIError(e.status_code, str(e.detail), code))
-
-    @app.exception_handler(Exception)
-    async def server_error(request, e):
-        return error_response(APIError(500, f"internal error: {type(e).__name__}", "server_error"))
-
-    def model_card() -> dict:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "sfllava"}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str):
-        if name not in (model_id, model_arg):
-            raise APIError(404, f"the model {name!r} does not exist: this server runs {model_id!r}",
-                           "model_not_found", "model")
-        return model_card()
-
-    @app.get("/v1/sfllava/status")
-    async def status():
-        return {"model": model_id, **worker.status()}
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise APIError(400, "the body must be JSON (Content-Type: application/json)",
-                           "invalid_content_type")
-        body = await read_body(request, limit, media)
-        try:
-            req, video = await run_in_threadpool(prepare, body, media, model_id, model_arg)
-        finally:
-            body.close()
-        if await request.is_disconnected():
-            media.discard(video)
-            return JSONResponse({}, status_code=499)
-        job = Job(req, video, asyncio.get_running_loop(), on_finish=lambda j: media.discard(j.media))
-        worker.submit(job)
-        try:
-            first = await next_event(job, request)
-        except BaseException:
-            job.cancel()
-            raise
-        if first[0] == "error":
-            log_job(job, first[1].status)
-            return error_response(first[1])
-        if first[0] == "cancelled":
-            return JSONResponse({}, status_code=499)
-        if req.stream:
-            return JobStream(job, first, model_id)
-        text, kind, value = [], *first
-        while kind == "delta":
-            text.append(value)
-            kind, value = await next_event(job, request)
-        if kind == "error":
-            log_job(job, value.status)
-            return error_response(value)
-        if kind == "cancelled":
-            return JSONResponse({}, status_code=499)
-        log_job(job, 200, value)
-        return completion(job, value, model_id)
-
-    add_page_routes(app, worker, media)  # GET / and what the page asks for (SPEC §9)
+    app.state.served = Served(worker, media, model_id, model_arg, int(time.time()),
+                              body_limit(media.max_upload_bytes))
+    for method, path, endpoint in ROUTES:
+        app.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
+    app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")  # the page's files
+    for kind, handler in ERROR_HANDLERS:
+        app.add_exception_handler(kind, handler)
     return Guard(app, api_key, LOOPBACK_HOSTS + (host.lower(),))
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import FileResponse, Response
-from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from sfllava_mlx.errors import UserError
@@ -50,28 +49,36 @@ def is_public(path: str) -> bool:
     return path == "/" or path.startswith("/page/")
 
 
-def add_page_routes(app, worker, media) -> None:
-    app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
+async def index():
+    return FileResponse(PAGE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return FileResponse(PAGE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/v1/sfllava/media")
-    async def media_list():
-        listed = await run_in_threadpool(listing, media)
-        return {**listed, "max_upload_bytes": media.max_upload_bytes,
-                "defaults": page_defaults(worker.args)}
+async def media_list(request: Request):
+    s = request.app.state.served
+    listed = await run_in_threadpool(listing, s.media)
+    return {**listed, "max_upload_bytes": s.media.max_upload_bytes,
+            "defaults": page_defaults(s.worker.args)}
 
-    @app.get("/v1/sfllava/plan")
-    async def plan(request: Request):
-        opening = await run_in_threadpool(prepare, worker, media, request.query_params)
-        return plan_json(opening, worker.engine)
 
-    @app.get("/v1/sfllava/sheet")
-    async def sheet(request: Request):
-        png = await run_in_threadpool(sheet_png, worker, media, request.query_params)
-        return Response(png, media_type="image/png", headers=NO_STORE)
+async def plan(request: Request):
+    s = request.app.state.served
+    opening = await run_in_threadpool(prepare, s.worker, s.media, request.query_params)
+    return plan_json(opening, s.worker.engine)
+
+
+async def sheet(request: Request):
+    s = request.app.state.served
+    png = await run_in_threadpool(sheet_png, s.worker, s.media, request.query_params)
+    return Response(png, media_type="image/png", headers=NO_STORE)
+
+
+# (method, path, endpoint); the static files are mounted at /page.
+PAGE_ROUTES = [
+    ("GET", "/", index),
+    ("GET", "/v1/sfllava/media", media_list),
+    ("GET", "/v1/sfllava/plan", plan),
+    ("GET", "/v1/sfllava/sheet", sheet),
+]
 
 
 # ----------------------------------------------------------------------------------------
