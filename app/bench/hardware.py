@@ -251,29 +251,6 @@ def kv_bytes_per_token(tc: dict, bytes_per_value: float) -> float:
     return 2 * layers * kv_heads * hd * bytes_per_value
 
 
-def llm_weight_bytes(tc: dict, bytes_per_value: int, q_bits: Optional[int] = None,
-                     group_size: int = 64) -> int:
-    """Bytes of the LLM's weights as stored: matrices at q_bits with a scale and a bias
-    per group (at the float width) when quantized; biases and norms at the float width."""
-    d, heads, kv_heads, hd, layers = _text(tc)
-    v = tc["vocab_size"]
-
-    def matrix(rows, cols):
-        if q_bits and cols % group_size == 0:
-            return rows * cols * q_bits // 8 + 2 * rows * (cols // group_size) * bytes_per_value
-        return rows * cols * bytes_per_value
-
-    i = tc["intermediate_size"]
-    per_layer = (matrix(heads * hd, d) + 2 * matrix(kv_heads * hd, d) + matrix(d, heads * hd)
-                 + 2 * matrix(i, d) + matrix(d, i))  # MLX weights are (out, in)
-    per_layer += (heads * hd + 2 * kv_heads * hd) * bytes_per_value  # q, k, v biases
-    per_layer += 2 * d * bytes_per_value  # two RMSNorm scales
-    total = layers * per_layer + matrix(v, d) + d * bytes_per_value  # embedding, final norm
-    if not tc.get("tie_word_embeddings", True):
-        total += matrix(v, d)  # lm_head
-    return total
-
-
 def decode_bytes_per_token(tc: dict, weight_bytes: int, kv_bytes_per_tok: float,
                            context: int, embedding_bytes: int = 0) -> float:
     """One decode step reads every LLM weight once, at its stored width (the tied embedding

@@ -87,10 +87,6 @@ ONEVISION_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_lay
                         pos_interpolation="bicubic", feature_layer=26)
 
 
-def family_of(size: str) -> str:
-    return FAMILIES[size][0]
-
-
 def display_name(size: str) -> str:
     """How a report names a random-weight size, e.g. "LLaVA-OneVision 0.5b"."""
     return FAMILIES[size][2]

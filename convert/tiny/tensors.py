@@ -12,7 +12,6 @@ import numpy as np
 
 LAYOUTS = ("oryx-vit", "llava-siglip")
 
-LLM_PREFIX = "model."
 PROJECTOR_PREFIX = "model.mm_projector."
 SIGLIP_PREFIX = "model.vision_tower.vision_tower.vision_model."
 ORYX_PREFIX = "model.vision_tower.vision_tower."
