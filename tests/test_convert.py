@@ -422,6 +422,7 @@ def test_tokenizer_larger_than_the_embeddings(tmp_path, capsys):
     assert_refused(tmp_path, capsys, src, tmp_path / "mlx", "640 tokens")
 
 
+@pytest.mark.slow
 def test_refusal_through_the_console_command(tmp_path):
     """The installed `sfllava` command: status 2, the message first, no traceback."""
     from tests.conftest import sfllava

@@ -301,6 +301,7 @@ def test_backend_pads_the_last_batch_and_drops_the_padding():
 # --- the command line ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_coreml_command(work, converted, capsys):
     """`sfllava export-coreml`: writes the package, refuses to replace it without
     --force, replaces it with --force, and leaves no temporary files behind."""

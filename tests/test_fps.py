@@ -182,6 +182,7 @@ def test_cache_keys_on_fps_and_frame_count(tmp_path, converted, videos):
 # The memory plan
 
 
+@pytest.mark.slow
 def test_a_request_that_cannot_fit_is_refused_before_any_work(tmp_path, converted, videos):
     r = subprocess.run(
         sfllava_command(["generate", "--model", converted[LAYOUT], "--video", videos["main"],
