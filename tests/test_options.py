@@ -402,3 +402,21 @@ def test_options_error_names_the_option_as_each_front_end_spells_it():
         Options.of(fps=0)
     assert str(e.value) == "--fps must be a number greater than 0, not 0"
     assert str(e.value.named("sfllava.fps")) == "sfllava.fps must be a number greater than 0, not 0"
+
+
+def test_allowed_values_are_written_once():
+    """The front ends take an option's allowed values from the schema: no list of their
+    own (two allowed values of one option side by side, in code or in a message)."""
+    import re
+
+    from sfllava_mlx.config import RECIPES
+    from sfllava_mlx.frames.sampling import SEEK_MODES
+    from sfllava_mlx.options import COMPUTE_UNITS, KV_BITS, VISION_BACKENDS
+
+    for front in ("app/options.py", "app/serve/request.py", "app/serve/answer.py",
+                  "app/batch/run.py", "app/frames.py", "app/serve/page.py"):
+        text = (REPO / front).read_text().split('"""', 2)[2]  # past the module's usage text
+        for allowed in (RECIPES, SEEK_MODES, VISION_BACKENDS, COMPUTE_UNITS):
+            a, b = allowed[:2]
+            assert not re.search(rf"\b{a}\b.{{0,12}}\b{b}\b", text), (front, allowed)
+    assert SPECS["kv_bits"].rule.values == KV_BITS
