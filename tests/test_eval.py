@@ -287,7 +287,7 @@ def test_a_run_writes_a_scored_line_per_question(videomme_run, sets):
     assert r["status"] == 1, r["stderr"]  # vid404 is missing
     lines = r["lines"]
     assert sorted(lines) == sorted(q[1] for q in VIDEOMME)
-    for vid, qid, dur, dom, task, q, o, a in VIDEOMME:
+    for vid, qid, dur, dom, task, _q, o, a in VIDEOMME:
         line = lines[qid]
         assert (line["answer"], line["duration"], line["domain"], line["task_type"],
                 line["choices"]) == (a, dur, dom, task, OPTIONS[o])

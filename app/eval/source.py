@@ -111,7 +111,7 @@ def _parquet(path: Path) -> list:
     except ImportError:
         raise UserError("reading parquet needs pyarrow: pip install 'sfllava-mlx[eval]'") from None
     try:
-        return pq.read_table(path).to_pylist()
+        return pq.ParquetFile(path).read().to_pylist()  # read_table would import pandas
     except Exception as e:  # pyarrow's own errors: not a parquet file it can read
         raise ValueError(str(e)) from None
 
