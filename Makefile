@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 UNAME := $(shell uname -s)
 # MLX's Linux CPU wheel links a slow reference BLAS; Debian's OpenBLAS is ~40x faster.
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
-EXTRAS := test
+EXTRAS := test,eval
 ifeq ($(UNAME),Linux)
 TORCH_PIN := torch==2.13.0
 RUN_ENV := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)

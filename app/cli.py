@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     ("export-coreml", ".export_coreml", "export the vision tower to Core ML"),
     ("serve", ".serve", "an OpenAI-compatible local server for video chat"),
     ("batch", ".batch", "answer questions about many videos, resumable, over several Macs"),
+    ("eval", ".eval", "a video benchmark's accuracy table (Video-MME, MVBench, LongVideoBench)"),
     ("cache", ".cache", "list or clear the video cache"),
     ("models", ".models", "list the runnable models on disk (hub cache, converted models)"),
 ]

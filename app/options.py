@@ -17,8 +17,8 @@ FRAME_OPTIONS = ("recipe", "num_frames", "fps", "seek", "start", "end", "subtitl
 COUNT = Whole("a whole number of at least 1", 1)
 
 
-def add_model_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+def add_model_argument(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
                    help="model directory or hub repo id: an sfllava or mlx-vlm conversion, or a "
                         "Hugging Face checkpoint (converted on first use)")
     # what they mean to `sfllava convert`, for a Hugging Face checkpoint's first use

@@ -225,20 +225,26 @@ class Engine:
                            kv_bits=opts.kv_bits, max_kv_size=opts.max_kv_size,
                            text_tokens=self._subtitle_tokens(opening))
 
-    def _subtitle_tokens(self, opening: Opening) -> int:
-        """The tokens of the subtitle lines the sampled frames will select. The frames'
-        timestamps come, before anything is decoded, from the cache entry of the video or
-        from its index (exact: they move only where a frame fails to decode and a
-        neighbour replaces it; the prompt is built from the frames actually sampled)."""
+    def subtitle_lines(self, opening: Opening):
+        """The subtitle lines (`SubtitleLines`) the sampled frames will select, or None
+        without subtitles. The frames' timestamps come, before anything is decoded, from the
+        cache entry of the video or from its index (exact: they move only where a frame
+        fails to decode and a neighbour replaces it; the prompt is built from the frames
+        actually sampled)."""
         track = opening.subtitles
         if track is None or not track.events:
-            return 0
+            return None
         times = self.store.cached_timestamps(opening.key) if opening.key is not None else None
         if times is None:
             s = opening.sampling
             times = sampled_timestamps(opening.path, s.num_frames, opening.options.seek,
                                        s.frame_positions, opening.options.part)
-        block = track.select(times).prompt()
+        return track.select(times)
+
+    def _subtitle_tokens(self, opening: Opening) -> int:
+        """The tokens of the subtitle lines the sampled frames will select."""
+        lines = self.subtitle_lines(opening)
+        block = lines.prompt() if lines is not None else ""
         return len(encode(self.tokenizer, block + "\n")) if block else 0
 
     def _transcribe(self, opening: Opening, progress) -> Opening:

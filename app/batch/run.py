@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from sfllava_mlx.errors import UserError
-from sfllava_mlx.options import requested, with_answer
+from sfllava_mlx.options import Options, requested, with_answer
 
 from ..fmt import count
 from ..options import (
@@ -25,7 +25,8 @@ from .progress import Progress
 
 @dataclass
 class Item:
-    """A video (or picture) of the library, and the prompts this run answers about it."""
+    """A video (or picture) of the library, and the prompts this run answers about it
+    (batch: every prompt for every video; eval: the questions about this video)."""
 
     index: int  # in input order
     video: str  # as given
@@ -35,6 +36,8 @@ class Item:
     pending: list  # prompts this run answers for it
     options: dict  # the options as it resolves them: its lines' `options` and keys
     error: Optional[str] = None  # why they could not be resolved (its lines are errors)
+    prompts: list = field(default_factory=list)  # every prompt of it, done or not
+    given: dict = field(default_factory=dict)  # its options as given (`session_options`)
 
 
 def message(e: BaseException) -> str:
@@ -47,6 +50,12 @@ def message(e: BaseException) -> str:
 
 
 class Batch:
+    """One rank's run. Eval (`app/eval/run.py`) drives the same run with its own items:
+    `read_inputs`, `candidates`, `given`, `prompts_for`, `question` and `line` are what it
+    changes."""
+
+    name = "batch"  # the command, in its messages
+
     def __init__(self, args, group):
         self.args = args
         self.group = group
@@ -82,7 +91,7 @@ class Batch:
             leftover.update(s["leftover"])
         if leftover:
             ranks = sorted(int(n.rsplit(".rank", 1)[1].split(".")[0]) for n in leftover)
-            self.say(f"batch: an unfinished run (stopped, or a rank killed) left "
+            self.say(f"{self.name}: an unfinished run (stopped, or a rank killed) left "
                      f"{sum(leftover.values())} answers in the part files of rank"
                      f"{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: "
                      "merging them, answering only what is missing")
@@ -101,7 +110,7 @@ class Batch:
         except KeyboardInterrupt:
             if self.size == 1:
                 self.merge_locally(wanted)
-            self.say("batch: interrupted; every answer so far is kept: run the same command "
+            self.say(f"{self.name}: interrupted; every answer so far is kept: run the same command "
                      "again to finish")
             raise
         return self.finish(wanted)
@@ -110,7 +119,7 @@ class Batch:
     def setup(self) -> None:
         check_decode_concurrency(self.args)
         self.options = checked_options(self.args)  # a bad value: refused before the model
-        self.prompts = inputs.read_prompts(self.args)
+        self.read_inputs()
         if self.out.is_dir():
             raise UserError(f"--out {self.args.out} is a directory; name a .jsonl file")
         try:
@@ -136,21 +145,50 @@ class Batch:
     def key(self, v: Item, prompt: str) -> str:
         return results.pair_key(v.fingerprint, v.video, prompt, self.identity, v.options)
 
-    def resolve(self, path: str) -> tuple[dict, Optional[str]]:
+    def resolve(self, path: str, given: dict) -> tuple[dict, Optional[str]]:
         """(the options as `path` resolves them, None), or (the options as given, the
         error) where it cannot: its pairs are then error lines keyed by those."""
         try:
-            record = self.engine.resolve(path, **session_options(self.args))
+            record = self.engine.resolve(path, **given)
         except UserError as e:
-            return requested(self.options), message(e)
+            return requested(Options.of(**given)), message(e)
         return with_answer(record, self.options), None
+
+    def read_inputs(self) -> None:
+        """What is asked, read (and refused) before the model is loaded."""
+        self.prompts = inputs.read_prompts(self.args)
+
+    def candidates(self) -> list:
+        """The files to answer about (`inputs.Candidate`), in input order, on every rank."""
+        found = inputs.expand(self.args.paths) if self.rank == 0 else None
+        return [inputs.Candidate(**c) for c in
+                self.group.broadcast_json(inputs.to_json(found) if found is not None else None)]
+
+    def given(self, c) -> dict:
+        """The options given for candidate `c` (eval: a video's own subtitle file)."""
+        return session_options(self.args)
+
+    def prompts_for(self, v: Item) -> list:
+        """The prompts asked about item `v` (its options resolved)."""
+        return self.prompts
+
+    def question(self, v: Item, prompt: str) -> str:
+        """The text asked for `prompt` (eval: without the subtitle block the engine adds)."""
+        return prompt
+
+    def line(self, v: Item, prompt: str, rec: dict) -> dict:
+        """The line written for `prompt` (eval adds its fields)."""
+        return rec
 
     def discover(self):
         g = self.group
-        found = inputs.expand(self.args.paths) if self.rank == 0 else None
-        candidates = [inputs.Candidate(**c) for c in
-                      g.broadcast_json(inputs.to_json(found) if found is not None else None)]
-        mine = {i: inputs.inspect(c, self.resolve).__dict__
+        candidates = self.candidates()
+        given = [self.given(c) for c in candidates]
+
+        def resolve(i):
+            return lambda path: self.resolve(path, given[i])
+
+        mine = {i: inputs.inspect(c, resolve(i)).__dict__
                 for i, c in enumerate(candidates) if i % self.size == self.rank}
         table = {}
         for part in g.exchange_json(mine):
@@ -161,9 +199,11 @@ class Batch:
             if info.kind == "skip":
                 skipped += 1
                 continue
-            options = info.options or requested(self.options)
-            videos.append(Item(len(videos), c.video, c.path, info.fingerprint, info.duration, [],
-                               options, info.error))
+            options = info.options or requested(Options.of(**given[i]))
+            v = Item(len(videos), c.video, c.path, info.fingerprint, info.duration, [], options,
+                     info.error, given=given[i])
+            v.prompts = self.prompts_for(v)
+            videos.append(v)
         return videos, skipped
 
     def schedule(self, videos: list[Item]) -> list:
@@ -173,7 +213,7 @@ class Batch:
         wanted, claimed = [], set()
         self.total_done = 0
         for v in videos:
-            for p in self.prompts:
+            for p in v.prompts:
                 k = self.key(v, p)
                 wanted.append((v.video, k))
                 if k in self.done:
@@ -201,10 +241,9 @@ class Batch:
 
         from .prefetch import FramePipeline
 
-        options = session_options(self.args)
         prefetch = self.options.vision_backend == "mlx"  # Core ML reads all frames itself
         pipeline = FramePipeline(
-            [_open_path(v) for v in mine], lambda path: self.engine.prepare(path, **options),
+            mine, lambda v: self.engine.prepare(_open_path(v), **v.given),
             self.engine.model.config.preprocess.image_size, decode=prefetch,
             cached=self.engine.cached)
         self.writer = results.PartWriter(results.part_path(self.out, self.rank))
@@ -256,7 +295,7 @@ class Batch:
             return 1
         k = batch_size(session.opening.memory, wanted)
         if k < wanted:
-            print(f"batch: {v.video}: its prompts decode {k} at a time, not {wanted}: the memory "
+            print(f"{self.name}: {v.video}: its prompts decode {k} at a time, not {wanted}: the memory "
                   "plan counts every answer's KV cache", file=sys.stderr, flush=True)
         return k
 
@@ -270,7 +309,8 @@ class Batch:
         def asks():
             for k, p in enumerate(v.pending):
                 forks[k] = session.fork()  # the first carries the open's work and timings
-                yield forks[k].ask(p, decoder=self.decoder, **ask_options(self.args))
+                yield forks[k].ask(self.question(v, p), decoder=self.decoder,
+                                   **ask_options(self.args))
 
         try:
             session.prefill()
@@ -295,7 +335,7 @@ class Batch:
             if k:
                 session.reset()  # each pair is a conversation of its own
             try:
-                for _ in session.ask(p, **ask_options(self.args)):
+                for _ in session.ask(self.question(v, p), **ask_options(self.args)):
                     pass
                 rec = session.record()
             except KeyboardInterrupt:
@@ -317,7 +357,7 @@ class Batch:
             rec.update({k: x for k, x in answer.items() if k not in rec and k != "error"})
         rec["options"] = v.options  # what it was keyed by: the resolution before answering
         rec["error"] = error
-        self.writer.write(rec)
+        self.writer.write(self.line(v, prompt, rec))
 
     # -- 5. merging -----------------------------------------------------------------------
     def finish(self, wanted: list) -> int:
@@ -353,7 +393,7 @@ class Batch:
         keys = [k for _, k in wanted]
         missing = sum(1 for k in keys if k not in answers)
         failed = sum(1 for k in keys if k in answers and answers[k].get("error") is not None)
-        self.say(f"batch: {count(answered_now, 'pair')} answered in this run; {self.args.out} holds "
+        self.say(f"{self.name}: {count(answered_now, 'pair')} answered in this run; {self.args.out} holds "
                  f"{len(keys) - missing} of {len(keys)} pairs of this input"
                  + (f", {failed} failed" if failed else ""))
         if missing:
