@@ -51,18 +51,20 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from sfllava_mlx.frames import FrameReader
+    from sfllava_mlx.media import Video
 
     opts = checked_options(args)  # bad values: one line, before the video is opened
     part = opts.part
     config = model_config(args.model)
     sampling = config.recipe(opts.recipe, opts.num_frames)
     tic = time.perf_counter()
-    with FrameReader(args.video, num_frames=sampling.num_frames, slow_every=sampling.slow_every,
-                     seek=opts.seek, hold_all=True, positions=sampling.frame_positions,
-                     fps=opts.fps, images=bool(args.out), part=part) as reader:  # pixels: --out
+    with Video.open(args.video) as video, video.reader(
+            num_frames=sampling.num_frames, slow_every=sampling.slow_every, seek=opts.seek,
+            hold_all=True, positions=sampling.frame_positions, fps=opts.fps,
+            images=bool(args.out), part=part) as reader:  # pixels: --out
         opened_s = time.perf_counter() - tic
-        track, warnings = subtitle_track(args.video, opts)  # while the frames decode
+        # While the frames decode (the reader has the container: subtitles open their own).
+        track, warnings = subtitle_track(video, opts)
         clip = reader.collect()
     elapsed = opened_s + reader.elapsed_s  # the frames' own time, not the subtitles'
     sampling = replace(sampling, num_frames=len(clip.indices))  # --fps: this video's count
@@ -92,16 +94,17 @@ def main(args) -> int:
     return 0
 
 
-def subtitle_track(video: str, opts):
+def subtitle_track(video, opts):
     """(the video's subtitle track or None, warnings): the track whose lines the sampled
-    frames select, as generate would. Speech is transcribed (or read from the cache)."""
+    frames of `video` (a media.Video) select, as generate would. Speech is transcribed (or
+    read from the cache)."""
     from sfllava_mlx.subtitles import resolve, transcribe
 
     transcripts = fingerprint = None
     if opts.subtitles == "speech":
-        from sfllava_mlx.cache import Fingerprint, TranscriptCache
+        from sfllava_mlx.cache import TranscriptCache
 
-        transcripts, fingerprint = TranscriptCache(), Fingerprint.of(video)
+        transcripts, fingerprint = TranscriptCache(), video.fingerprint
     found = resolve(video, opts.subtitles, opts.subtitle_lang, opts.speech_model,
                     transcripts, fingerprint)
     if found.track is None:

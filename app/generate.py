@@ -25,17 +25,20 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    checked_options(args, args.image or args.video)  # before anything heavy is imported
+    checked_options(args)  # before anything heavy is imported
     if args.image is not None:
         from sfllava_mlx.image import probe
 
-        probe(args.image)  # not a picture, empty or huge: refused before the model loads
+        media = probe(args.image)  # not a picture, empty or huge: refused before the model loads
+    else:
+        from sfllava_mlx.media import open_media
+
+        media = open_media(args.video)  # opened once: every step of `open` takes it
     from sfllava_mlx import Engine
 
     engine = Engine(args.model, **engine_options(args))
     with speech_progress() as progress:  # a bar while speech is transcribed (a terminal)
-        session = engine.open(args.image or args.video, progress=progress,
-                              **session_options(args))
+        session = engine.open(media, progress=progress, **session_options(args))
     warn(session.warnings)
     if not args.json and session.media == "video":
         report_sampling(session.clip)

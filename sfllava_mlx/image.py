@@ -52,15 +52,18 @@ class ImageError(VideoError):
 
 
 def sniff(path) -> Optional[str]:
-    """The picture format the file's first bytes announce, or None (not a picture we read).
-
-    Reads 64 bytes: JPEG, PNG, WebP, and ISO-BMFF files whose major brand is a HEIF or AVIF
-    image brand (a video's mp4/mov brands are not)."""
+    """The picture format the file's first bytes announce, or None (`picture_format`)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(64)
+            return picture_format(f.read(64))
     except OSError:
         return None
+
+
+def picture_format(head: bytes) -> Optional[str]:
+    """The picture format a file's first 64 bytes announce, or None (not a picture we read):
+    JPEG, PNG, WebP, and ISO-BMFF files whose major brand is a HEIF or AVIF image brand (a
+    video's mp4/mov brands are not)."""
     if head[:3] == b"\xff\xd8\xff":
         return "JPEG"
     if head[:8] == b"\x89PNG\r\n\x1a\n":

@@ -192,7 +192,7 @@ def test_modified_video_misses_even_with_same_size_and_samples(cache_home, engin
     # is outside the samples; size and sampled digest stay the same.
     orig = cache_fingerprint.sampled_digest
     monkeypatch.setattr(cache_fingerprint, "sampled_digest",
-                        lambda p, blocks=2, block=16: orig(p, blocks, block))
+                        lambda p, blocks=2, block=16, file=None: orig(p, blocks, block, file))
     sampled = cache_fingerprint.sampled_digest
     answer(engine, video)  # an entry under the patched fingerprint
     mid = len(data) // 2

@@ -41,7 +41,7 @@ PyAV, the same FFmpeg underneath:
 - containers without timestamps fall back to one sequential pass that counts frames.
 """
 
-from .part import Part, Span, span_of
+from .part import Part, Span, locate
 from .reader import FrameReader, SampledFrames, iter_frames, read_frames, sampled_timestamps
 from .sampling import (
     SEEK_MODES,
@@ -56,4 +56,4 @@ from .video import VideoInfo, probe
 
 __all__ = ["FrameReader", "Part", "SampledFrames", "Span", "VideoInfo", "SEEK_MODES",
            "format_time", "frames_for_rate", "iter_frames", "parse_time", "probe", "read_frames",
-           "sample_positions", "sampled_timestamps", "span_of", "stream_names", "video_duration"]
+           "sample_positions", "sampled_timestamps", "locate", "stream_names", "video_duration"]
