@@ -36,8 +36,8 @@ from .encode import VisualTokens, encode_video_steps
 from .frames import Span, VideoInfo, frames_for_rate, sampled_timestamps, video_duration
 from .frames.reader import FrameReader
 from .image import (
-    PictureClip,
     PictureInfo,
+    PictureLayout,
     encode_image,
     num_image_tokens,
     read_image,
@@ -318,11 +318,7 @@ class Engine:
                 hasher = (opening.video.hasher() if opening.video is not None
                           else ContentHasher(opening.path))
             if entry is not None:
-                clip = entry.clip
-                if opening.media == "video":
-                    clip.info = VideoInfo(**clip.info)
-                else:
-                    clip = PictureClip.from_cached(clip)
+                clip = entry.clip(VideoInfo if opening.media == "video" else PictureLayout)
                 visual = VisualTokens(entry.visual, clip, {"frames": 0.0, "vision": 0.0})
             elif opening.media == "image":
                 visual = encode_image(self.model, read_image(opening.path, opening.picture),

@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import VideoError
@@ -25,13 +25,31 @@ _NONE = object()
 
 @dataclass
 class SampledFrames:
-    images: list  # np.ndarray uint8 (H, W, 3) RGB, upright, one per position, position order
+    """The clip visual tokens are made from, the one type every step and the cache hold: a
+    video's sampled frames, or a picture's (no frames; `info` an image.PictureLayout)."""
+
+    images: list  # np.ndarray uint8 (H, W, 3) RGB, upright, one per position; [] once dropped
     indices: list  # frame index taken per position (the keyframe's in keyframe mode)
     timestamps: list  # seconds, presentation time of that frame
     streams: list  # "slow" | "fast" per position
     exact: bool  # False in keyframe mode
     replaced: list  # (wanted_index, used_index) for frames that failed to decode
-    info: VideoInfo
+    info: object  # VideoInfo, or a picture's image.PictureLayout
+
+    def record(self) -> dict:
+        """What the cache keeps of the clip (JSON): everything but the pixels."""
+        return {"indices": [int(i) for i in self.indices],
+                "timestamps": [float(t) for t in self.timestamps],
+                "streams": list(self.streams), "exact": bool(self.exact),
+                "replaced": [[int(a), int(b)] for a, b in self.replaced],
+                "info": asdict(self.info) if self.info is not None else {}}
+
+    @classmethod
+    def from_record(cls, record: dict, info_type) -> SampledFrames:
+        """The clip a `record` kept, its info restored as `info_type` (the media's)."""
+        return cls([], list(record["indices"]), list(record["timestamps"]),
+                    list(record["streams"]), bool(record["exact"]),
+                    [tuple(r) for r in record["replaced"]], info_type(**record["info"]))
 
 
 

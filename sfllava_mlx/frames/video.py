@@ -33,6 +33,7 @@ class VideoInfo:
     rotation: int  # degrees counter-clockwise applied to make frames upright
     codec: str
     notes: list = field(default_factory=list)  # e.g. a file that ends early
+    kind: str = "video"  # a clip's info: this, or a picture's image.PictureLayout
 
 
 
