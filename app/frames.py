@@ -32,9 +32,9 @@ from sfllava_mlx.config import (
 from sfllava_mlx.errors import UserError
 from sfllava_mlx.tokens import num_visual_tokens
 
-from .fmt import clock
+from .fmt import clip_notes, clock, note, warn
 from .options import FRAME_OPTIONS, add_options, checked_options
-from .subtitles import listing_table, speech_progress, summary, warn
+from .subtitles import listing_table, speech_progress, summary
 
 THUMB_WIDTH = 192  # contact sheet: pixels per thumbnail
 SLOW_COLOUR = (255, 140, 0)  # RGB border of slow-stream frames on the contact sheet
@@ -164,15 +164,8 @@ def part_line(part, clip) -> str:
 
 def report_notes(clip, stream) -> None:
     """Approximate sampling, replaced frames, a damaged file: one line each."""
-    if not clip.exact:
-        print("note: approximate sampling (--seek keyframe): each position shows the keyframe "
-              "at or before it", file=stream)
-    if clip.replaced:
-        pairs = ", ".join(f"{a}->{b}" for a, b in clip.replaced)
-        print(f"note: frames that failed to decode were replaced by their nearest neighbour: "
-              f"{pairs}", file=stream)
-    for note in clip.info.notes:
-        print(f"note: {note}", file=stream)
+    for text in clip_notes(clip):
+        note(text, stream)
 
 
 def print_table(clip, elapsed: float, out, part=None) -> None:

@@ -267,6 +267,7 @@ class PictureLayout:
     mode: str  # the image recipe: single, anyres_max_N
     tiles: list = field(default_factory=list)  # anyres: tile rows and columns
     grid: list = field(default_factory=list)  # anyres: the packed grid's rows and columns
+    notes: list = field(default_factory=list)  # what the user should know (as a VideoInfo's)
     kind: str = "image"
 
 

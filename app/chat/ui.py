@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..fmt import clock, human_bytes, human_count
+from ..fmt import clip_notes, clock, human_bytes, human_count
 
 HELP = """\
 Ask anything about the video or picture; the conversation keeps its context.
@@ -198,8 +198,8 @@ class ChatUI:
         for i, (index, ts, stream) in enumerate(zip(clip.indices, clip.timestamps, clip.streams)):
             table.add_row(str(i), str(index), clock(ts), stream)
         self.console.print(table)
-        if not clip.exact:
-            self.note("keyframe sampling (approximate): each position shows the keyframe at or before it")
+        for text in clip_notes(clip):
+            self.note(text)
 
     def stats(self, rows: list[tuple[str, str]]) -> None:
         table = Table(show_header=False, box=None, padding=(0, 2))
