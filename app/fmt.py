@@ -1,6 +1,10 @@
-"""How the commands write numbers: clocks, byte sizes, counts."""
+"""How the commands write numbers (clocks, byte sizes, counts) and notes: every command's
+"note: ..." and "warning: ..." lines come from `note` and `warn`, what a clip has to say
+from `clip_notes`."""
 
 from __future__ import annotations
+
+import sys
 
 
 def clock(seconds: float, digits: int = 2) -> str:
@@ -37,3 +41,28 @@ def si(value: float, unit: str) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.3g} {prefix}{unit}"
     return f"{value:.3g} {unit}"
+
+
+def note(text: str, stream=None) -> None:
+    """One line for the user, on stderr unless `stream`: what was approximated or ignored."""
+    print(f"note: {text}", file=stream or sys.stderr)
+
+
+def warn(warnings, stream=None) -> None:
+    """A line each for what went wrong but did not stop the command (a broken sidecar)."""
+    for w in warnings:
+        print(f"warning: {w}", file=stream or sys.stderr)
+
+
+def clip_notes(clip) -> list[str]:
+    """What the user should know of a clip's frames (frames.SampledFrames): approximate
+    sampling, frames replaced, a damaged file."""
+    notes = []
+    if not clip.exact:
+        notes.append("approximate sampling (--seek keyframe): each position shows the keyframe "
+                     "at or before it")
+    if clip.replaced:
+        pairs = ", ".join(f"{a}->{b}" for a, b in clip.replaced)
+        notes.append(f"frames that failed to decode were replaced by their nearest neighbour: "
+                     f"{pairs}")
+    return notes + list(clip.info.notes)

@@ -32,9 +32,9 @@ from sfllava_mlx.config import (
 from sfllava_mlx.errors import UserError
 from sfllava_mlx.tokens import num_visual_tokens
 
-from .fmt import clock
+from .fmt import clip_notes, clock, note, warn
 from .options import FRAME_OPTIONS, add_options, checked_options
-from .subtitles import listing_table, speech_progress, summary, warn
+from .subtitles import listing_table, speech_progress, summary
 
 THUMB_WIDTH = 192  # contact sheet: pixels per thumbnail
 SLOW_COLOUR = (255, 140, 0)  # RGB border of slow-stream frames on the contact sheet
@@ -51,18 +51,20 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from sfllava_mlx.frames import FrameReader
+    from sfllava_mlx.media import Video
 
     opts = checked_options(args)  # bad values: one line, before the video is opened
     part = opts.part
     config = model_config(args.model)
     sampling = config.recipe(opts.recipe, opts.num_frames)
     tic = time.perf_counter()
-    with FrameReader(args.video, num_frames=sampling.num_frames, slow_every=sampling.slow_every,
-                     seek=opts.seek, hold_all=True, positions=sampling.frame_positions,
-                     fps=opts.fps, images=bool(args.out), part=part) as reader:  # pixels: --out
+    with Video.open(args.video) as video, video.reader(
+            num_frames=sampling.num_frames, slow_every=sampling.slow_every, seek=opts.seek,
+            hold_all=True, positions=sampling.frame_positions, fps=opts.fps,
+            images=bool(args.out), part=part) as reader:  # pixels: --out
         opened_s = time.perf_counter() - tic
-        track, warnings = subtitle_track(args.video, opts)  # while the frames decode
+        # While the frames decode (the reader has the container: subtitles open their own).
+        track, warnings = subtitle_track(video, opts)
         clip = reader.collect()
     elapsed = opened_s + reader.elapsed_s  # the frames' own time, not the subtitles'
     sampling = replace(sampling, num_frames=len(clip.indices))  # --fps: this video's count
@@ -92,16 +94,17 @@ def main(args) -> int:
     return 0
 
 
-def subtitle_track(video: str, opts):
+def subtitle_track(video, opts):
     """(the video's subtitle track or None, warnings): the track whose lines the sampled
-    frames select, as generate would. Speech is transcribed (or read from the cache)."""
+    frames of `video` (a media.Video) select, as generate would. Speech is transcribed (or
+    read from the cache)."""
     from sfllava_mlx.subtitles import resolve, transcribe
 
     transcripts = fingerprint = None
     if opts.subtitles == "speech":
-        from sfllava_mlx.cache import Fingerprint, TranscriptCache
+        from sfllava_mlx.cache import TranscriptCache
 
-        transcripts, fingerprint = TranscriptCache(), Fingerprint.of(video)
+        transcripts, fingerprint = TranscriptCache(), video.fingerprint
     found = resolve(video, opts.subtitles, opts.subtitle_lang, opts.speech_model,
                     transcripts, fingerprint)
     if found.track is None:
@@ -161,15 +164,8 @@ def part_line(part, clip) -> str:
 
 def report_notes(clip, stream) -> None:
     """Approximate sampling, replaced frames, a damaged file: one line each."""
-    if not clip.exact:
-        print("note: approximate sampling (--seek keyframe): each position shows the keyframe "
-              "at or before it", file=stream)
-    if clip.replaced:
-        pairs = ", ".join(f"{a}->{b}" for a, b in clip.replaced)
-        print(f"note: frames that failed to decode were replaced by their nearest neighbour: "
-              f"{pairs}", file=stream)
-    for note in clip.info.notes:
-        print(f"note: {note}", file=stream)
+    for text in clip_notes(clip):
+        note(text, stream)
 
 
 def print_table(clip, elapsed: float, out, part=None) -> None:

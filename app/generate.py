@@ -3,6 +3,7 @@
 import json
 import sys
 
+from .fmt import clip_notes, note, warn
 from .options import (
     add_generation_arguments,
     add_model_argument,
@@ -11,7 +12,7 @@ from .options import (
     picture_note,
     session_options,
 )
-from .subtitles import speech_progress, summary, warn
+from .subtitles import speech_progress, summary
 
 
 def add_arguments(p) -> None:
@@ -25,24 +26,28 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    checked_options(args, args.image or args.video)  # before anything heavy is imported
+    checked_options(args)  # before anything heavy is imported
     if args.image is not None:
         from sfllava_mlx.image import probe
 
-        probe(args.image)  # not a picture, empty or huge: refused before the model loads
+        media = probe(args.image)  # not a picture, empty or huge: refused before the model loads
+    else:
+        from sfllava_mlx.media import open_media
+
+        media = open_media(args.video)  # opened once: every step of `open` takes it
     from sfllava_mlx import Engine
 
     engine = Engine(args.model, **engine_options(args))
     with speech_progress() as progress:  # a bar while speech is transcribed (a terminal)
-        session = engine.open(args.image or args.video, progress=progress,
-                              **session_options(args))
+        session = engine.open(media, progress=progress, **session_options(args))
     warn(session.warnings)
     if not args.json and session.media == "video":
-        report_sampling(session.clip)
+        for text in clip_notes(session.clip):
+            note(text)
         if session.subtitles is not None:
-            print(f"note: {summary(session.subtitles)}", file=sys.stderr)
+            note(summary(session.subtitles))
     if session.media == "image" and picture_note(session.options):
-        print(picture_note(session.options), file=sys.stderr)
+        note(picture_note(session.options))
     for chunk in session.ask(args.prompt):
         if not args.json:
             print(chunk.text, end="", flush=True)
@@ -57,16 +62,3 @@ def main(args) -> int:
               f" | peak {turn.peak_memory_gb:.2f} GB | cache {session.cache}]", file=sys.stderr)
     session.save()  # after the answer: nobody waits for it
     return 0
-
-
-def report_sampling(clip) -> None:
-    """Tell the user, on stderr, what was approximated or replaced."""
-    if not clip.exact:
-        print("note: keyframe sampling: frames are approximate (nearest keyframe before each "
-              "position)", file=sys.stderr)
-    for note in clip.info.notes:
-        print(f"note: {note}", file=sys.stderr)
-    if clip.replaced:
-        pairs = ", ".join(f"{a}->{b}" for a, b in clip.replaced)
-        print(f"note: frames that failed to decode were replaced by neighbours: {pairs}",
-              file=sys.stderr)

@@ -100,5 +100,5 @@ def picture_note(options: Options) -> str | None:
     flags = options.video_only_given()
     if not flags:
         return None
-    return (f"note: ignored for a picture (videos only): {', '.join(flags)}; a picture follows "
+    return (f"ignored for a picture (videos only): {', '.join(flags)}; a picture follows "
             "the model's image recipe, on the MLX vision tower")

@@ -12,11 +12,6 @@ from .fmt import clock
 SPEECH_LABEL = "transcribing speech"
 
 
-def warn(warnings, stream=None) -> None:
-    for w in warnings:
-        print(f"warning: {w}", file=stream or sys.stderr)
-
-
 def summary(lines) -> str:
     """One line: "subtitles: sidecar clip.srt · 3 of 40 lines selected by the frames"."""
     return "subtitles: " + (lines.summary() if lines is not None else "none")

@@ -113,9 +113,25 @@ def bench_srt(d: Path, repeats: int) -> None:
     print(f"- --subtitles FILE as the engine resolves and selects it: {whole_s * 1e3:.1f} ms")
 
 
-def bench_film(d: Path, repeats: int) -> None:
+def _subtitle_events(path, stream) -> list:
+    """The embedded stream read as `--subtitles auto` reads it: on the opened video."""
+    from sfllava_mlx.media import Video
+
+    with Video.open(path) as video:
+        return video.subtitle_events(stream)
+
+
+def _timestamps(path) -> list:
+    """The 128 frames' timestamps from the index (opening the video builds it)."""
     from sfllava_mlx.frames import sampled_timestamps
-    from sfllava_mlx.subtitles import embedded
+    from sfllava_mlx.media import Video
+
+    with Video.open(path) as video:
+        return sampled_timestamps(video.index, 128)
+
+
+def bench_film(d: Path, repeats: int) -> None:
+    from sfllava_mlx.media import Video
     from sfllava_mlx.subtitles.speech import decode_audio
 
     srt = d / "film.srt"
@@ -124,9 +140,10 @@ def bench_film(d: Path, repeats: int) -> None:
     video = film_video(d / "film-2h.mkv", srt)
     made = "made earlier" if existed else f"made in {time.perf_counter() - tic:.0f} s"
     size = video.stat().st_size / 1e6
-    streams = embedded.text_streams(video)
-    read_s, events = timed(lambda: embedded.read_stream(video, streams[0]), repeats)
-    index_s, times = timed(lambda: sampled_timestamps(video, 128), repeats)
+    with Video.open(video) as opened:
+        stream = opened.text_streams[0]
+    read_s, events = timed(lambda: _subtitle_events(video, stream), repeats)
+    index_s, times = timed(lambda: _timestamps(video), repeats)
     audio_s, audio = timed(lambda: decode_audio(video), 1)
     print(f"\n## The same subtitles in a two-hour MKV ({size:.0f} MB, 24 fps, AAC; {made})")
     print(f"- embedded SubRip stream read: {read_s * 1e3:.0f} ms ({len(events)} events)")

@@ -14,23 +14,18 @@ from .options import Options
 
 
 def check_media(path: str) -> str:
-    """"image" or "video" for a file that can be opened as one; VideoError (ImageError for a
-    file named like a picture) for a missing or unreadable one. Reads headers only."""
+    """"image" or "video" for a file that can be opened as one (`media.open_media`, the file
+    closed again); VideoError (ImageError for a file named like a picture) for a missing
+    or unreadable one. Decodes a video's first frame only."""
     if not os.path.exists(path):  # before the decoders are imported
         raise VideoError(f"video not found: {path}")
-    from .frames.video import check_readable
-    from .image import ImageError, is_picture, named_like_picture
+    from .media import Video, open_media
 
-    if is_picture(path):
-        return "image"
-    try:
-        check_readable(path)
-    except VideoError:
-        if os.path.isfile(path) and named_like_picture(path):
-            raise ImageError(f"{path} is not a picture (its content is not JPEG, PNG, WebP, "
-                             "HEIC or AVIF) nor a video") from None
-        raise
-    return "video"
+    media = open_media(path)
+    if isinstance(media, Video):
+        media.close()
+        return "video"
+    return "image"
 
 
 def check_request(model: Optional[str], media: Optional[str], **options) -> Options:

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from .files import write_atomic
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 VISION_BATCH = 8  # frames (or tiles) per tower call: bounds the working set whatever the count
 # Prefill chunk. Where attention is not fused (MLX's CPU backend) each chunk materializes
@@ -251,5 +253,4 @@ class ModelConfig:
             raise CheckpointError(f"{model_dir}/config.json is not an sfllava model config: {e}") from None
 
     def save(self, model_dir: Path) -> None:
-        with open(Path(model_dir) / "config.json", "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=False)
+        write_atomic(Path(model_dir) / "config.json", json.dumps(self.to_dict(), indent=2))

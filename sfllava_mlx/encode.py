@@ -24,7 +24,7 @@ _END = object()
 @dataclass
 class VisualTokens:
     embeddings: mx.array  # (Nv, D), slow block then fast block
-    clip: object  # what they were made from: SampledFrames, a CachedClip or a PictureClip
+    clip: SampledFrames  # what they were made from (a video's frames or a picture)
     timings: dict = field(default_factory=lambda: {"frames": 0.0, "vision": 0.0})
 
 

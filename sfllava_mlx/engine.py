@@ -30,30 +30,19 @@ from .cache import (
     model_identity,
     video_key,
 )
-from .checks import check_media
 from .config import SamplingConfig
 from .conversation import Conversation, context_limit
 from .encode import VisualTokens, encode_video_steps
-from .frames import (
-    Span,
-    VideoInfo,
-    frames_for_rate,
-    iter_frames,
-    probe,
-    read_frames,
-    sampled_timestamps,
-    span_of,
-    video_duration,
-)
+from .frames import Span, VideoInfo, frames_for_rate, sampled_timestamps, video_duration
 from .frames.reader import FrameReader
 from .image import (
-    PictureClip,
     PictureInfo,
+    PictureLayout,
     encode_image,
     num_image_tokens,
     read_image,
 )
-from .image import probe as probe_picture
+from .media import Video, open_media
 from .memory import MIN_TEXT_TOKENS, MemoryPlan, check, check_context, check_video, plan_tokens
 from .model import load
 from .options import Options, resolved
@@ -87,19 +76,23 @@ class Opening:
     # The options as this media resolved them (`options.resolved`): what records carry and
     # what keys are built from.
     resolved: dict = field(default_factory=dict)
+    video: Optional[Video] = None  # the video opened once (media.py), every step's
 
-    def reader(self):
+    def reader(self, hold_all: bool = False) -> FrameReader:
         """A FrameReader of this video's sampled frames, decoding on a worker thread."""
         s = self.sampling
-        return iter_frames(self.path, num_frames=s.num_frames, slow_every=s.slow_every,
-                           seek=self.options.seek, positions=s.frame_positions,
-                           part=self.options.part)
+        return self.video.reader(num_frames=s.num_frames, slow_every=s.slow_every,
+                                 seek=self.options.seek, positions=s.frame_positions,
+                                 part=self.options.part, hold_all=hold_all)
 
     def read_all(self):
-        s = self.sampling
-        return read_frames(self.path, num_frames=s.num_frames, slow_every=s.slow_every,
-                           seek=self.options.seek, positions=s.frame_positions,
-                           part=self.options.part)
+        with self.reader(hold_all=True) as reader:
+            return reader.collect()
+
+    def close(self) -> None:
+        """Close the video's file and container (a FrameReader closes what it took)."""
+        if self.video is not None:
+            self.video.close()
 
 
 def model_name(path_or_repo: str) -> str:
@@ -151,15 +144,20 @@ class Engine:
         """The memory plan and the context check of opening `media`; UserError if it cannot
         fit. Decodes nothing. It counts the subtitle lines the frames will select; speech not
         transcribed yet is not counted here (`open` transcribes it, then checks again)."""
-        return self.prepare(media, **options).memory
+        opening = self.prepare(media, **options)
+        if opening.video is not media:
+            opening.close()
+        return opening.memory
 
     def prepare(self, media, **options) -> Opening:
+        """`media`: a path, or what `media.open_media` opened (the commands open it before
+        the model loads, so that every step takes the same open file)."""
         started = time.perf_counter()
         opts = Options.of(**options)
-        path = os.path.expanduser(str(media))
-        if check_media(path) == "image":
-            return self._prepare_picture(path, opts, started)
-        return self._prepare_video(path, opts, started)
+        media = open_media(media)
+        if isinstance(media, Video):
+            return self._prepare_video(media, opts, started)
+        return self._prepare_picture(media, opts, started)
 
     def _context(self, opts: Options) -> tuple[int, str]:
         limit = context_limit(self.context_length, opts.max_kv_size)
@@ -168,17 +166,16 @@ class Engine:
     def _system_prompt(self, opts: Options) -> str:
         return opts.system_prompt or self.model.config.prompt.system_prompt
 
-    def _sampling(self, path: str, opts: Options) -> tuple[SamplingConfig, Optional[Span]]:
+    def _sampling(self, video: Video, opts: Options) -> tuple[SamplingConfig, Optional[Span]]:
         """The recipe as this video samples it (its T after --fps) and the part's frames."""
         sampling = self.model.config.recipe(opts.recipe, opts.num_frames)
         # A part is found (or refused) on the index: nothing decoded (SPEC §2.12).
-        span = span_of(path, opts.part) if opts.part is not None else None
+        span = video.span(opts.part)
         if opts.fps is not None:
             if span is not None:  # --fps over the part's frames alone
                 count, rate = span.count, span.rate
             else:
-                info = probe(path)
-                count, rate = info.num_frames, info.fps
+                count, rate = video.info.num_frames, video.info.fps
             sampling = replace(sampling, num_frames=frames_for_rate(
                 sampling.num_frames, count, rate, opts.fps))
         return sampling, span
@@ -188,12 +185,16 @@ class Engine:
         actually sampled, the subtitle source actually read, the part in seconds), without
         the memory plan: what a batch keys its lines by before answering."""
         opts = Options.of(**options)
-        path = os.path.expanduser(str(media))
-        if check_media(path) == "image":
+        opened = open_media(media)
+        if not isinstance(opened, Video):
             return resolved(opts, num_frames=None, subtitles=None,
                             system_prompt=self._system_prompt(opts), media="image")
-        sampling, _ = self._sampling(path, opts)
-        found = resolve(path, opts.subtitles, opts.subtitle_lang, opts.speech_model)
+        try:
+            sampling, _ = self._sampling(opened, opts)
+            found = resolve(opened, opts.subtitles, opts.subtitle_lang, opts.speech_model)
+        finally:
+            if opened is not media:
+                opened.close()
         return self._resolved(opts, sampling, found.track)
 
     def _resolved(self, opts: Options, sampling: SamplingConfig, track) -> dict:
@@ -202,17 +203,17 @@ class Engine:
                         speech_model=track.model if track is not None else None,
                         system_prompt=self._system_prompt(opts))
 
-    def _prepare_video(self, path: str, opts: Options, started: float) -> Opening:
-        sampling, span = self._sampling(path, opts)
-        fingerprint = Fingerprint.of(path) if opts.cache else None
-        found = resolve(path, opts.subtitles, opts.subtitle_lang, opts.speech_model,
+    def _prepare_video(self, video: Video, opts: Options, started: float) -> Opening:
+        sampling, span = self._sampling(video, opts)
+        fingerprint = video.fingerprint if opts.cache else None
+        found = resolve(video, opts.subtitles, opts.subtitle_lang, opts.speech_model,
                         self.transcripts if opts.cache else None, fingerprint)
         record = self._resolved(opts, sampling, found.track)
         key = (video_key(fingerprint, self.identity, self.dtype, sampling, record)
                if opts.cache else None)
-        opening = Opening(path, "video", opts, None, started, sampling=sampling,
+        opening = Opening(video.path, "video", opts, None, started, sampling=sampling,
                           fingerprint=fingerprint, key=key, span=span, subtitles=found.track,
-                          warnings=found.warnings, resolved=record)
+                          warnings=found.warnings, resolved=record, video=video)
         opening.memory = self._check_video(opening)
         return opening
 
@@ -237,8 +238,8 @@ class Engine:
         times = self.store.cached_timestamps(opening.key) if opening.key is not None else None
         if times is None:
             s = opening.sampling
-            times = sampled_timestamps(opening.path, s.num_frames, opening.options.seek,
-                                       s.frame_positions, opening.options.part)
+            times = sampled_timestamps(opening.video.index, s.num_frames, opening.options.seek,
+                                       s.frame_positions, opening.span)
         return track.select(times)
 
     def _subtitle_tokens(self, opening: Opening) -> int:
@@ -253,15 +254,15 @@ class Engine:
         track = opening.subtitles
         if track is None or track.events is not None:
             return opening
-        track = transcribe(track, opening.path,
+        track = transcribe(track, opening.video,
                            self.transcripts if opening.options.cache else None,
                            opening.fingerprint, progress=_stage(progress, "speech"))
         opening = replace(opening, subtitles=track)
         opening.memory = self._check_video(opening)
         return opening
 
-    def _prepare_picture(self, path: str, opts: Options, started: float) -> Opening:
-        info = probe_picture(path)  # ImageError (exit 2) for what cannot be used
+    def _prepare_picture(self, info: PictureInfo, opts: Options, started: float) -> Opening:
+        path = info.path
         config = self.model.config
         tokens = num_image_tokens(config, info.size)
         inputs = 1
@@ -318,22 +319,23 @@ class Engine:
             entry = self.store.lookup(opening.key, opening.fingerprint, hidden_size=hidden,
                                       num_tokens=opening.memory.visual_tokens)
         conversation = hasher = None
-        if entry is None and opening.key is not None:  # the full hash, while frames decode
-            hasher = ContentHasher(opening.path)
-        if entry is not None:
-            clip = entry.clip
-            if opening.media == "video":
-                clip.info = VideoInfo(**clip.info)
+        try:
+            if entry is None and opening.key is not None:  # the full hash, while frames decode
+                hasher = (opening.video.hasher() if opening.video is not None
+                          else ContentHasher(opening.path))
+            if entry is not None:
+                clip = entry.clip(VideoInfo if opening.media == "video" else PictureLayout)
+                visual = VisualTokens(entry.visual, clip, {"frames": 0.0, "vision": 0.0})
+            elif opening.media == "image":
+                visual = encode_image(self.model, read_image(opening.path, opening.picture),
+                                      progress=_stage(progress, "vision"))
+            elif opts.vision_backend == "coreml":
+                visual, conversation = self._encode_overlapped(
+                    opening, tower or self.vision_backend(opts))
             else:
-                clip = PictureClip.from_cached(clip)
-            visual = VisualTokens(entry.visual, clip, {"frames": 0.0, "vision": 0.0})
-        elif opening.media == "image":
-            visual = encode_image(self.model, read_image(opening.path, opening.picture),
-                                  progress=_stage(progress, "vision"))
-        elif opts.vision_backend == "coreml":
-            visual, conversation = self._encode_overlapped(opening, tower or self.vision_backend(opts))
-        else:
-            visual = yield from self._encode_streaming(opening, progress, reader, tower)
+                visual = yield from self._encode_streaming(opening, progress, reader, tower)
+        finally:  # the file and container, once what is read of them is read
+            opening.close()
         conversation = conversation or self._conversation(opening, visual)
         session = Session(self, opening, visual, conversation, entry, hasher)
         if prefill:

@@ -30,6 +30,7 @@ from . import anyres
 from .config import VISION_BATCH, ImageConfig, ModelConfig
 from .encode import VisualTokens
 from .errors import VideoError
+from .frames import SampledFrames
 
 # Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, about 179 megapixels:
 # a 200 MP phone photo's 16384 x 12288 fits, a 30000 x 30000 scan does not).
@@ -52,15 +53,18 @@ class ImageError(VideoError):
 
 
 def sniff(path) -> Optional[str]:
-    """The picture format the file's first bytes announce, or None (not a picture we read).
-
-    Reads 64 bytes: JPEG, PNG, WebP, and ISO-BMFF files whose major brand is a HEIF or AVIF
-    image brand (a video's mp4/mov brands are not)."""
+    """The picture format the file's first bytes announce, or None (`picture_format`)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(64)
+            return picture_format(f.read(64))
     except OSError:
         return None
+
+
+def picture_format(head: bytes) -> Optional[str]:
+    """The picture format a file's first 64 bytes announce, or None (not a picture we read):
+    JPEG, PNG, WebP, and ISO-BMFF files whose major brand is a HEIF or AVIF image brand (a
+    video's mp4/mov brands are not)."""
     if head[:3] == b"\xff\xd8\xff":
         return "JPEG"
     if head[:8] == b"\x89PNG\r\n\x1a\n":
@@ -252,34 +256,29 @@ def read_image(path, info: Optional[PictureInfo] = None) -> Picture:
 
 
 @dataclass
-class PictureClip:
-    """The `clip` of a picture's VisualTokens: no frames; what the picture is in `info`.
+class PictureLayout:
+    """A picture's clip `info` (where a video's is a VideoInfo): what the header said and
+    how the config's image recipe cut it."""
 
-    Has the fields the video cache and the app read from a clip (indices, timestamps,
-    streams: empty), so a picture goes through the same cache entries."""
-
-    info: dict
-    indices: list = field(default_factory=list)
-    timestamps: list = field(default_factory=list)
-    streams: list = field(default_factory=list)
-    exact: bool = True
-    replaced: list = field(default_factory=list)
-    images: Optional[list] = None
-    timings: dict = field(default_factory=lambda: {"frames": 0.0})
+    format: str  # JPEG, PNG, WEBP, HEIF, AVIF
+    width: int  # upright
+    height: int
+    orientation: int
+    mode: str  # the image recipe: single, anyres_max_N
+    tiles: list = field(default_factory=list)  # anyres: tile rows and columns
+    grid: list = field(default_factory=list)  # anyres: the packed grid's rows and columns
+    notes: list = field(default_factory=list)  # what the user should know (as a VideoInfo's)
     kind: str = "image"
 
-    @classmethod
-    def of(cls, info: PictureInfo, config: ModelConfig) -> PictureClip:
-        d = {"kind": "image", "format": info.format, "width": info.width, "height": info.height,
-             "orientation": info.orientation, "mode": config.image.mode}
-        if config.image.anyres:
-            p = anyres.tiling(info.size, config.image, config.vision.image_size, config.vision.grid)
-            d.update(tiles=list(p.tiles), grid=list(p.final))
-        return cls(d)
 
-    @classmethod
-    def from_cached(cls, cached) -> PictureClip:
-        return cls(dict(cached.info or {}))
+def picture_clip(info: PictureInfo, config: ModelConfig) -> SampledFrames:
+    """The clip of a picture's VisualTokens: no frames, the picture in `info`."""
+    layout = PictureLayout(info.format, info.width, info.height, info.orientation,
+                           config.image.mode)
+    if config.image.anyres:
+        p = anyres.tiling(info.size, config.image, config.vision.image_size, config.vision.grid)
+        layout.tiles, layout.grid = list(p.tiles), list(p.final)
+    return SampledFrames([], [], [], [], True, [], layout)
 
 
 def num_image_tokens(config: ModelConfig, size: tuple[int, int]) -> int:
@@ -289,13 +288,13 @@ def num_image_tokens(config: ModelConfig, size: tuple[int, int]) -> int:
     return config.vision.num_patches
 
 
-def describe(clip: PictureClip) -> str:
+def describe(clip: SampledFrames) -> str:
     """One line: 'anyres_max_9: 3x5 tiles + base, grid 60x108' or 'single: 384x384'."""
     info = clip.info
-    if info.get("tiles"):
-        t, g = info["tiles"], info["grid"]
-        return f"{info['mode']}: base + {t[0]}x{t[1]} tiles, grid {g[0]}x{g[1]}"
-    return f"{info.get('mode', 'single')}: the whole picture at the tower's size"
+    if info.tiles:
+        t, g = info.tiles, info.grid
+        return f"{info.mode}: base + {t[0]}x{t[1]} tiles, grid {g[0]}x{g[1]}"
+    return f"{info.mode}: the whole picture at the tower's size"
 
 
 # ----------------------------------------------------------------------------------------
@@ -351,7 +350,7 @@ def encode_image(model, picture: Picture, *, batch_size: int = VISION_BATCH,
     else:
         tokens = feats[0]
     mx.eval(tokens)
-    clip = PictureClip.of(picture.info, config)
+    clip = picture_clip(picture.info, config)
     expected = num_image_tokens(config, picture.info.size)
     assert tokens.shape[0] == expected, (tokens.shape, expected)
     return VisualTokens(tokens, clip, {"frames": frames_s, "vision": time.perf_counter() - tic})

@@ -85,7 +85,7 @@ class Session:
     def recipe(self) -> str:
         """The recipe a turn record names: the video's, or the picture's image mode."""
         if self.media == "image":
-            return self.clip.info.get("mode") or self.engine.model.config.image.mode
+            return self.clip.info.mode
         return self.options.recipe
 
     @property

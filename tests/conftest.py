@@ -154,13 +154,11 @@ def cli_answers(work, converted, videos) -> dict:
 
 @pytest.fixture
 def no_decoding(monkeypatch):
-    """Opening a video decodes no frame: any frame reader or decoder made fails the test."""
-    import sfllava_mlx.engine
-    from sfllava_mlx.frames import video
+    """Opening a video decodes no frame past its first (the check that it decodes at all):
+    any frame reader made fails the test."""
+    import sfllava_mlx.media
 
     def refuse(*a, **k):
         raise AssertionError("a frame was about to be decoded")
 
-    monkeypatch.setattr(sfllava_mlx.engine, "iter_frames", refuse)
-    monkeypatch.setattr(sfllava_mlx.engine, "read_frames", refuse)
-    monkeypatch.setattr(video, "_Decoder", refuse)
+    monkeypatch.setattr(sfllava_mlx.media, "FrameReader", refuse)

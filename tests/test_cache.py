@@ -192,7 +192,7 @@ def test_modified_video_misses_even_with_same_size_and_samples(cache_home, engin
     # is outside the samples; size and sampled digest stay the same.
     orig = cache_fingerprint.sampled_digest
     monkeypatch.setattr(cache_fingerprint, "sampled_digest",
-                        lambda p, blocks=2, block=16: orig(p, blocks, block))
+                        lambda p, blocks=2, block=16, file=None: orig(p, blocks, block, file))
     sampled = cache_fingerprint.sampled_digest
     answer(engine, video)  # an entry under the patched fingerprint
     mid = len(data) // 2
@@ -289,11 +289,13 @@ def test_lru_eviction_under_the_cap(cache_home, loaded, videos, tmp_path, monkey
 WRITER = r"""
 import sys, mlx.core as mx
 from sfllava_mlx import cache as vcache
+from sfllava_mlx.frames import SampledFrames, probe
 video, me, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 store = vcache.VideoCache()
 fp = vcache.Fingerprint.of(video)
 key = vcache.CacheKey(fp.size, fp.sampled, "m", 4, 4, "exact", "float32")
-clip = vcache.CachedClip([0, 1, 2, 3], [0.0, .1, .2, .3], ["slow", "fast", "fast", "fast"], True, [], {})
+clip = SampledFrames([], [0, 1, 2, 3], [0.0, .1, .2, .3], ["slow", "fast", "fast", "fast"], True, [],
+                     probe(video))
 def tokens(writer):  # each writer writes its own values: a mixed entry would show
     return mx.arange(4 * 65536, dtype=mx.float32).reshape(4, 65536) * (writer + 1)
 found = 0

@@ -313,6 +313,7 @@ def test_a_second_question_reads_no_subtitle_file_again(place, engine, expected,
 def test_a_cached_video_serves_its_subtitles_without_decoding(place, converted, tmp_path,
                                                               monkeypatch, expected):
     import sfllava_mlx.engine
+    import sfllava_mlx.media
 
     engine = Engine(converted[LAYOUT], cache_dir=tmp_path)
     first = engine.open(place / "side-srt" / "clip.mkv")
@@ -322,8 +323,8 @@ def test_a_cached_video_serves_its_subtitles_without_decoding(place, converted, 
     def refuse(*a, **k):
         raise AssertionError("frames were read for a cached video")
 
-    for name in ("iter_frames", "read_frames", "sampled_timestamps"):
-        monkeypatch.setattr(sfllava_mlx.engine, name, refuse)
+    monkeypatch.setattr(sfllava_mlx.engine, "sampled_timestamps", refuse)
+    monkeypatch.setattr(sfllava_mlx.media, "FrameReader", refuse)
     again = engine.open(place / "side-srt" / "clip.mkv")
     assert again.cache == "hit"
     turn = answer(again)

@@ -15,16 +15,15 @@ the model's identity and the resolved options (`options`: all that changes the a
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from sfllava_mlx.files import fsync_dir, sync, write_atomic  # noqa: F401  write_atomic: run.py's
 from sfllava_mlx.options import identity
 
 # The fields of `generate --json` (SPEC §4), null in an error line.
@@ -123,31 +122,6 @@ def owned_parts(out: Path, rank: int, size: int) -> list[Path]:
     return [p for r, p in part_files(out).items() if r == rank or r >= size]
 
 
-def sync(fd: int) -> None:
-    """Data on the disk, not in a cache: macOS's fsync stops at the drive's cache, its
-    F_FULLFSYNC does not (a power cut keeps what it synced)."""
-    if hasattr(fcntl, "F_FULLFSYNC"):
-        try:
-            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
-            return
-        except OSError:  # not supported by this file system: fsync then
-            pass
-    os.fsync(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class PartWriter:
     """Appends whole lines to this rank's part file, each synced before `write` returns."""
 
@@ -217,34 +191,6 @@ def merge(records: Iterable[dict], wanted: list[tuple[str, str]]) -> tuple[list[
             merged.append(rec)
             emitted.add((video, k))
     return merged, answers
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: temporary file, fsync, rename, fsync of the directory."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            sync(f.fileno())
-        try:
-            os.chmod(tmp, 0o644 & ~_umask())
-        except OSError:
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def remove(paths: Iterable[Path]) -> None:

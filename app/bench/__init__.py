@@ -112,9 +112,9 @@ def machine_info() -> dict:
 def main(args) -> int:
     configs = configurations(args)
     if args.video:
-        from sfllava_mlx.frames.video import check_readable
+        from sfllava_mlx.checks import check_media
 
-        check_readable(args.video)
+        check_media(args.video)
     import mlx.core as mx
 
     from sfllava_mlx import Engine

@@ -10,7 +10,7 @@ from sfllava_mlx.subtitles.sources import MODES
 
 from ..options import session_options
 from . import parts
-from .transcript import Switch, Transcript, write_atomic
+from .transcript import Switch, Transcript, save_text
 
 COMMANDS = ("/help", "/reset", "/frames", "/subs", "/stats", "/save", "/video", "/image",
             "/part",
@@ -86,7 +86,7 @@ class Chat:
     def save(self, path: str):
         text = self.transcript.markdown(media_word(self.session), self.session.path,
                                         self.engine.name)
-        return write_atomic(path, text)
+        return save_text(path, text)
 
 
 def part_label(session) -> str:

@@ -9,8 +9,9 @@ from typing import Optional
 
 from sfllava_mlx.errors import ContextOverflowError
 
+from ..fmt import note, warn
 from ..options import engine_options, picture_note, session_options
-from ..subtitles import plain_listing, summary, warn
+from ..subtitles import plain_listing, summary
 from .chat import COMMANDS, Chat
 
 
@@ -23,7 +24,7 @@ def main(args) -> int:
     session = engine.open(args.file, **session_options(args))
     warn(session.warnings)
     if session.media == "image" and picture_note(session.options):
-        print(picture_note(session.options), file=sys.stderr)
+        note(picture_note(session.options))
     chat = Chat(engine, args, session)
     for line in sys.stdin:
         question = line.rstrip("\r\n")
@@ -75,5 +76,5 @@ def command(chat: Chat, line: str) -> Optional[str]:
         if lines is not None and lines.lines:
             print(plain_listing(lines), file=sys.stderr)
     else:
-        print(f"note: {cmd} is ignored when reading questions from a pipe", file=sys.stderr)
+        note(f"{cmd} is ignored when reading questions from a pipe")
     return None

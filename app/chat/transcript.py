@@ -3,13 +3,12 @@ whole (temporary file, then rename)."""
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfllava_mlx.errors import UserError
+from sfllava_mlx.files import write_atomic
 
 
 @dataclass
@@ -55,17 +54,15 @@ class Transcript:
         return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: str, text: str) -> Path:
+def save_text(path: str, text: str) -> Path:
+    """The user's file written (`sfllava_mlx.files.write_atomic`); UserError, in one line,
+    for a path that cannot be."""
     target = Path(path).expanduser()
     if target.is_dir():
         raise UserError(f"{target} is a directory")
     if not target.parent.exists():
         raise UserError(f"no such directory: {target.parent}")
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        return write_atomic(target, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {target}: {e.strerror or e}") from None
-    return target

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..fmt import clock, human_bytes, human_count
+from ..fmt import clip_notes, clock, human_bytes, human_count
 
 HELP = """\
 Ask anything about the video or picture; the conversation keeps its context.
@@ -40,29 +40,16 @@ STAGES = {"speech": "transcribing speech", "frames": "decoding frames",
 PICTURE_STAGES = {"vision": "encoding tiles", "prefill": "prefilling prompt"}
 
 
-def info_get(info, name, default=None):
-    if info is None:
-        return default
-    if isinstance(info, dict):
-        return info.get(name, default)
-    return getattr(info, name, default)
-
-
 def video_summary(path: str, clip) -> str:
-    """One line of what the video (a VideoInfo) or picture (its info dict) is."""
+    """One line of what the video (a VideoInfo) or picture (a PictureLayout) is."""
     info = clip.info
     parts = [Path(path).name]
-    duration = info_get(info, "duration")
-    if duration is not None:
-        parts.append(clock(duration))
-    w, h = info_get(info, "width"), info_get(info, "height")
-    if w and h:
-        parts.append(f"{w}×{h}")
-    if info_get(info, "kind") == "image" and info_get(info, "format"):
-        parts.append(str(info_get(info, "format")))
-    fps = info_get(info, "fps")
-    if fps:
-        parts.append(f"{fps:.3g} fps")
+    if info.kind == "video":
+        parts += [clock(info.duration), f"{info.width}×{info.height}"]
+        if info.fps:
+            parts.append(f"{info.fps:.3g} fps")
+    else:
+        parts += [f"{info.width}×{info.height}", info.format]
     return " · ".join(parts)
 
 
@@ -211,8 +198,8 @@ class ChatUI:
         for i, (index, ts, stream) in enumerate(zip(clip.indices, clip.timestamps, clip.streams)):
             table.add_row(str(i), str(index), clock(ts), stream)
         self.console.print(table)
-        if not clip.exact:
-            self.note("keyframe sampling (approximate): each position shows the keyframe at or before it")
+        for text in clip_notes(clip):
+            self.note(text)
 
     def stats(self, rows: list[tuple[str, str]]) -> None:
         table = Table(show_header=False, box=None, padding=(0, 2))
@@ -250,9 +237,9 @@ class _AnswerView:
 def part_summary(session) -> str:
     """The part a Session samples: its times and how many of the video's frames it holds."""
     text = f"{session.part.label()} (the video's own times)"
-    span, info = session.opening.span, info_get(session.clip.info, "num_frames")
-    if span is not None and info:
-        text += f" · {span.count} of the video's {info} frames"
+    span = session.opening.span
+    if span is not None:
+        text += f" · {span.count} of the video's {session.clip.info.num_frames} frames"
     return text
 
 

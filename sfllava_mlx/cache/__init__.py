@@ -2,10 +2,10 @@
 
 from .fingerprint import ContentHasher, Fingerprint, content_digest, model_identity, sampled_digest
 from .keys import CacheKey, image_key, prefix_key, transcript_key, video_key
-from .store import CachedClip, Entry, EntryInfo, VideoCache, cache_root, max_cache_bytes
+from .store import Entry, EntryInfo, VideoCache, cache_root, max_cache_bytes
 from .transcripts import TranscriptCache, TranscriptInfo
 
-__all__ = ["CacheKey", "CachedClip", "ContentHasher", "Entry", "EntryInfo", "Fingerprint",
+__all__ = ["CacheKey", "ContentHasher", "Entry", "EntryInfo", "Fingerprint",
            "TranscriptCache", "TranscriptInfo", "VideoCache", "cache_root", "content_digest",
            "image_key", "max_cache_bytes", "model_identity", "prefix_key", "sampled_digest",
            "transcript_key", "video_key"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
+from ..files import write_atomic
 from .fingerprint import content_digest
 
 META_FILE = "meta.json"
@@ -18,9 +18,7 @@ class CorruptEntry(Exception):
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def read_json(path: Path) -> dict:

@@ -14,31 +14,38 @@ SAMPLE_BLOCKS = 64  # blocks hashed per file for its fingerprint
 BLOCK_BYTES = 64 * 1024
 
 
-def sampled_digest(path, blocks: int = SAMPLE_BLOCKS, block: int = BLOCK_BYTES) -> tuple[int, str]:
+def sampled_digest(path, blocks: int = SAMPLE_BLOCKS, block: int = BLOCK_BYTES,
+                   file=None) -> tuple[int, str]:
     """(size, sha256 of the size and `blocks` evenly spaced blocks, first and last included).
 
     Reads at most blocks * block bytes whatever the file's length (the whole file when
-    it is smaller than that).
+    it is smaller than that); through `file` where it is open already.
     """
-    size = os.path.getsize(path)
+    if file is None:
+        with open(path, "rb") as f:
+            return sampled_digest(path, blocks, block, f)
+    size = os.fstat(file.fileno()).st_size
     h = hashlib.sha256(f"{size}:".encode())
-    with open(path, "rb") as f:
-        if size <= blocks * block:
-            h.update(f.read())
-        else:
-            last = size - block
-            for i in range(blocks):
-                f.seek(i * last // (blocks - 1))
-                h.update(f.read(block))
+    if size <= blocks * block:
+        h.update(os.pread(file.fileno(), size, 0))
+    else:
+        last = size - block
+        for i in range(blocks):
+            h.update(os.pread(file.fileno(), block, i * last // (blocks - 1)))
     return size, h.hexdigest()
 
 
-def content_digest(path, chunk: int = 8 << 20) -> str:
-    """SHA-256 of the whole file (hashlib releases the GIL: runs well in a thread)."""
+def content_digest(path, chunk: int = 8 << 20, fd: Optional[int] = None) -> str:
+    """SHA-256 of the whole file, or of the open file `fd` (read with pread: its offset is
+    not moved). hashlib releases the GIL: runs well in a thread."""
+    if fd is None:
+        with open(path, "rb") as f:
+            return content_digest(path, chunk, f.fileno())
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            h.update(data)
+    offset = 0
+    while data := os.pread(fd, chunk, offset):
+        h.update(data)
+        offset += len(data)
     return h.hexdigest()
 
 
@@ -52,26 +59,34 @@ class Fingerprint:
     mtime_ns: int  # a hint only
 
     @classmethod
-    def of(cls, path) -> Fingerprint:
+    def of(cls, path, file=None) -> Fingerprint:
+        """`file`: the file already open (a media.Video's), read without reopening it."""
         path = os.path.abspath(path)
-        st = os.stat(path)
-        size, sampled = sampled_digest(path)
+        if file is None:
+            with open(path, "rb") as f:
+                return cls.of(path, f)
+        st = os.fstat(file.fileno())
+        size, sampled = sampled_digest(path, file=file)
         return cls(path, size, sampled, st.st_mtime_ns)
 
 
 class ContentHasher:
-    """The full hash of a file, computed in a background thread."""
+    """The full hash of a file, computed in a background thread; `fd`: a descriptor of it
+    already open, which the hasher owns (and closes)."""
 
-    def __init__(self, path):
+    def __init__(self, path, fd: Optional[int] = None):
         self._result: Optional[str] = None
-        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(path, fd), daemon=True)
         self._thread.start()
 
-    def _run(self, path):
+    def _run(self, path, fd):
         try:
-            self._result = content_digest(path)
+            self._result = content_digest(path, fd=fd)
         except OSError:
             self._result = None
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def result(self) -> Optional[str]:
         self._thread.join()

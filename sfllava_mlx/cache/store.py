@@ -32,12 +32,13 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 
+from ..frames.reader import SampledFrames
 from .files import (
     META_FILE,
     CorruptEntry,
@@ -76,54 +77,6 @@ def max_cache_bytes() -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# What an entry remembers of the clip (for /frames and the header on a hit)
-
-
-@dataclass
-class CachedClip:
-    """The sampled clip without its pixels: what `read_frames` said about the frames."""
-
-    indices: list
-    timestamps: list
-    streams: list
-    exact: bool
-    replaced: list
-    info: dict
-    images: Optional[list] = None
-    timings: dict = field(default_factory=lambda: {"frames": 0.0})
-
-
-def _plain(value):
-    if is_dataclass(value):
-        return {k: _plain(v) for k, v in asdict(value).items()}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "__dict__"):
-        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
-    return str(value)
-
-
-def clip_record(clip) -> dict:
-    """What an entry keeps of a clip (SampledFrames, or a picture's PictureClip)."""
-    return {
-        "indices": _plain(list(clip.indices)),
-        "timestamps": _plain(list(clip.timestamps)),
-        "streams": _plain(list(clip.streams)),
-        "exact": bool(clip.exact),
-        "replaced": _plain(list(clip.replaced)),
-        "info": _plain(clip.info) if clip.info is not None else {},
-    }
-
-
-
-
-# ----------------------------------------------------------------------------------------
 # The cache
 
 
@@ -133,9 +86,10 @@ class Entry:
     meta: dict
     visual: mx.array
 
-    @property
-    def clip(self) -> CachedClip:
-        return CachedClip(**self.meta["clip"])
+    def clip(self, info_type) -> SampledFrames:
+        """The clip the entry was made from, without its pixels; its info an `info_type`
+        (frames.VideoInfo, or image.PictureLayout)."""
+        return SampledFrames.from_record(self.meta["clip"], info_type)
 
 
 @dataclass
@@ -256,7 +210,7 @@ class VideoCache:
                 "model": model_name,
                 "dtype": str(visual.dtype),
                 "visual_tokens": int(visual.shape[0]),
-                "clip": clip_record(clip),
+                "clip": clip.record(),
                 "created": time.time(),
                 "files": {VISUAL_FILE: file_record(tmp / VISUAL_FILE)},
             }

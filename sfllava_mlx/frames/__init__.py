@@ -41,7 +41,7 @@ PyAV, the same FFmpeg underneath:
 - containers without timestamps fall back to one sequential pass that counts frames.
 """
 
-from .part import Part, Span, span_of
+from .part import Part, Span, locate
 from .sampling import (
     SEEK_MODES,
     format_time,
@@ -69,4 +69,4 @@ def __getattr__(name: str):
 
 __all__ = ["FrameReader", "Part", "SampledFrames", "Span", "VideoInfo", "SEEK_MODES",
            "format_time", "frames_for_rate", "iter_frames", "parse_time", "probe", "read_frames",
-           "sample_positions", "sampled_timestamps", "span_of", "stream_names", "video_duration"]
+           "sample_positions", "sampled_timestamps", "locate", "stream_names", "video_duration"]

@@ -5,8 +5,6 @@ over the packets (reads the file, decodes nothing)."""
 from __future__ import annotations
 
 import bisect
-import os
-import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import islice
@@ -64,7 +62,7 @@ def _build_index(container, stream, path: Path, read_packets: bool = False) -> _
     if rows is not None:
         rows, truncated = rows
     else:
-        rows = _remembered_rows(container, stream, path)
+        rows = _rows_from_packets(container, stream)  # read once: media.Video holds it
     if not rows:
         raise VideoError(f"{path} holds no video frames")
     pts = [r[0] for r in rows]
@@ -114,27 +112,6 @@ def _rows_from_sample_table(container, stream, path: Path):
 def _ascending(values: list) -> bool:
     """Strictly ascending (no two equal)."""
     return all(map(lt, values, islice(values, 1, None)))
-
-
-_last_read: dict = {}  # the last file's rows read from its packets, by the file's identity
-_last_lock = threading.Lock()
-
-
-def _remembered_rows(container, stream, path: Path):
-    """`_rows_from_packets`, read once for the file most recently indexed so: opening a
-    video looks at its index before decoding (the memory plan's subtitle lines, `--fps`'s
-    duration) and the frame reader builds it again. Its size and modification time
-    tell the same file; a file that grows or changes is read again."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, stream.index)
-    with _last_lock:
-        rows = _last_read.get(key)
-    if rows is None:
-        rows = _rows_from_packets(container, stream)
-        with _last_lock:
-            _last_read.clear()
-            _last_read[key] = rows
-    return list(rows)
 
 
 def _rows_from_packets(container, stream):

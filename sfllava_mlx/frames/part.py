@@ -89,10 +89,3 @@ def _around(index, i: int) -> str:
     """The timestamps of the frames either side of position i, for a message."""
     near = [j for j in (i - 1, i) if 0 <= j < index.n]
     return " and ".join(f"{index.timestamp(j):.3f} s" for j in near)
-
-
-def span_of(path, part: Part) -> Span:
-    """The part's frames in the video at `path`, from its index alone (nothing decoded)."""
-    from .video import read_index
-
-    return locate(read_index(path), part)

@@ -6,14 +6,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import VideoError
 from ..system import available_memory, physical_memory
 from .part import Part, Span, locate
 from .sampling import SEEK_MODES, frames_for_rate, sample_positions, stream_names
-from .video import IndexedVideo, VideoInfo, _Decoder, _to_rgb, open_video, read_index
+from .video import IndexedVideo, VideoInfo, _Decoder, _to_rgb, open_video
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,13 +25,31 @@ _NONE = object()
 
 @dataclass
 class SampledFrames:
-    images: list  # np.ndarray uint8 (H, W, 3) RGB, upright, one per position, position order
+    """The clip visual tokens are made from, the one type every step and the cache hold: a
+    video's sampled frames, or a picture's (no frames; `info` an image.PictureLayout)."""
+
+    images: list  # np.ndarray uint8 (H, W, 3) RGB, upright, one per position; [] once dropped
     indices: list  # frame index taken per position (the keyframe's in keyframe mode)
     timestamps: list  # seconds, presentation time of that frame
     streams: list  # "slow" | "fast" per position
     exact: bool  # False in keyframe mode
     replaced: list  # (wanted_index, used_index) for frames that failed to decode
-    info: VideoInfo
+    info: object  # VideoInfo, or a picture's image.PictureLayout
+
+    def record(self) -> dict:
+        """What the cache keeps of the clip (JSON): everything but the pixels."""
+        return {"indices": [int(i) for i in self.indices],
+                "timestamps": [float(t) for t in self.timestamps],
+                "streams": list(self.streams), "exact": bool(self.exact),
+                "replaced": [[int(a), int(b)] for a, b in self.replaced],
+                "info": asdict(self.info) if self.info is not None else {}}
+
+    @classmethod
+    def from_record(cls, record: dict, info_type) -> SampledFrames:
+        """The clip a `record` kept, its info restored as `info_type` (the media's)."""
+        return cls([], list(record["indices"]), list(record["timestamps"]),
+                    list(record["streams"]), bool(record["exact"]),
+                    [tuple(r) for r in record["replaced"]], info_type(**record["info"]))
 
 
 
@@ -62,15 +80,13 @@ def wanted_frames(index, num_frames: int, positions: str, exact: bool,
     return wanted
 
 
-def sampled_timestamps(path, num_frames: int = 128, seek: str = "exact",
-                       positions: str = "midpoint", part: Optional[Part] = None) -> list[float]:
+def sampled_timestamps(index, num_frames: int = 128, seek: str = "exact",
+                       positions: str = "midpoint", span: Optional[Span] = None) -> list[float]:
     """The timestamps a FrameReader of these settings reports, from the video's index alone
-    (nothing decoded; the MP4 sample table, or one pass over the packets): they differ
-    only where a frame fails to decode and a neighbour takes its place. `num_frames` is the
-    count to sample (--fps already applied)."""
-    index = read_index(path)
+    (nothing decoded): they differ only where a frame fails to decode and a neighbour
+    takes its place. `num_frames` is the count to sample (--fps already applied); `span`
+    the part's frames."""
     exact = seek == "exact" or index.pts is None
-    span = locate(index, part) if part is not None else None
     return [index.timestamp(i) for i in wanted_frames(index, num_frames, positions, exact, span)]
 
 
@@ -90,15 +106,29 @@ class FrameReader:
 
     def __init__(self, path, num_frames: int = 128, slow_every: int = 4, seek: str = "exact",
                  prefetch: int = PREFETCH, hold_all: bool = False, positions: str = "midpoint",
-                 fps: Optional[float] = None, images: bool = True, part: Optional[Part] = None):
+                 fps: Optional[float] = None, images: bool = True, part: Optional[Part] = None,
+                 opened: Optional[tuple] = None):
+        """`opened`: `open_video`'s (video, decoder, first frame) to go on with (a
+        media.Video's, which owns nothing of it once handed over) instead of opening `path`."""
         if seek not in SEEK_MODES:
             raise ValueError(f"seek must be one of {SEEK_MODES}, not {seek!r}")
         if num_frames < 1 or slow_every < 1:
             raise ValueError("num_frames and slow_every must be at least 1")
+        keyframes_only = seek == "keyframe"
+        if opened is not None and opened[1].keyframes_only != keyframes_only:
+            opened[1].close()  # keyframe decoding is set up before the first frame: anew
+            opened = None
         spans = []  # the part's frames, found (or refused) before any frame is decoded
-        video, self._decoder, first = open_video(
-            path, keyframes_only=seek == "keyframe",
-            on_index=None if part is None else lambda index: spans.append(locate(index, part)))
+        on_index = None if part is None else lambda index: spans.append(locate(index, part))
+        if opened is None:
+            opened = open_video(path, keyframes_only, on_index)
+        elif on_index is not None:
+            try:
+                on_index(opened[0].index)
+            except BaseException:
+                opened[1].close()
+                raise
+        video, self._decoder, first = opened
         index = video.index
         # Without timestamps there is no seeking: keyframe mode degrades to the exact pass.
         self.exact = seek == "exact" or index.pts is None

@@ -33,6 +33,7 @@ class VideoInfo:
     rotation: int  # degrees counter-clockwise applied to make frames upright
     codec: str
     notes: list = field(default_factory=list)  # e.g. a file that ends early
+    kind: str = "video"  # a clip's info: this, or a picture's image.PictureLayout
 
 
 
@@ -95,7 +96,10 @@ class _Decoder:
         self.seeks = 0
         self._known = False  # a frame was found in the index
         self._pts_to_index = {p: i for i, p in enumerate(self.index.pts)} if self.index.pts else None
+        self.first = 0  # the index of the first frame out of the decoder at the file's start
         self._open(video.take_container())
+        if self.index.read_packets:  # the index pass left the container at the file's end
+            self.rewind()
 
     def _open(self, container=None):
         self.container = container or _open_container(self.path)
@@ -158,6 +162,24 @@ class _Decoder:
         if item is not None:
             self.pos = item[0]
         return item
+
+    def rewind(self) -> None:
+        """Back to the file's start on the same container, after something else read it
+        (the index pass, a subtitle stream): seeking to the first keyframe, checked by the
+        first frame out; reopened where a seek does not land there (no timestamps, a
+        demuxer that cannot seek to the start)."""
+        if self.index.pts is not None:
+            try:
+                self.container.seek(self.index.seek_ts[0], stream=self.stream, backward=True)
+                self._restart_stream()
+                self.pos = -1
+                item = self.peek()
+                if item is not None and item[0] == self.first:
+                    return
+            except (av.error.FFmpegError, _IndexMismatch):
+                pass
+        self.container.close()
+        self._open()
 
     def seek(self, k: int):
         """Reposition at keyframe number k of the index (0: the file's start)."""
@@ -235,11 +257,9 @@ class IndexedVideo:
         self._container = container
 
     def take_container(self):
-        """The open container, if it still stands at the file's start (else None)."""
+        """The open container (None once taken): at the file's start, or at its end where
+        the index was read from the packets (the decoder rewinds it)."""
         container, self._container = self._container, None
-        if container is not None and self.index.read_packets:
-            container.close()
-            return None
         return container
 
     def close(self) -> None:
@@ -289,6 +309,7 @@ def open_video(path, keyframes_only: bool, on_index=None):
     except BaseException:
         decoder.close()
         raise
+    decoder.first = item[0]
     return video, decoder, item[1]
 
 
@@ -301,32 +322,3 @@ def _indexed(path, on_index, read_packets: bool = False) -> IndexedVideo:
             video.close()
             raise
     return video
-
-
-def read_index(path):
-    """The video's frame index alone (frames/index.py): the file opened, indexed and
-    closed again, nothing decoded."""
-    video = IndexedVideo(path)
-    video.close()
-    return video.index
-
-
-def check_readable(path, packets: int = 64) -> None:
-    """Refuse, with one line, a file FFmpeg cannot open, with no video stream, or whose
-    first frame does not decode; reads the header and the first packets only."""
-    container = _open_container(Path(path))
-    try:
-        stream = container.streams.video[0]
-        for n, packet in enumerate(container.demux(stream)):
-            if n >= packets:
-                break
-            try:
-                if packet.decode():
-                    return
-            except (av.error.FFmpegError, ValueError):
-                continue
-        raise VideoError(f"{path}: no frame of the video decodes")
-    except (av.error.FFmpegError, OSError):
-        raise VideoError(f"{path}: no frame of the video decodes") from None
-    finally:
-        container.close()

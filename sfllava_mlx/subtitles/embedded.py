@@ -31,10 +31,9 @@ class EmbeddedSubtitles:
     events: list  # Event, in time order
 
 
-def text_streams(path) -> list[Stream]:
-    """The file's text subtitle streams, in container order."""
-    with av.open(str(path), metadata_errors="ignore") as container:
-        return [_describe(s) for s in container.streams.subtitles if _is_text(s)]
+def text_streams(container) -> list[Stream]:
+    """An open container's text subtitle streams, in container order (headers only)."""
+    return [_describe(s) for s in container.streams.subtitles if _is_text(s)]
 
 
 def _is_text(stream) -> bool:
@@ -59,27 +58,27 @@ def pick(streams: list[Stream], lang: Optional[str]) -> Optional[Stream]:
     return None
 
 
-def read_stream(path, stream: Stream) -> list[Event]:
-    """The stream's events in time order. Packets that fail to decode are skipped; a
-    damaged tail ends the stream."""
-    with av.open(str(path), metadata_errors="ignore") as container:
-        origin = container.start_time / 1e6 if container.start_time is not None else 0.0
-        s = container.streams[stream.index]
-        timed = []  # (start, end or None, text)
-        try:
-            for packet in container.demux(s):
-                if packet.pts is None or packet.size == 0:
-                    continue
-                start = float(packet.pts * packet.time_base) - origin
-                end = start + float(packet.duration * packet.time_base) if packet.duration else None
-                try:
-                    decoded = packet.decode()
-                except (av.error.FFmpegError, ValueError):
-                    continue
-                for text in _texts(decoded):
-                    timed.append((start, end, text))
-        except (av.error.FFmpegError, OSError):
-            pass
+def read_stream(container, stream: Stream) -> list[Event]:
+    """The stream's events in time order, demuxed from the open container's position on
+    (its start: `media.Video.subtitle_events`). Packets that fail to decode are skipped;
+    a damaged tail ends the stream."""
+    origin = container.start_time / 1e6 if container.start_time is not None else 0.0
+    s = container.streams[stream.index]
+    timed = []  # (start, end or None, text)
+    try:
+        for packet in container.demux(s):
+            if packet.pts is None or packet.size == 0:
+                continue
+            start = float(packet.pts * packet.time_base) - origin
+            end = start + float(packet.duration * packet.time_base) if packet.duration else None
+            try:
+                decoded = packet.decode()
+            except (av.error.FFmpegError, ValueError):
+                continue
+            for text in _texts(decoded):
+                timed.append((start, end, text))
+    except (av.error.FFmpegError, OSError):
+        pass
     return in_time_order(_with_ends(timed))
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from . import embedded, files, speech
 from .track import SubtitleTrack
+
+if TYPE_CHECKING:
+    from ..media import Video
 
 MODES = ("auto", "off", "speech")  # anything else names a file
 
@@ -29,10 +32,10 @@ class Resolved:
     warnings: list = field(default_factory=list)
 
 
-def resolve(video: str, choice: str, lang: Optional[str] = None,
+def resolve(video: Video, choice: str, lang: Optional[str] = None,
             speech_model: Optional[str] = None, transcripts=None,
             fingerprint=None) -> Resolved:
-    """The subtitles `choice` gives `video` (already checked as a readable video). For
+    """The subtitles `choice` gives `video` (a media.Video: opened, its streams known). For
     speech, the track's events are the cached transcript's, or None (to transcribe);
     `transcripts` (a TranscriptCache) and the video's `fingerprint`, where caching is on."""
     if choice == "off":
@@ -45,16 +48,16 @@ def resolve(video: str, choice: str, lang: Optional[str] = None,
     return Resolved(SubtitleTrack("file", files.read_file(path), path=path))
 
 
-def auto(video: str, lang: Optional[str]) -> Resolved:
-    streams = embedded.text_streams(video)
+def auto(video: Video, lang: Optional[str]) -> Resolved:
+    streams = video.text_streams
     chosen = embedded.pick(streams, lang)
     if chosen is not None:
-        events = embedded.read_stream(video, chosen)
+        events = video.subtitle_events(chosen)
         if events:
             return Resolved(SubtitleTrack("embedded", events, stream=chosen.index,
                                           codec=chosen.codec, language=chosen.language))
     warnings = []
-    for path in files.sidecars(video, lang):
+    for path in files.sidecars(video.path, lang):
         try:
             return Resolved(SubtitleTrack("sidecar", files.read_file(path), path=str(path)),
                             warnings)
@@ -71,14 +74,14 @@ def auto(video: str, lang: Optional[str]) -> Resolved:
 # Speech
 
 
-def speech_track(video: str, model: Optional[str], transcripts=None,
+def speech_track(video: Video, model: Optional[str], transcripts=None,
                  fingerprint=None) -> SubtitleTrack:
     """The speech track, its events read from the cache when it has them; refuses at once
     what cannot be transcribed (no mlx-whisper, no audio track, no such model)."""
     name = model or speech.DEFAULT_SPEECH_MODEL
     speech.require_whisper()
-    if not speech.has_audio(video):
-        raise speech.SpeechError(f"{video} has no audio track: --subtitles speech needs one")
+    if not video.has_audio:
+        raise speech.SpeechError(f"{video.path} has no audio track: --subtitles speech needs one")
     speech.check_model(name)
     track = SubtitleTrack("speech", model=name)
     if transcripts is not None and fingerprint is not None:
@@ -94,7 +97,7 @@ def transcript_key(fingerprint, model: str) -> str:
     return key(fingerprint, speech.model_identity(model), speech.settings())
 
 
-def transcribe(track: SubtitleTrack, video: str, transcripts=None, fingerprint=None,
+def transcribe(track: SubtitleTrack, video: Video, transcripts=None, fingerprint=None,
                progress=None) -> SubtitleTrack:
     """The speech track with its events: the audio decoded and transcribed (the cache
     written, where it is on). `progress(done, total)` in seconds of audio."""
@@ -103,10 +106,8 @@ def transcribe(track: SubtitleTrack, video: str, transcripts=None, fingerprint=N
     model_dir = speech.model_directory(track.model)  # a hub id fetched (or refused) first
     hasher = None
     if transcripts is not None and fingerprint is not None:
-        from ..cache.fingerprint import ContentHasher
-
-        hasher = ContentHasher(video)  # the full hash, while the audio is transcribed
-    audio = speech.decode_audio(video)
+        hasher = video.hasher()  # the full hash, while the audio is transcribed
+    audio = speech.decode_audio(video.path)  # a container of its own: the audio decoder
     result = speech.transcribe(audio, model_dir, progress)
     result["model"] = track.model
     if hasher is not None:

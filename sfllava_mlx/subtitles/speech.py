@@ -52,11 +52,6 @@ def require_whisper() -> None:
         raise SpeechError(f"--subtitles speech needs mlx-whisper, which is not installed: {INSTALL}")
 
 
-def has_audio(path) -> bool:
-    with av.open(str(path), metadata_errors="ignore") as container:
-        return bool(container.streams.audio)
-
-
 def check_model(name: str) -> None:
     """A local Whisper directory must hold mlx-whisper's files; a hub id is fetched later
     (only if nothing is cached); anything else is refused."""
