@@ -19,3 +19,7 @@ _.torn, _.unreadable  # batch.results.Lines: what a read dropped (tests check th
 _.client, _.http, _.alive  # tiny.command.Server
 first_message, picture_array, write_tiny_whisper, sharpen  # tiny.command, pictures, whisper, checkpoint
 have_ffmpeg, make_ffv1_video, make_ffmpeg_video, make_audio_only  # tiny.videos
+
+# The library's all-at-once forms of its steps: tests and scripts call them
+encode_frames, encode_video  # sfllava_mlx.encode (the runtime runs the *_steps forms)
+_.caption  # rich.Table: eval's timings under its table

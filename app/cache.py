@@ -1,4 +1,4 @@
-"""`sfllava cache ls|clear`: what the video cache holds, and emptying it (SPEC §4)."""
+"""`sfllava cache ls|clear`: what the video cache holds, and emptying it (design.md §4)."""
 
 from __future__ import annotations
 

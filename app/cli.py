@@ -1,4 +1,4 @@
-"""The `sfllava` command (SPEC §4): one subcommand a module (or package) of `app/`."""
+"""The `sfllava` command (design.md §6.1): one subcommand a module (or package) of `app/`."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         report_error(e)
         return 2
     except KeyboardInterrupt:
-        return 130  # Ctrl-C: quietly (SPEC §4)
+        return 130  # Ctrl-C: quietly (design.md §6.1)
     except BrokenPipeError:
         return 0
 

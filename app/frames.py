@@ -1,14 +1,14 @@
-"""`sfllava frames`: show (and save) the frames the model will see (SPEC §4).
+"""`sfllava frames`: show (and save) the frames the model will see (design.md §6.1).
 
     sfllava frames VIDEO [--model DIR] [--recipe native|slowfast] [--num-frames T]
                    [--seek exact|keyframe] [--fps F] [--start T0] [--end T1]
                    [--subtitles auto|off|speech|FILE] [--out DIR] [--json]
 
 A table of the sample positions (frame index, timestamp, slow or fast stream) and the
-subtitle lines those frames select (SPEC §2.13); `--out` writes each sampled frame as a
+subtitle lines those frames select (design.md §2.5); `--out` writes each sampled frame as a
 lossless PNG at the video's own resolution, upright (`NNN.png`, in position order), and
 `contact.png`, a labelled sheet of all of them. With `--start` / `--end` only that part of
-the video is sampled (SPEC §2.12); indices and timestamps stay the video's own.
+the video is sampled (design.md §2.4); indices and timestamps stay the video's own.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ SLOW_COLOUR = (255, 140, 0)  # RGB border of slow-stream frames on the contact s
 def add_arguments(p) -> None:
     p.add_argument("video", metavar="FILE", help="the video file")
     p.add_argument("--model", default=None,
-                   help="converted model directory: use its sampling settings (default: SPEC §2's)")
+                   help="converted model directory: use its sampling settings (default: design.md §1's)")
     add_options(p, FRAME_OPTIONS)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write NNN.png per position and contact.png into DIR")
@@ -82,7 +82,7 @@ def main(args) -> int:
         }
         if part is not None:  # the part asked for, in seconds
             doc["part"] = part.to_json()
-        if lines is not None:  # with subtitles: the lines the frames select (SPEC §4)
+        if lines is not None:  # with subtitles: the lines the frames select (design.md §6.1)
             doc["subtitles"] = lines.listing()
         print(json.dumps(doc))
         report_notes(clip, stream=sys.stderr)
@@ -127,7 +127,7 @@ def print_subtitles(lines, warnings) -> None:
 
 
 def model_config(model) -> ModelConfig:
-    """The model's config, or SF-LLaVA-1.5's (SPEC §2's defaults) without --model."""
+    """The model's config, or SF-LLaVA-1.5's (design.md §1's defaults) without --model."""
     if model is None:
         return ModelConfig("default", {}, VisionConfig(), ProjectorConfig(),
                            {"native": SamplingConfig()}, PreprocessConfig(), PromptConfig())

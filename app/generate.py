@@ -1,4 +1,4 @@
-"""`sfllava generate`: answer one question about a video or a picture (SPEC §4, §2.11)."""
+"""`sfllava generate`: answer one question about a video or a picture (design.md §6.1, §2.3)."""
 
 import json
 import sys

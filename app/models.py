@@ -1,4 +1,4 @@
-"""`sfllava models`: the runnable models already on disk (SPEC §8) — the Hugging Face hub
+"""`sfllava models`: the runnable models already on disk (design.md §5.4) — the Hugging Face hub
 cache and the converted-model cache — with family, format, size and quantization, as
 `mlx_lm.manage --scan` lists LLMs."""
 

@@ -1,5 +1,5 @@
 """The command line's flags, made from the library's one options schema
-(`sfllava_mlx.options`: a flag means the same everywhere, SPEC §4), and the one place
+(`sfllava_mlx.options`: a flag means the same everywhere, design.md §3), and the one place
 argparse's namespace becomes the library's options. Values are taken as text and checked by
 the library's rules, so a bad value is one line naming the option and its rule, the same as
 the server's 400 — never argparse's usage."""
@@ -75,7 +75,7 @@ def ask_options(args) -> dict:
 
 def checked_options(args, media=None) -> Options:
     """The options checked, and the media file and model reference named: before any
-    heavy import (SPEC §4: a user's mistake ends within a second)."""
+    heavy import (design.md §3: a user's mistake ends within a second)."""
     from sfllava_mlx.checks import check_request
 
     return check_request(vars(args).get("model"), media, **session_options(args))

@@ -1,4 +1,4 @@
-"""What the commands show of a video's subtitles (SPEC §2.13): where they came from, the
+"""What the commands show of a video's subtitles (design.md §2.5): where they came from, the
 lines the sampled frames selected, the warnings, and a progress bar while speech is
 transcribed on a terminal."""
 

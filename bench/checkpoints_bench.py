@@ -1,4 +1,4 @@
-"""The checkpoints users already have (SPEC §8): what loading them in place and converting
+"""The checkpoints users already have (design.md §5.4): what loading them in place and converting
 them on first use cost, side by side in one run.
 
 Writes a random float32 llava-hf checkpoint (transformers' `save_pretrained`; --shapes), converts it

@@ -41,7 +41,7 @@ from sfllava_convert.tiny.tensors import (
     write_json,
 )
 
-# SF-LLaVA-1.5-1B: Qwen2.5-1.5B, Oryx-ViT (SPEC §3), mlp2x_gelu projector 1152 -> 1536.
+# SF-LLaVA-1.5-1B: Qwen2.5-1.5B, Oryx-ViT (design.md §5.2), mlp2x_gelu projector 1152 -> 1536.
 SHAPES_1_5B = (LLM(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960,
                    vocab_size=151936, tied=True),
                Tower(hidden=1152, layers=27, heads=16, mlp=4304, patch_size=16, image_size=384,

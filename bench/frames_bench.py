@@ -4,7 +4,7 @@
                                  [--only long|short|part]
 
 Makes with ffmpeg (once, kept in DIR) a 20-minute 640x360 and a 2-minute 1280x720 H.264 file,
-25 fps, a keyframe every 10 s, and reads the SPEC §2.1 frames of each with:
+25 fps, a keyframe every 10 s, and reads the design.md §1.1 frames of each with:
 - the sampler, exact mode (sfllava_mlx.frames.read_frames)
 - the sampler, keyframe mode (seek="keyframe")
 - OpenCV, one CAP_PROP_POS_FRAMES seek + read per frame (what mlx-vlm does)
@@ -20,7 +20,7 @@ included): `sfllava frames FILE --json` (exact and `--seek keyframe`) against a 
 Python that imports OpenCV and seeks per frame. A command under a second runs five times a
 round (best taken): at 0.2 s, one scheduler hiccup would otherwise decide the figure.
 
-A part of a long file (SPEC §2.12, `--only part`): `sfllava frames` of the 2-minute part
+A part of a long file (design.md §2.4, `--only part`): `sfllava frames` of the 2-minute part
 10:00-12:00 of the 20-minute file (`--start 10:00 --end 12:00`) beside a 2-minute file made
 the same way at the same size (and the 2-minute 1280x720 file, and the whole 20-minute
 file), each in a fresh process, interleaved; with the frames each decodes.

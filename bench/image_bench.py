@@ -1,4 +1,4 @@
-"""A 1920x1080 photo through each family's image recipe (SPEC §2.11) next to the same photo
+"""A 1920x1080 photo through each family's image recipe (design.md §2.3) next to the same photo
 as a one-frame video (the only way before pictures existed): visual tokens and time to
 first token, and their ratios.
 

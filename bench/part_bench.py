@@ -1,4 +1,4 @@
-"""Chat's `/part` (SPEC §4, §2.12): switch times there and back, measured side by side in one
+"""Chat's `/part` (design.md §6.1, §2.4): switch times there and back, measured side by side in one
 process through the chat's own state (`sfllava_app.chat.chat.Chat`, as `sfllava chat` in a
 terminal drives it: each open prefills its prefix).
 

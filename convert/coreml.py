@@ -137,7 +137,7 @@ def _torch_tower_class():
 
 
 def resize_position_table(table: np.ndarray, config: VisionConfig) -> np.ndarray:
-    """(G0*G0, Dv) learned table -> (G*G, Dv) with F.interpolate, as SPEC §2.3 says."""
+    """(G0*G0, Dv) learned table -> (G*G, Dv) with F.interpolate, as design.md §1.3 says."""
     torch = _import_torch()
     g0, g = config.pos_grid, config.grid
     if g0 == g:

@@ -1,4 +1,4 @@
-"""SlowFast-LLaVA-1.5 in MLX: chat about a local video, on device (SPEC §7).
+"""SlowFast-LLaVA-1.5 in MLX: chat about a local video, on device (design.md §6.2).
 
     from sfllava_mlx import Engine, UserError
     engine = Engine("~/models/ov-0.5b")

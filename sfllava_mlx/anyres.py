@@ -1,4 +1,4 @@
-"""LLaVA-OneVision's any-resolution picture recipe (`anyres_max_N`, SPEC §2.11), exactly as
+"""LLaVA-OneVision's any-resolution picture recipe (`anyres_max_N`, design.md §2.3), exactly as
 transformers computes it for one picture:
 
 - pixels, as `LlavaOnevisionImageProcessorPil` makes them: the best `grid_pinpoints`

@@ -53,7 +53,7 @@ class SFLLaVA(nn.Module):
 
 
 def default_dtype() -> Optional[mx.Dtype]:
-    # MLX's CPU backend has no fast half-precision path (SPEC §4).
+    # MLX's CPU backend has no fast half-precision path (design.md §3).
     return mx.float32 if mx.default_device() == mx.cpu else None
 
 

@@ -1,4 +1,4 @@
-"""Many answers at once (SPEC §5, §6): answers decoding together through mlx-lm's
+"""Many answers at once (design.md §7, §8): answers decoding together through mlx-lm's
 `BatchGenerator`, each the one it would get alone.
 
 One decode step reads the weights once, whatever the batch: on a memory-bound machine

@@ -1,4 +1,4 @@
-"""What a request names, checked before anything heavy is imported or loaded (SPEC §4): the
+"""What a request names, checked before anything heavy is imported or loaded (design.md §3): the
 media file, the model reference and the option values. The commands call `check_request`
 first, so a user's mistake ends within a second; `Engine.prepare` runs the same media check.
 Nothing here imports mlx-lm, transformers or torch."""

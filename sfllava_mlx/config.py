@@ -1,6 +1,6 @@
 """Configuration of a converted SF-LLaVA-1.5 model: one dataclass per concern.
 
-Every numeric choice of SPEC §2 is a field here, read from the converted
+Every numeric choice of design.md §1 is a field here, read from the converted
 model's config.json, so a checkpoint that differs needs a config change, not code.
 """
 
@@ -69,7 +69,7 @@ RECIPES = ("native", "slowfast")
 
 @dataclass
 class SamplingConfig:
-    """A recipe (SPEC §2.9): which frames a model sees and how they become tokens."""
+    """A recipe (design.md §2.1): which frames a model sees and how they become tokens."""
 
     num_frames: int = 128
     frame_positions: str = "midpoint"  # midpoint: floor((i + 0.5) N / T); linspace: lmms-eval's
@@ -86,7 +86,7 @@ class SamplingConfig:
                 raise ValueError(f"sampling.{name} {getattr(self, name)!r} is not one of {allowed}")
 
 
-# Each family's native frames (SPEC §2.9): LLaVA-OneVision as transformers runs it, LLaVA-Video
+# Each family's native frames (design.md §2.1): LLaVA-OneVision as transformers runs it, LLaVA-Video
 # as its published evaluation runs (lmms-eval's linspace sampling, 32 / 64 frames).
 NATIVE_FRAMES = {"llava-onevision": 32, "llava-video": 64}
 
@@ -111,7 +111,6 @@ class PreprocessConfig:
     image_std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
 
-IMAGE_MODES = ("single", "anyres_max_N")
 # LLaVA-OneVision's any-resolution grid (transformers' LlavaOnevisionConfig default and the
 # llava-hf / lmms-lab checkpoints): (height, width) in multiples of the 384 px tile, 1..6 each.
 ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
@@ -119,9 +118,9 @@ ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1,
 
 @dataclass
 class ImageConfig:
-    """How one picture becomes tokens (SPEC §2.11), the `image` section of config.json.
+    """How one picture becomes tokens (design.md §2.3), the `image` section of config.json.
 
-    single: resized to S x S as a frame is (SPEC §2.2), the tower's whole grid, no pooling,
+    single: resized to S x S as a frame is (design.md §1.2), the tower's whole grid, no pooling,
     no newline. anyres_max_N (LLaVA-OneVision's anyres_max_9): a base image at S x S plus
     the tiles of the best `grid_pinpoints` resolution (Pillow resize with `resample`, zero
     padding), unpadded, bilinearly downsampled where the grid holds more than about N
@@ -158,13 +157,12 @@ class ImageConfig:
 @dataclass
 class PromptConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    image_token: str = "<image>"
 
 
 @dataclass
 class ModelConfig:
     """The converted model. `recipes` holds the native and the training-free slowfast
-    recipe (SPEC §2.9); a Session picks one with `recipe()`, which never changes them."""
+    recipe (design.md §2.1); a Session picks one with `recipe()`, which never changes them."""
 
     layout: str
     text_config: dict  # mlx_lm.models.qwen2.ModelArgs fields
@@ -177,7 +175,7 @@ class ModelConfig:
     dtype: str = "float32"
     source: dict = field(default_factory=dict)  # where the weights came from
     family: str = "sf-llava-1.5"  # sf-llava-1.5 | llava-onevision | llava-video
-    image: ImageConfig = field(default_factory=ImageConfig)  # pictures (SPEC §2.11)
+    image: ImageConfig = field(default_factory=ImageConfig)  # pictures (design.md §2.3)
 
     def __post_init__(self):
         native = self.recipes["native"]

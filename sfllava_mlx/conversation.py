@@ -1,5 +1,5 @@
 """One video (or picture), many questions: the prompt around the visual tokens and the KV
-cache kept between turns (SPEC §2.7), so a follow-up prefills only its own tokens.
+cache kept between turns (design.md §1.7), so a follow-up prefills only its own tokens.
 
 `prefill` is the one way anything is prefilled — the prefix of system prompt and video, a
 Core ML overlap's chunks, a past turn replayed — and `Conversation.branch` (a conversation
@@ -316,12 +316,6 @@ class Conversation:
             else:  # interrupted before the first token: as if the question was never asked
                 self.rewind(before)
                 self.turns.pop()
-
-    def replay(self, question: str, answer_tokens: list, answer_text: str,
-               progress=None) -> int:
-        """Prefill a past turn that was not generated here (a client's conversation), after
-        the prefix; returns the tokens prefilled."""
-        return run(self.replay_steps(question, answer_tokens, answer_text, progress))
 
     def replay_steps(self, question: str, answer_tokens: list, answer_text: str,
                      progress=None, step: Optional[int] = None) -> Steps[int]:

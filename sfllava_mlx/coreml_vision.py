@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError, UserError
-from .options import COMPUTE_UNITS, VISION_BACKENDS
+from .options import COMPUTE_UNITS
 
 PACKAGE_NAME = "vision_tower.mlpackage"
 INPUT_NAME = "pixel_values"  # (B, S, S, 3) float32, channels-last like the MLX tower's input
@@ -33,9 +33,7 @@ def _export_hint(model_dir, force: bool = False) -> str:
     return f"run `sfllava export-coreml --model {model_dir}{' --force' if force else ''}`"
 
 
-def available_backends() -> tuple[str, ...]:
-    """Vision backends this machine can run: Core ML predictions need macOS."""
-    return VISION_BACKENDS if sys.platform == "darwin" else ("mlx",)
+
 
 
 def require_macos() -> None:

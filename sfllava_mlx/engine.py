@@ -1,4 +1,4 @@
-"""The library API (SPEC §7): an Engine holds one loaded model and the video cache; `open`
+"""The library API (design.md §6.2): an Engine holds one loaded model and the video cache; `open`
 checks a video or a picture — the file, the memory plan, the context — before anything is
 decoded, then returns a Session with the options it was opened with.
 
@@ -70,8 +70,8 @@ class Opening:
     picture: Optional[PictureInfo] = None
     fingerprint: Optional[Fingerprint] = None
     key: Optional[object] = None  # cache.CacheKey, where the cache is on
-    span: Optional[Span] = None  # a part's frames (SPEC §2.12); None: the whole video
-    subtitles: Optional[SubtitleTrack] = None  # what is said (SPEC §2.13); None: nothing
+    span: Optional[Span] = None  # a part's frames (design.md §2.4); None: the whole video
+    subtitles: Optional[SubtitleTrack] = None  # what is said (design.md §2.5); None: nothing
     warnings: list = field(default_factory=list)  # for the user, e.g. a broken sidecar
     # The options as this media resolved them (`options.resolved`): what records carry and
     # what keys are built from.
@@ -96,7 +96,7 @@ class Opening:
 
 
 def model_name(path_or_repo: str) -> str:
-    """SPEC §5's model id: the last path part of a directory, or the hub repo id."""
+    """design.md §7's model id: the last path part of a directory, or the hub repo id."""
     expanded = os.path.expanduser(path_or_repo)
     if os.path.exists(expanded):
         return os.path.basename(os.path.normpath(expanded))
@@ -169,7 +169,7 @@ class Engine:
     def _sampling(self, video: Video, opts: Options) -> tuple[SamplingConfig, Optional[Span]]:
         """The recipe as this video samples it (its T after --fps) and the part's frames."""
         sampling = self.model.config.recipe(opts.recipe, opts.num_frames)
-        # A part is found (or refused) on the index: nothing decoded (SPEC §2.12).
+        # A part is found (or refused) on the index: nothing decoded (design.md §2.4).
         span = video.span(opts.part)
         if opts.fps is not None:
             if span is not None:  # --fps over the part's frames alone

@@ -1,4 +1,4 @@
-"""One picture to visual tokens (SPEC §2.11): decoding, and the config's image recipe.
+"""One picture to visual tokens (design.md §2.3): decoding, and the config's image recipe.
 
 A picture is recognised by its content (JPEG, PNG, WebP, HEIC/HEIF where pillow-heif is
 installed, AVIF where Pillow decodes it), never by its name. Decoding is Pillow's: EXIF
@@ -7,7 +7,7 @@ picture whose header announces more than `MAX_PIXELS` pixels, or none, is refuse
 anything is decoded.
 
 The converted config's `image` section picks the recipe:
-- `single`: resized to S x S as a frame is (SPEC §2.2), the tower's whole grid, no pooling,
+- `single`: resized to S x S as a frame is (design.md §1.2), the tower's whole grid, no pooling,
   no newline (SF-LLaVA-1.5's default while its image recipe is unpublished);
 - `anyres_max_N` (LLaVA-OneVision): transformers' `LlavaOnevisionImageProcessorPil` pixel
   math with Pillow (the same resize filter, zero padding, S x S tiles) and

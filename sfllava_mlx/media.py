@@ -75,7 +75,7 @@ class Video:
 
     # -- its frames ----------------------------------------------------------------------
     def span(self, part: Optional[Part]) -> Optional[Span]:
-        """The part's frames (SPEC §2.12), found or refused on the index; None: all."""
+        """The part's frames (design.md §2.4), found or refused on the index; None: all."""
         return locate(self.index, part) if part is not None else None
 
     def reader(self, **settings) -> FrameReader:

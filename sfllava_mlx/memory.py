@@ -1,4 +1,4 @@
-"""The memory plan (SPEC §2.10's long videos): will a request fit, before any work starts?
+"""The memory plan (design.md §10's long videos): will a request fit, before any work starts?
 
 From the model's shapes, the visual tokens, the tower inputs and the KV settings, estimate
 the peak of what MLX will hold: the weights, the KV cache of the whole conversation, and the
@@ -142,7 +142,7 @@ def check_context(needed: int, limit: int, what: str, limit_name: str, fix: str 
 
 def plan_video(model, sampling: SamplingConfig, text_tokens: int = 0, **options) -> MemoryPlan:
     """The plan of a video's request: its recipe's visual tokens and frames, and
-    `text_tokens` of prompt text beyond the usual (the subtitles of SPEC §2.13)."""
+    `text_tokens` of prompt text beyond the usual (the subtitles of design.md §2.5)."""
     return plan_tokens(model, num_visual_tokens(model.config.vision.grid, sampling),
                        sampling.num_frames, text_tokens=PROMPT_TEXT_TOKENS + text_tokens,
                        **options)

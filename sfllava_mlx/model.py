@@ -1,4 +1,4 @@
-"""Loading a model (SPEC §8): a directory `sfllava convert` wrote, an mlx-vlm conversion
+"""Loading a model (design.md §5.4): a directory `sfllava convert` wrote, an mlx-vlm conversion
 (loaded as it is), or a Hugging Face checkpoint (converted on first use), from a path or
 a hub repo id. The kind is told from config.json; anything else is refused in one line."""
 

@@ -1,4 +1,4 @@
-"""The options, one schema (SPEC §4 "Options are one schema"): every option is defined once,
+"""The options, one schema (design.md §3 "Options are one schema"): every option is defined once,
 here — its name, type, default, rule, help and what it changes — and the command line, the
 server's `sfllava` object, batch, eval and the Python API all take theirs from it.
 
@@ -30,7 +30,6 @@ VISION_BACKENDS = ("mlx", "coreml")
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 KV_BITS = (4, 8)
 # What an option changes, from the most to the least of the answer.
-CHANGES = ("visual", "prompt", "context", "decoding", "none")
 
 
 class OptionError(UserError):
@@ -150,7 +149,7 @@ class Time(Rule):
 @dataclass(frozen=True)
 class Spec:
     rule: Rule
-    changes: str  # one of CHANGES
+    changes: str  # visual, prompt, context, decoding or none
     help: str
     metavar: Optional[str] = None
     server: bool = False  # a field of the server's `sfllava` object
@@ -294,7 +293,7 @@ def check(name: str, value, label: Optional[str] = None):
 
 
 def changing(*what: str) -> tuple:
-    """The names of the options that change `what` (some of CHANGES)."""
+    """The names of the options that change `what` (some of `Spec.changes`' values)."""
     return tuple(n for n, s in SPECS.items() if s.changes in what)
 
 
@@ -302,7 +301,7 @@ def changing(*what: str) -> tuple:
 # Resolved: the values that made an answer, as recorded and keyed
 
 
-# The fields of a record's `options` (SPEC §4), in its order.
+# The fields of a record's `options` (design.md §3), in its order.
 RECORDED = ("recipe", "num_frames", "fps", "seek", "start", "end", "timestamps", "subtitles",
             "system_prompt", "max_tokens", "temp", "top_p", "seed", "kv_bits", "max_kv_size",
             "vision_backend", "speech_model")

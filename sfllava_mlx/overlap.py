@@ -47,7 +47,7 @@ class Timeline:
         return overlap_seconds(self.vision, self.prefill)
 
     def critical_path(self) -> dict:
-        """SPEC §4 stage shares: prefill ran on this thread, so all of it is on the
+        """design.md §1.9 stage shares: prefill ran on this thread, so all of it is on the
         critical path; vision counts only the time this thread waited for the encoder."""
         return {"vision": max(0.0, self.wall_s - self.prefill_s), "prefill": self.prefill_s}
 

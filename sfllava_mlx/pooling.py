@@ -1,4 +1,4 @@
-"""SlowFast pooling and the token order (SPEC §2.5-2.6, §2.9), in MLX on the default device.
+"""SlowFast pooling and the token order (design.md §1.5-§1.6, §2.1), in MLX on the default device.
 
 A recipe's `pool_mode` says how a frame's projected grid shrinks by a stride, its `newline`
 where the learned `image_newline` vector goes. Both are config fields, so every model
@@ -33,16 +33,6 @@ def is_slow(position: int, sampling: SamplingConfig) -> bool:
 
 def stride_of(slow: bool, sampling: SamplingConfig) -> int:
     return sampling.slow_stride if slow else sampling.fast_stride
-
-
-def slowfast_pool(grid: mx.array, sampling: SamplingConfig, newline=None) -> mx.array:
-    """(T, G, G, D) projected tokens in position order -> (Nv, D): slow block, then fast."""
-    blocks = []
-    for slow in (True, False):
-        rows = [t for t in range(grid.shape[0]) if is_slow(t, sampling) == slow]
-        blocks.append(pool_frames(grid[mx.array(rows)], stride_of(slow, sampling),
-                                  sampling.pool_mode) if rows else None)
-    return concat_streams(*blocks, sampling=sampling, newline=newline)
 
 
 def with_newlines(block: mx.array, sampling: SamplingConfig, newline) -> mx.array:

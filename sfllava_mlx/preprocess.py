@@ -1,4 +1,4 @@
-"""Frames to normalized pixels (SPEC §2.2)."""
+"""Frames to normalized pixels (design.md §1.2)."""
 
 import cv2
 import mlx.core as mx

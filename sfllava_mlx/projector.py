@@ -1,4 +1,4 @@
-"""The `mlp2x_gelu` projector (SPEC §2.4): vision features into the LLM's space."""
+"""The `mlp2x_gelu` projector (design.md §1.4): vision features into the LLM's space."""
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -1,11 +1,10 @@
-"""The ChatML prompt around the video (SPEC §2.7).
+"""The ChatML prompt around the video (design.md §1.7).
 
 `<image>` is not a vocabulary token: the text before and after it is tokenized on its
 own and the visual embeddings are spliced in between. The user's question is always
 text, even if it contains "<image>".
 """
 
-from dataclasses import dataclass
 
 
 def first_turn(system_prompt: str, question: str) -> tuple[str, str]:
@@ -16,7 +15,7 @@ def first_turn(system_prompt: str, question: str) -> tuple[str, str]:
 
 
 def time_instruction(duration: float, timestamps) -> str:
-    """LLaVA-Video's time instruction (SPEC §2.10), placed between the video and the question.
+    """LLaVA-Video's time instruction (design.md §2.2), placed between the video and the question.
     The missing space before "Please" is LLaVA-Video's own."""
     times = ",".join(f"{t:.2f}s" for t in timestamps)
     return (f"The video lasts for {duration:.2f} seconds, and {len(timestamps)} frames are "
@@ -34,22 +33,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-@dataclass
-class PromptPieces:
-    prefix: list  # tokens before the video: cached with it
-    suffix: list  # tokens after the video: the question and the assistant header
-
-
-def first_turn_tokens(tokenizer, system_prompt: str, question: str) -> PromptPieces:
-    before, after = first_turn(system_prompt, question)
-    return PromptPieces(encode(tokenizer, before), encode(tokenizer, after))
-
-
 SUBTITLES_HEADER = "This video's subtitles are listed below: \n"
 
 
 def subtitle_block(lines) -> str:
-    """lmms-eval's Video-MME wording for the subtitles the sampled frames select (SPEC
-    §2.13), placed after the time instruction and before the question; "" for none."""
+    """lmms-eval's Video-MME wording for the subtitles the sampled frames select (design.md
+    §2.5), placed after the time instruction and before the question; "" for none."""
     lines = list(lines)
     return SUBTITLES_HEADER + "\n".join(lines) if lines else ""

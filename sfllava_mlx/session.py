@@ -1,4 +1,4 @@
-"""A Session (SPEC §7): one conversation about one video or picture, with the options it
+"""A Session (design.md §6.2): one conversation about one video or picture, with the options it
 was opened with, its visual tokens and KV cache, and what the cache still lacks of it."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Session:
     @cached_property
     def subtitles(self):
         """The subtitle lines its sampled frames selected (`subtitles.SubtitleLines`: the
-        track they came from, the lines), or None without subtitles (SPEC §2.13)."""
+        track they came from, the lines), or None without subtitles (design.md §2.5)."""
         track = self.opening.subtitles
         return track.select(self.clip.timestamps) if track is not None else None
 
@@ -135,11 +135,11 @@ class Session:
 
     @property
     def resolved(self) -> dict:
-        """The options that made the last answer (SPEC §4's `options`), as resolved."""
+        """The options that made the last answer (design.md §3's `options`), as resolved."""
         return with_answer(self.opening.resolved, self.asked)
 
     def record(self) -> dict:
-        """The object `generate --json` prints for the last turn (SPEC §4)."""
+        """The object `generate --json` prints for the last turn (design.md §3)."""
         turn = self.last_turn
         return {
             "text": turn.text,
@@ -193,10 +193,6 @@ class Session:
         other._saved = other._kv_saved = True
         other._first = False
         return other
-
-    def replay(self, question: str, answer_tokens: list, answer_text: str, progress=None) -> int:
-        """Prefill a past turn this Session did not answer; returns the tokens prefilled."""
-        return run(self.replay_steps(question, answer_tokens, answer_text, progress))
 
     def replay_steps(self, question: str, answer_tokens: list, answer_text: str,
                      progress=None, step: Optional[int] = None) -> Steps[int]:

@@ -1,4 +1,4 @@
-"""How many visual tokens a recipe makes (SPEC §2.5, §2.9): arithmetic on the grid, no
+"""How many visual tokens a recipe makes (design.md §1.5, §2.1): arithmetic on the grid, no
 arrays, so the memory plan and `sfllava frames` count tokens without importing MLX's ops."""
 
 from __future__ import annotations

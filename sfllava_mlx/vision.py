@@ -1,4 +1,4 @@
-"""The SigLIP-style vision tower (SPEC §2.3), in MLX.
+"""The SigLIP-style vision tower (design.md §1.3), in MLX.
 
 One module serves both source layouts: the converter maps SigLIP and timm names to
 these. Only the blocks up to the feature layer exist, so nothing is computed that the

@@ -3,9 +3,9 @@ transformers' `LlavaOnevisionForConditionalGeneration`, written in each naming a
 checkpoint of the family has, and two torch references that never touch the MLX code:
 
 - `HFVideoReference`: transformers' own video path (`pixel_values_videos`: its SigLIP tower,
-  projector, `apply_pooling`, `image_newline`, placeholder splice), fed the frames SPEC §2.1/2.2
+  projector, `apply_pooling`, `image_newline`, placeholder splice), fed the frames design.md §1.1/§1.2
   picks. This is what the OneVision native recipe must reproduce exactly.
-- `RecipeReference`: SPEC §2.9 written out in torch ops (positions, slow/fast streams,
+- `RecipeReference`: design.md §2.1 written out in torch ops (positions, slow/fast streams,
   `F.interpolate` / `F.avg_pool2d`, newline rules, ChatML splice) on the same model's
   submodules: the reference for the slowfast recipe and for LLaVA-Video's recipes, and the
   place where each usual mistake can be switched on (`Mistakes`).
@@ -60,7 +60,7 @@ SHARPEN_OV = {
 
 INIT_STD = 0.05
 
-# SPEC §2.9 recipes as plain dicts (the fields of the converted config's `recipes`).
+# design.md §2.1 recipes as plain dicts (the fields of the converted config's `recipes`).
 ONEVISION_NATIVE = dict(num_frames=32, frame_positions="linspace", slow_every=1, slow_stride=2,
                         fast_stride=2, pool_mode="bilinear", newline="one_token")
 
@@ -276,7 +276,7 @@ def _write_llava_next(model, dst: Path, tied: bool, fields: dict, drop_last_bloc
 
 
 # ---------------------------------------------------------------------------------------
-# Frames (SPEC §2.1, §2.2, §2.9), written from the spec
+# Frames (design.md §1.1, §1.2, §2.1), written from the spec
 # ---------------------------------------------------------------------------------------
 
 
@@ -301,12 +301,12 @@ def decoded(video) -> list[np.ndarray]:
 
 
 def pixels(frames: Sequence[np.ndarray], size: int, mean, std) -> torch.Tensor:
-    """RGB uint8 frames -> (T, 3, S, S) float32 (SPEC §2.2)."""
+    """RGB uint8 frames -> (T, 3, S, S) float32 (design.md §1.2)."""
     return normalize([resize_frame(f, size) for f in frames], mean, std)
 
 
 def visual_token_count(grid: int, recipe: dict) -> int:
-    """SPEC §2.9's token count for a recipe, newline tokens included."""
+    """design.md §2.1's token count for a recipe, newline tokens included."""
     total = 0
     for slow in (True, False):
         n = sum((i % recipe["slow_every"] == 0) == slow for i in range(recipe["num_frames"]))
@@ -331,7 +331,7 @@ class _Text:
         self.end_ids = {i for i in ends if isinstance(i, int)}
 
     def pieces(self, question: str) -> tuple[list[int], list[int]]:
-        """SPEC §2.7: the ChatML text before and after `<image>`, each tokenized on its own."""
+        """design.md §1.7: the ChatML text before and after `<image>`, each tokenized on its own."""
         enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         return (enc(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"),
                 enc(f"\n{question}<|im_end|>\n<|im_start|>assistant\n"))
@@ -354,7 +354,7 @@ def _greedy(step, first_logits, max_tokens: int, end_ids, tokenizer) -> Answer:
 
 
 class HFVideoReference:
-    """transformers' own LLaVA-OneVision video path on the SPEC's frames."""
+    """transformers' own LLaVA-OneVision video path on the sampled frames."""
 
     def __init__(self, model, source_dir, mean=VIDEO_MEAN, std=VIDEO_STD):
         self.model = float64_copy(model)
@@ -399,7 +399,7 @@ class Mistakes:
 
 
 class RecipeReference:
-    """SPEC §2.9 in torch, on the transformers model's submodules (float64)."""
+    """design.md §2.1 in torch, on the transformers model's submodules (float64)."""
 
     def __init__(self, model, source_dir, feature_layer: int, mean=VIDEO_MEAN, std=VIDEO_STD):
         self.model = float64_copy(model)
@@ -427,7 +427,7 @@ class RecipeReference:
 
     @staticmethod
     def pool(x: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
-        """(T, G, G, C) -> (T, g, g, C) by SPEC §2.5 / §2.9."""
+        """(T, G, G, C) -> (T, g, g, C) by design.md §1.5 / §2.1."""
         x = x.permute(0, 3, 1, 2)
         g = x.shape[-1]
         if mode == "average" or (mode == "auto" and g % stride == 0):

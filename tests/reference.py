@@ -1,6 +1,6 @@
-"""An independent PyTorch reference of the SF-LLaVA-1.5 pipeline (SPEC §2), for tests.
+"""An independent PyTorch reference of the SF-LLaVA-1.5 pipeline (design.md §1), for tests.
 
-Written from SPEC §2/§3 and the *source* checkpoint (Hugging Face names), never from the
+Written from design.md §1/§5.2 and the *source* checkpoint (Hugging Face names), never from the
 MLX code: frames come from one sequential OpenCV decode, the SigLIP tower is
 `transformers.SiglipVisionModel`, the Oryx tower is a timm-named ViT written below, the
 LLM is `transformers.Qwen2ForCausalLM`. Everything runs in float32.
@@ -30,7 +30,7 @@ TOWER_PREFIX = "model.vision_tower.vision_tower."
 SIGLIP_PREFIX = TOWER_PREFIX + "vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
 
-# SPEC §3: the SigLIP so400m-patch14-384 defaults and the Oryx-ViT defaults.
+# design.md §5.2: the SigLIP so400m-patch14-384 defaults and the Oryx-ViT defaults.
 SIGLIP_DEFAULTS = dict(
     hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
     image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
@@ -89,7 +89,7 @@ def sub_dict(tensors: dict, prefix: str) -> dict:
 
 
 def sample_indices(n: int, num_frames: int) -> list[int]:
-    """SPEC §2.1: idx_i = floor((i + 0.5) * N / T), in exact integer arithmetic."""
+    """design.md §1.1: idx_i = floor((i + 0.5) * N / T), in exact integer arithmetic."""
     return [((2 * i + 1) * n) // (2 * num_frames) for i in range(num_frames)]
 
 
@@ -227,7 +227,7 @@ class Reference:
     """The SF-LLaVA-1.5 pipeline in torch, read straight from a source checkpoint.
 
     `image_size` overrides S (the frame size) to exercise the position-table resize;
-    the sampling fields mirror SPEC §2 and default to it.
+    the sampling fields mirror design.md §1 and default to it.
     """
 
     def __init__(
@@ -466,7 +466,7 @@ class Reference:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_pieces(self, question: str, system_prompt: Optional[str] = None) -> tuple[list[int], list[int]]:
-        """SPEC §2.7: the ChatML text before and after `<image>`, each tokenized on its own."""
+        """design.md §1.7: the ChatML text before and after `<image>`, each tokenized on its own."""
         system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
         before = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
         after = f"\n{question}<|im_end|>\n<|im_start|>assistant\n"

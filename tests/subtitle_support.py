@@ -1,6 +1,6 @@
 """Helpers for the subtitle and speech tests: subtitle files written from a list of events
 in each format's own markup, videos that carry them as streams (ffmpeg muxes them), and
-SPEC §2.13's rule and prompt written out plainly, independent of the library. No tests here.
+design.md §2.5's rule and prompt written out plainly, independent of the library. No tests here.
 """
 
 from __future__ import annotations
@@ -120,11 +120,11 @@ def mux(video: Path, subtitle_files: list, out: Path, codec: str, languages=()) 
 
 
 # ----------------------------------------------------------------------------------------
-# SPEC §2.13, written out here
+# design.md §2.5, written out here
 
 
 def frame_times(video: Path, num_frames: int = 128) -> list:
-    """The sampled frames' times: ffprobe's frame list at SPEC §2.1's midpoint indices."""
+    """The sampled frames' times: ffprobe's frame list at design.md §1.1's midpoint indices."""
     times = [t for t, _ in ffprobe_frames(video)]
     n = len(times)
     return [times[(2 * i + 1) * n // (2 * num_frames)] for i in range(num_frames)]
@@ -187,6 +187,6 @@ def audio_start(video: Path) -> float:
 
 
 def kept_seconds(segments, times) -> list:
-    """SPEC §2.13's rule over (start, end, text) in seconds: in time order, text only."""
+    """design.md §2.5's rule over (start, end, text) in seconds: in time order, text only."""
     shown = sorted((s for s in segments if s[2] and s[1] > s[0]), key=lambda s: (s[0], s[1]))
     return [s for s in shown if any(s[0] <= t < s[1] for t in times)]

@@ -1,4 +1,4 @@
-"""The library API of SPEC §7 as a script uses it: Engine, Session, their options and errors.
+"""The library API of design.md §6.2 as a script uses it: Engine, Session, their options and errors.
 
 Answers are held to the torch reference (tests/reference.py) on the sharpened tiny models of
 conftest.py, whose greedy answer follows the visual tokens: a Session that sampled another

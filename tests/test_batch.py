@@ -1,4 +1,4 @@
-"""`sfllava batch` (SPEC §6): the real command on a folder of generated videos, one process
+"""`sfllava batch` (design.md §8): the real command on a folder of generated videos, one process
 and `mlx.launch -n 2 --backend ring` (MLX's CPU backend runs it on this machine), checked
 against `sfllava generate --json`'s greedy tokens; kills at random-ish moments (after a
 given number of lines), then the same command again.
@@ -125,7 +125,7 @@ def stable(rec: dict) -> dict:
 
 def assert_same_answer(got: dict, want: dict) -> None:
     """The same line but for timings: tokens equal, logprobs within 5e-4 (a resumed run can
-    decode a video's prompts in another batch than the first run did: SPEC §6)."""
+    decode a video's prompts in another batch than the first run did: design.md §8)."""
     assert stable(got) == stable(want), (got["video"], got["prompt"])
     assert (got["logprobs"] is None) == (want["logprobs"] is None)
     if got["logprobs"]:
@@ -422,7 +422,7 @@ def test_directories_hold_videos_and_other_files(tmp_path):
                                                    "readme.txt", "missing.mkv"]
     kinds = {Path(c.path).name: inspect(c, lambda path: (None, None)) for c in found}
     assert kinds["clip.mkv"].kind == "video" and kinds["clip.mkv"].duration == pytest.approx(2.0)
-    assert kinds["photo.jpg"].kind == "video"  # a picture is answered too (SPEC §2.11)
+    assert kinds["photo.jpg"].kind == "video"  # a picture is answered too (design.md §2.3)
     assert kinds["readme.txt"].kind == "skip"
     # named on the command line (too): answered or reported, never skipped
     assert [c.named for c in found] == [True, True, False, False, True]

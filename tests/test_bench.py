@@ -95,7 +95,7 @@ def test_onevision_shapes_and_recipes():
         assert c.recipes == family_recipes("llava-onevision", "bilinear", "one_token")
         from sfllava_mlx.tokens import num_visual_tokens
 
-        # native: 32 x 14 x 14 + 1; slowfast: 32 x 14 x 14 + 96 x 7 x 7 + 1 (SPEC §2.9)
+        # native: 32 x 14 x 14 + 1; slowfast: 32 x 14 x 14 + 96 x 7 x 7 + 1 (design.md §2.1)
         assert num_visual_tokens(27, c.recipes["native"]) == 6273
         assert num_visual_tokens(27, c.recipes["slowfast"]) == 10977
     # NOTES.md: the so400m-class tower at 729 tokens costs ~0.67 TFLOP a frame with 27 blocks;

@@ -1,4 +1,4 @@
-"""The persistent video cache (SPEC §4): what is reused, what is not, and that nothing
+"""The persistent video cache (design.md §4): what is reused, what is not, and that nothing
 wrong is ever trusted.
 
 The answers compared here come from the sharpened tiny model of conftest.py, whose

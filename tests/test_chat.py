@@ -181,7 +181,7 @@ def test_script_mode_answers_each_line_in_one_conversation(converted, videos, xd
     first, second = json_lines(out)
     assert first["cache"] == "miss" and second["cache"] == "miss"
     assert first["visual_tokens"] == 14
-    # The first turn prefilled the video; the follow-up only its own tokens (SPEC §2.7).
+    # The first turn prefilled the video; the follow-up only its own tokens (design.md §1.7).
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))

@@ -1,4 +1,4 @@
-"""The checkpoints users already have (issue #25, SPEC §8), proven end to end.
+"""The checkpoints users already have (issue #25, design.md §5.4), proven end to end.
 
 A tiny transformers LLaVA-OneVision (tests/onevision_reference.py) is written as a Hugging
 Face checkpoint and converted by mlx-vlm's own `convert`, float32 and 4-bit. Then:

@@ -1,4 +1,4 @@
-"""The `sfllava generate` contract a user relies on (SPEC §4): errors and Ctrl-C."""
+"""The `sfllava generate` contract a user relies on (design.md §3): errors and Ctrl-C."""
 
 import json
 import signal

@@ -1,4 +1,4 @@
-"""`sfllava convert` (SPEC §3, §4): both layouts, every documented transform, every refusal.
+"""`sfllava convert` (design.md §5.2, §3): both layouts, every documented transform, every refusal.
 
 Converted weights are checked against the source tensors with numpy, through the
 transforms written out here (conv transpose, q/k/v stacking, position-table reshape),
@@ -193,7 +193,7 @@ def test_blocks_past_the_feature_layer_may_be_absent(tmp_path, capsys):
 
 
 def test_layout_defaults_without_vision_config():
-    """SPEC §3 defaults: Oryx-ViT, and SigLIP so400m-patch14-384 when mm_vision_tower names it."""
+    """design.md §5.2 defaults: Oryx-ViT, and SigLIP so400m-patch14-384 when mm_vision_tower names it."""
     from sfllava_mlx.checkpoints.layouts import ORYX, SIGLIP, vision_config
     from sfllava_mlx.errors import CheckpointError
 
@@ -231,7 +231,7 @@ def test_bfloat16_source_and_dtype_choice(tmp_path, capsys):
     rc, _, err = cli(["--hf-path", src_dir, "--mlx-path", tmp_path / "default"], capsys)
     assert rc == 0, err
     w = mx.load(str(tmp_path / "default" / "model.safetensors"))
-    expect = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16  # SPEC §4
+    expect = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16  # design.md §3
     assert {a.dtype for a in w.values()} == {expect}
     rc, _, err = cli(["--hf-path", src_dir, "--mlx-path", tmp_path / "f16", "--dtype", "float16"], capsys)
     assert rc == 0, err

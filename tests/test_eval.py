@@ -1,9 +1,9 @@
-"""`sfllava eval` (SPEC §10): tiny benchmark sets in each published format, written here
+"""`sfllava eval` (design.md §9): tiny benchmark sets in each published format, written here
 (Video-MME as parquet and JSON Lines with its own `<font>`-wrapped subtitle files, MVBench's
 per-task JSON, LongVideoBench's lvb_val.json), a few generated videos, and the tiny model.
 
 The prompts are held word for word against the benchmarks' published words (Video-MME's as
-SPEC §10 gives them, checked on the conversation's real user text), the extraction against a
+design.md §9 gives them, checked on the conversation's real user text), the extraction against a
 table of awkward answers, the table against accuracies counted here by hand.
 """
 
@@ -48,7 +48,7 @@ def videomme_rows() -> list:
 
 
 def spec_prompt(question: str, options: list, subtitles: bool) -> str:
-    """SPEC §10's words, written out here."""
+    """design.md §9's words, written out here."""
     about = "the video and the subtitles." if subtitles else "the video."
     return ("Select the best answer to the following multiple-choice question based on "
             f"{about} Respond with only the letter (A, B, C, or D) of the correct option.\n"
@@ -314,7 +314,7 @@ def test_videomme_prompts_are_the_benchmarks_words_on_the_real_conversation(vide
     from sfllava_mlx.prompt import encode
 
     lines = videomme_run["lines"]
-    # Without subtitles (vid2 has no subtitle file): SPEC §10's words alone.
+    # Without subtitles (vid2 has no subtitle file): design.md §9's words alone.
     assert lines["002-2"]["prompt"] == spec_prompt("How many?", OPTIONS[1], False)
     assert lines["002-2"]["options"]["subtitles"] is None
     # With them: lmms-eval's Video-MME-with-subtitles prompt, the <font> tags dropped.

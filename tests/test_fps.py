@@ -1,7 +1,7 @@
-"""Frames by time (SPEC §2.10): `--fps`, `--timestamps`, the video cache's keys, and the
+"""Frames by time (design.md §2.2): `--fps`, `--timestamps`, the video cache's keys, and the
 memory plan that refuses a request before any work starts.
 
-The positions are held to SPEC's formula computed here from ffprobe's frame list and
+The positions are held to the sampling formula (design.md §1.1) computed here from ffprobe's frame list and
 average frame rate; the time instruction to a literal built from OpenCV's timestamps and
 the torch reference's answer with that prompt.
 """
@@ -106,7 +106,7 @@ def test_fps_must_be_positive(tmp_path):
 
 
 def opencv_time_instruction(video: Path, indices: list) -> str:
-    """SPEC §2.10's line built from OpenCV's frame times and frame rate."""
+    """design.md §2.2's line built from OpenCV's frame times and frame rate."""
     import cv2
 
     cap = cv2.VideoCapture(str(video))

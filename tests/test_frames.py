@@ -1,4 +1,4 @@
-"""Frame sampling (SPEC §2.1): the exact frames at floor((i + 0.5) * N / T), upright RGB, with
+"""Frame sampling (design.md §1.1): the exact frames at floor((i + 0.5) * N / T), upright RGB, with
 the container's timestamps, checked against independent decodes of the same files (OpenCV's
 plain sequential read, ffprobe's frame list, or the frames written to a lossless file)."""
 
@@ -36,7 +36,7 @@ def spec_indices(n: int, t: int) -> list[int]:
 
 
 def assert_exact(clip, reference, n_frames):
-    """Every position holds the SPEC's frame, pixel for pixel equal to the reference decode."""
+    """Every position holds the sampling rule's frame (design.md §1.1), pixel for pixel equal to the reference decode."""
     assert clip.exact
     assert clip.indices == spec_indices(n_frames, len(clip.images))
     for pos, (image, i) in enumerate(zip(clip.images, clip.indices)):
@@ -337,7 +337,7 @@ def test_frames_command_json_and_out(tmp_path, capsys):
     assert main(["frames", str(path), "--num-frames", "12", "--json", "--out", str(out)]) == 0
     doc = json.loads(capsys.readouterr().out)  # stdout carries only the JSON
     assert set(doc) == {"frames", "exact", "timings_s", "recipe", "visual_tokens"} and doc["exact"] is True
-    # SPEC §2.5 without --model: 3 slow frames x 12 x 12 + 9 fast x 6 x 6
+    # design.md §1.5 without --model: 3 slow frames x 12 x 12 + 9 fast x 6 x 6
     assert doc["recipe"] == "native" and doc["visual_tokens"] == 3 * 144 + 9 * 36
     assert [f["index"] for f in doc["frames"]] == spec_indices(90, 12)
     assert [f["stream"] for f in doc["frames"]] == F.stream_names(12, 4)

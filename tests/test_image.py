@@ -1,4 +1,4 @@
-"""Pictures (issue #13, SPEC §2.11): `--image`, `chat` on a picture, OneVision's anyres exactly.
+"""Pictures (issue #13, design.md §2.3): `--image`, `chat` on a picture, OneVision's anyres exactly.
 
 - A tiny `LlavaOnevisionForConditionalGeneration` (random, sharpened: tests/onevision_reference.py)
   with a 28 px any-resolution grid, converted by the real converter: for pictures of several

@@ -1,4 +1,4 @@
-"""Pictures and references for tests/test_image.py (SPEC §2.11), never touching the MLX code:
+"""Pictures and references for tests/test_image.py (design.md §2.3), never touching the MLX code:
 
 - `TINY_PINPOINTS` and `onevision_checkpoint`: the tiny LLaVA-OneVision of
   tests/onevision_reference.py (imported, not copied) with an any-resolution grid scaled to
@@ -7,7 +7,7 @@
 - `HFImageReference`: transformers' own image path — `LlavaOnevisionImageProcessorPil` on the
   picture (as PIL opens it, EXIF orientation applied), `LlavaOnevisionForConditionalGeneration`
   with `pixel_values` / `image_sizes` and `<image>` placeholders, greedy decoding (float64);
-- `single_reference`: SPEC §2.11's `single` for SF-LLaVA-1.5 on tests/reference.py's torch
+- `single_reference`: design.md §2.3's `single` for SF-LLaVA-1.5 on tests/reference.py's torch
   pipeline (cv2 resize to S x S, its tower, projector, no pooling);
 - picture makers: deterministic pictures, EXIF-rotated JPEGs with upright twins, and the
   bad files (truncated JPEG, text named .png, 0x0 PNG, 30000 x 30000 PNG).
@@ -176,7 +176,7 @@ class HFImageReference:
 
 @torch.no_grad()
 def single_visual_tokens(reference, path) -> torch.Tensor:
-    """SPEC §2.11 `single` on tests/reference.py's torch pipeline: (G*G, D)."""
+    """design.md §2.3 `single` on tests/reference.py's torch pipeline: (G*G, D)."""
     rgb = np.asarray(open_upright(path).convert("RGB"))
     feats = reference.vision_features(reference.preprocess([rgb]))
     return reference.project(feats)[0]

@@ -126,7 +126,7 @@ def test_generate_opens_its_video_at_most_twice_under_strace(clips, converted, t
 @needs_ffmpeg
 def test_frames_after_the_subtitles_are_the_videos_own(clips):
     """The container that read the subtitle stream is rewound for the frames: the frames
-    are the ones the file was made from (FFV1: lossless), at SPEC §2.1's indices."""
+    are the ones the file was made from (FFV1: lossless), at design.md §1.1's indices."""
     from sfllava_mlx.frames import sample_positions
     from sfllava_mlx.media import Video
 

@@ -107,7 +107,7 @@ def test_projector(layout, mlx_models, references, stages):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_pooled_visual_tokens(layout, mlx_models, references, stages):
     from sfllava_mlx.encode import encode_frames
-    from sfllava_mlx.pooling import slowfast_pool
+    from tests.pieces import slowfast_pool
 
     model, _ = mlx_models[layout]
     ref, s = references[layout], stages[layout]
@@ -145,7 +145,7 @@ def test_encode_video_from_file(layout, video, mlx_models, references, videos):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_llm_logits_for_spliced_prompt(layout, mlx_models, references, stages):
-    from sfllava_mlx.prompt import first_turn_tokens
+    from tests.pieces import first_turn_tokens
 
     model, tokenizer = mlx_models[layout]
     ref = references[layout]
@@ -185,7 +185,7 @@ def test_generate_json_matches_reference(layout, cli_answers, reference_answers,
 @pytest.mark.slow
 def test_chat_follow_up_matches_reference(layout, work, converted, references, videos):
     """Two questions on stdin (not a terminal): one JSON object per turn, the second turn
-    continuing the same conversation (SPEC §2.7 later turns, §4 non-terminal mode)."""
+    continuing the same conversation (design.md §1.7 later turns, §4 non-terminal mode)."""
     ref = references[layout]
     r = sfllava(["chat", videos["main"], "--model", converted[layout], "--max-tokens", MAX_TOKENS,
                  "--json"], work, stdin=f"{QUESTION}\n{FOLLOW_UP}\n")

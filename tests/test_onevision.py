@@ -7,11 +7,11 @@ held to:
 - transformers' own video path (`pixel_values_videos`: its SigLIP, projector, bilinear
   pooling, one newline, splice) for the OneVision native recipe, in every naming, tied and
   untied, including a LLaVA-NeXT file one block short of its tower;
-- a torch reference of SPEC §2.9 for the slowfast recipe and LLaVA-Video's recipes
+- a torch reference of design.md §2.1 for the slowfast recipe and LLaVA-Video's recipes
   (average pooling, `grid` and `frame` newlines);
 equal greedy tokens, logprobs within 5e-4 (the reference runs in float64). Each usual mistake,
 switched on in the reference, changes the answer on these fixtures; `sfllava frames` shows
-the SPEC's positions and token counts; the video cache keys on the recipe.
+the sampling rule's positions and token counts; the video cache keys on the recipe.
 
 All `sfllava` runs of the module start together in a module fixture (two at a time: most of
 each run is the interpreter importing MLX), so selecting one test still runs them all.
@@ -27,7 +27,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers", reason="the references are transformers models")
 if int(transformers.__version__.split(".")[0]) < 5:
-    pytest.skip("the fixtures are written with transformers 5's save_pretrained names (SPEC §3 "
+    pytest.skip("the fixtures are written with transformers 5's save_pretrained names (design.md §5.2 "
                 "llava-hf) and call its 5.x model API", allow_module_level=True)
 
 from tests.conftest import LOGPROB_TOL, MAX_TOKENS, QUESTION, convert_checkpoint, sfllava  # noqa: E402
@@ -85,7 +85,7 @@ HF_RUNS = {"save_pretrained": ("save_pretrained", "main", None),
            "hub-2024": ("hub-2024", "main", 8),
            "in-memory": ("in-memory", "main", 4),
            "llava-next-short-video-64": ("llava-next", "short", 64)}
-# generate runs held to the SPEC §2.9 torch reference: id -> (checkpoint, --recipe,
+# generate runs held to the design.md §2.1 torch reference: id -> (checkpoint, --recipe,
 # --num-frames, the recipe the reference computes, visual tokens counted by hand)
 RECIPE_RUNS = {
     "onevision-slowfast-128": ("save_pretrained", "slowfast", None, slowfast_recipe(ONEVISION_NATIVE),
@@ -241,7 +241,7 @@ def test_generate_matches_transformers_video_path(rid, ov, runs, refs, videos):
 
 @pytest.mark.parametrize("name,frames", [("save_pretrained", None), ("llava-next", 8)])
 def test_recipe_reference_is_transformers_video_path(name, frames, refs, videos):
-    """The SPEC §2.9 torch reference, on the OneVision native recipe, is transformers' video
+    """The design.md §2.1 torch reference, on the OneVision native recipe, is transformers' video
     path (so the recipe tests below hold the slowfast and LLaVA-Video recipes to the same
     semantics): the same tokens, logprobs equal to float64 rounding."""
     recipe = replace_recipe(ONEVISION_NATIVE, num_frames=frames or 32)
@@ -251,7 +251,7 @@ def test_recipe_reference_is_transformers_video_path(name, frames, refs, videos)
 
 
 # ---------------------------------------------------------------------------------------
-# slowfast and LLaVA-Video recipes against the SPEC §2.9 torch reference
+# slowfast and LLaVA-Video recipes against the design.md §2.1 torch reference
 # ---------------------------------------------------------------------------------------
 
 
@@ -398,13 +398,13 @@ def test_overlapped_prefill_places_the_newlines(name, recipe, ov):
 
 
 # ---------------------------------------------------------------------------------------
-# The library API (SPEC §7): one Engine, Sessions of either recipe, each exact
+# The library API (design.md §6.2): one Engine, Sessions of either recipe, each exact
 # ---------------------------------------------------------------------------------------
 
 
 def test_api_sessions_of_both_recipes_match_their_references(ov, refs, videos):
     """Native and slowfast Sessions on one Engine, their turns interleaved: native is
-    transformers' video path, slowfast the SPEC §2.9 reference, and opening slowfast leaves
+    transformers' video path, slowfast the design.md §2.1 reference, and opening slowfast leaves
     the native Session (and the model) as they were."""
     from sfllava_mlx import Engine
 

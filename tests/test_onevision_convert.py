@@ -1,7 +1,7 @@
-"""`sfllava convert` on LLaVA-OneVision / LLaVA-Video checkpoints (issue #9, SPEC §3 layouts
+"""`sfllava convert` on LLaVA-OneVision / LLaVA-Video checkpoints (issue #9, design.md §5.2 layouts
 `llava-hf` and `llava-siglip` with a newline): every naming a real checkpoint of the family
 has maps to the same MLX model, the refusals name their field, padded vocabulary rows are
-kept, the converted config.json carries the family and both recipes (SPEC §2.9), and a
+kept, the converted config.json carries the family and both recipes (design.md §2.1), and a
 4-bit conversion still answers.
 
 Sources are tiny `LlavaOnevisionForConditionalGeneration` models (tests/onevision_reference.py)
@@ -20,7 +20,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers", reason="the sources are transformers models")
 if int(transformers.__version__.split(".")[0]) < 5:
-    pytest.skip("the sources are written with transformers 5's save_pretrained names (SPEC §3 "
+    pytest.skip("the sources are written with transformers 5's save_pretrained names (design.md §5.2 "
                 "llava-hf)", allow_module_level=True)
 
 from tests.onevision_reference import (  # noqa: E402
@@ -165,7 +165,7 @@ def test_each_naming_maps_to_the_same_model(naming, untied, tmp_path, capsys):
     assert marker[naming] in names  # the source really is in that naming
     rc, out, err = cli(["--hf-path", src, "--mlx-path", tmp_path / "mlx", "--dtype", "float32"], capsys)
     assert rc == 0, err
-    assert "post_layernorm" in out  # dropped, and listed (SPEC §3)
+    assert "post_layernorm" in out  # dropped, and listed (design.md §5.2)
     dst = tmp_path / "mlx"
     assert_tensors_equal(converted_tensors(dst), expected_tensors(untied, TINY_OV["vision_layers"]), naming)
     cfg = load_config(dst)
@@ -343,7 +343,7 @@ def spliced_logits(model, tokenizer, video, num_frames: int) -> np.ndarray:
 
     from sfllava_mlx.encode import encode_video
     from sfllava_mlx.frames import read_frames
-    from sfllava_mlx.prompt import first_turn_tokens
+    from tests.pieces import first_turn_tokens
 
     s = model.config.recipe("native", num_frames)
     clip = read_frames(video, num_frames=s.num_frames, slow_every=s.slow_every,
@@ -395,7 +395,7 @@ def test_4bit_llava_hf_converts_and_answers(untied, videos, tmp_path, capsys):
 
 
 def test_frame_positions_rule():
-    """The two position rules of SPEC §2.1 / §2.9 as the tests compute them."""
+    """The two position rules of design.md §1.1 / §2.1 as the tests compute them."""
     assert frame_positions(160, 32, "linspace")[:4] == [0, 5, 10, 15]
     assert frame_positions(160, 32, "linspace")[-1] == 159
     assert frame_positions(160, 32, "midpoint")[:3] == [2, 7, 12]

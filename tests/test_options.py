@@ -1,4 +1,4 @@
-"""The one options schema (SPEC §4): every rule through every front end, from the one
+"""The one options schema (design.md §3): every rule through every front end, from the one
 definition; errors before the heavy imports; what is stored or held keyed by the resolved
 options (batch lines, the server's held conversations); the server's 413 and its memory."""
 

@@ -1,4 +1,4 @@
-"""The page of `sfllava serve` (SPEC §9) in a real browser: Debian's headless Chromium,
+"""The page of `sfllava serve` (design.md §7.6) in a real browser: Debian's headless Chromium,
 driven by Playwright for Python through its `data-testid` names, against the real server
 (a subprocess on a free loopback port, tiny model).
 

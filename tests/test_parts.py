@@ -1,4 +1,4 @@
-"""A part of a video (SPEC §2.12): `--start` / `--end`, `start` / `end` in serve and the API,
+"""A part of a video (design.md §2.4): `--start` / `--end`, `start` / `end` in serve and the API,
 and chat's `/part`.
 
 The rule is implemented again here, independently: the frame times come from ffprobe's
@@ -42,7 +42,7 @@ PART = ("4.05", "0:12.5")  # of conftest's main video (160 frames at 10 fps): fr
 
 
 # ----------------------------------------------------------------------------------------
-# SPEC §2.12, written again
+# design.md §2.4, written again
 
 
 def spec_part(times: list, start=None, end=None, num_frames: int = 128, fps=None,
@@ -77,7 +77,7 @@ def opencv_times(path) -> tuple[list, float]:
 
 
 def time_instruction(duration: float, stamps: list) -> str:
-    """SPEC §2.10's line: D the whole video's, the sampled frames' own times."""
+    """design.md §2.2's line: D the whole video's, the sampled frames' own times."""
     joined = ",".join(f"{t:.2f}s" for t in stamps)
     return (f"The video lasts for {duration:.2f} seconds, and {len(stamps)} frames are uniformly "
             f"sampled from it. These frames are located at {joined}.Please answer the following "

@@ -51,7 +51,7 @@ def visual_tokens(model, video):
 
 def spliced_logits(model, tokenizer, video, language_model=None) -> np.ndarray:
     """The runtime's own pipeline: frames, visual tokens, ChatML splice, LLM logits."""
-    from sfllava_mlx.prompt import first_turn_tokens
+    from tests.pieces import first_turn_tokens
 
     visual = visual_tokens(model, video)
     pieces = first_turn_tokens(tokenizer, model.config.prompt.system_prompt, QUESTION)

@@ -1,4 +1,4 @@
-"""`sfllava serve` (SPEC §5): the real server on a free loopback port, spoken to with the
+"""`sfllava serve` (design.md §7): the real server on a free loopback port, spoken to with the
 official `openai` client (and raw HTTP where a client cannot be made to misbehave).
 
 References are independent of the server: `sfllava generate --json` (conftest's
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.server  # every test here talks to a real `sfllava serv
 
 KEY = "sk-test-serve"
 FOLLOW_UP = "What color is the car?"
-MODEL_ID = "mlx-oryx-vit"  # conftest converts to <work>/mlx-oryx-vit: SPEC §5's last path part
+MODEL_ID = "mlx-oryx-vit"  # conftest converts to <work>/mlx-oryx-vit: design.md §7's last path part
 UPLOAD_MB = 1
 
 
@@ -218,7 +218,7 @@ def test_per_request_options(client, place):
             extra_body={"sfllava": {"num_frames": 8, "seek": "exact"}})
     assert extra(r)["visual_tokens"] == 2 * 2 * 2 + 6  # 2 slow frames x 2x2, 6 fast x 1x1
     assert extra(r)["cache"] == "miss"  # other sampling: another video cache entry
-    # --fps 1 on a 16 s clip: 16 frames, 4 slow x 2x2 + 12 fast x 1x1 (SPEC §2.10).
+    # --fps 1 on a 16 s clip: 16 frames, 4 slow x 2x2 + 12 fast x 1x1 (design.md §2.2).
     r = ask(client, [first_message(str(place["main"]), QUESTION)], extra_body={"sfllava": {"fps": 1.0}})
     assert extra(r)["visual_tokens"] == 4 * 4 + 12
     plain = ask(client, [first_message(str(place["main"]), QUESTION)])
@@ -390,7 +390,7 @@ def test_requests_waiting_in_the_queue_are_served_first_come_first_served(chatty
 
 
 # ----------------------------------------------------------------------------------------
-# Bad requests: each answered with SPEC §5's status and JSON error, the server serving on
+# Bad requests: each answered with design.md §7's status and JSON error, the server serving on
 
 
 def server_status(server, key=None) -> dict:

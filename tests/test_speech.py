@@ -1,4 +1,4 @@
-"""`--subtitles speech` (SPEC §2.13): the audio track decoded to 16 kHz mono float32 and
+"""`--subtitles speech` (design.md §2.5): the audio track decoded to 16 kHz mono float32 and
 transcribed on device by mlx-whisper, on the video's clock, cached with the video.
 
 Whisper's weights cannot be downloaded here, so the tests write a tiny random-weight Whisper
@@ -108,13 +108,15 @@ def test_the_audio_is_ffmpegs_decode_sample_by_sample(talking, track):
 
 
 def test_segments_are_whispers_on_the_video_clock(whisper, talking, segments, tmp_path):
+    from sfllava_mlx.media import Video
     from sfllava_mlx.subtitles import resolve, transcribe
 
-    found = resolve(str(talking["pcm"]), "speech", speech_model=str(whisper))
-    assert found.track.events is None  # nothing cached: transcribed on open
-    progress = []
-    track = transcribe(found.track, str(talking["pcm"]),
-                       progress=lambda done, total: progress.append((done, total)))
+    with Video.open(str(talking["pcm"])) as video:
+        found = resolve(video, "speech", speech_model=str(whisper))
+        assert found.track.events is None  # nothing cached: transcribed on open
+        progress = []
+        track = transcribe(found.track, video,
+                           progress=lambda done, total: progress.append((done, total)))
     want = [s for s in sorted(segments, key=lambda s: (s[0], s[1])) if s[2] and s[1] > s[0]]
     same_segments([(e.start, e.end, e.text) for e in track.events], want)
     assert all(e.start >= DELAY for e in track.events)

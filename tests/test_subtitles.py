@@ -1,4 +1,4 @@
-"""What is said (SPEC §2.13): subtitles in the video (SubRip and ASS in MKV, mov_text in MP4)
+"""What is said (design.md §2.5): subtitles in the video (SubRip and ASS in MKV, mov_text in MP4)
 and beside it (SRT, WebVTT, ASS), the lines the sampled frames select, the prompt, the
 records, the errors, the cache.
 
@@ -497,7 +497,7 @@ def test_subtitle_options_are_checked(engine, place):
 
 
 def test_a_part_selects_the_lines_of_its_own_frames(place, engine):
-    """--start/--end with subtitles (SPEC §2.12, §2.13): the frames sampled inside the part
+    """--start/--end with subtitles (design.md §2.4, §2.5): the frames sampled inside the part
     select the lines, by the rule written out here over ffprobe's frame times."""
     from tests.videos import ffprobe_frames
 

@@ -1,5 +1,5 @@
 """`sfllava batch PATH... --model DST --prompt TEXT [--prompt ...] --out results.jsonl`
-(SPEC §6): every (video, prompt) pair answered as `generate` would, resumable, over one
+(design.md §8): every (video, prompt) pair answered as `generate` would, resumable, over one
 process or every rank `mlx.launch` starts.
 
     one Mac:    sfllava batch ~/Movies --model ~/models/sfllava --prompt "Describe it." --out r.jsonl

@@ -1,5 +1,5 @@
 """`sfllava batch`, what to answer: the videos under the PATHs, the prompts, and the plan
-that shares the videos out over the ranks (SPEC §6).
+that shares the videos out over the ranks (design.md §8).
 
 - `expand(paths)`: files named on the command line, and every file under the directories
   (recursively, sorted, hidden files and folders left out), in input order.
@@ -36,7 +36,7 @@ class Inspected:
     kind: str  # "video" (a video or a picture: answered) or "skip" (found in a directory, neither)
     fingerprint: Optional[str]  # None where the file cannot be read
     duration: float  # seconds (0 where unknown)
-    options: Optional[dict] = None  # the options as this file resolves them (SPEC §4)
+    options: Optional[dict] = None  # the options as this file resolves them (design.md §3)
     error: Optional[str] = None  # why they cannot be resolved: its pairs are error lines
 
 
@@ -126,7 +126,7 @@ def inspect(c: Candidate, resolve) -> Inspected:
         return Inspected("video", None, 0.0)  # the answer is an error line
     from sfllava_mlx.image import is_picture
 
-    if is_picture(c.path):  # a photo is answered too (SPEC §2.11): about a frame's work
+    if is_picture(c.path):  # a photo is answered too (design.md §2.3): about a frame's work
         return Inspected("video", fp, 1.0, *resolve(c.path))
     is_video, duration = probe_container(c.path)
     if not is_video and not c.named:

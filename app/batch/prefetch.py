@@ -4,7 +4,7 @@ and answered.
 One thread walks a rank's videos in order. For each it asks the engine to prepare it (the
 file, the memory plan, the cache key: `Engine.prepare`) and, unless it is a picture or the
 cache holds it, decodes its sampled frames (through the opening's own FrameReader) and
-resizes each to the tower's S x S at once (SPEC §2.2's resize: the tower's preprocessing
+resizes each to the tower's S x S at once (design.md §1.2's resize: the tower's preprocessing
 then finds nothing to resize, so the pixels are the very ones `generate` feeds it). It starts
 video i + 1 as soon as video i is decoded and taken: at most two videos' frames are held,
 at S x S (128 x 384 x 384 x 3 bytes = 57 MB each), whatever the videos' size.

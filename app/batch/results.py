@@ -1,4 +1,4 @@
-"""`sfllava batch`, the results: JSON Lines that survive any crash (SPEC §6).
+"""`sfllava batch`, the results: JSON Lines that survive any crash (design.md §8).
 
 While a batch runs, each rank appends its answers to its own part file beside `--out`
 (`.results.jsonl.rank1.part`), one whole line per write, flushed and fsynced before the
@@ -26,14 +26,14 @@ from typing import Optional
 from sfllava_mlx.files import fsync_dir, sync, write_atomic  # noqa: F401  write_atomic: run.py's
 from sfllava_mlx.options import identity
 
-# The fields of `generate --json` (SPEC §4), null in an error line.
+# The fields of `generate --json` (design.md §3), null in an error line.
 ANSWER_FIELDS = ("text", "tokens", "logprobs", "prompt_tokens", "visual_tokens", "timings_s",
                  "peak_memory_gb", "cache", "finish_reason", "recipe", "part", "subtitles")
 
 
 def pair_key(fingerprint: Optional[str], video: str, prompt: str, model: str,
              options: dict) -> str:
-    """`options`: the resolved options of the answer (a line's `options`, SPEC §4): every
+    """`options`: the resolved options of the answer (a line's `options`, design.md §3): every
     one that changes the answer is in the key, so a rerun with other options answers
     again and keeps the lines of the others."""
     what = f"fp:{fingerprint}" if fingerprint else f"path:{video}"

@@ -200,7 +200,7 @@ def pooling_flops(vision, hidden_size: int, sampling) -> int:
 
     A bilinear resize to g = ceil(G/stride) is two matrix products per frame, g·G·G·D and
     then g·g·G·D multiply-adds; average pooling adds each of the G·G·D values once. Slow
-    frames pool with the slow stride, fast frames with the fast one (SPEC §2.5, §2.9)."""
+    frames pool with the slow stride, fast frames with the fast one (design.md §1.5, §2.1)."""
     from sfllava_mlx.tokens import pooled_grid
 
     G, d = vision.grid, hidden_size

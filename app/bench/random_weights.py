@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # the runtime (mlx-lm) is imported when a model is built, not
 from sfllava_mlx.tokens import num_visual_tokens
 
 # One table a family: size -> the LLM's shape (mlx-lm qwen2 ModelArgs fields).
-# Qwen2.5 LLMs of SF-LLaVA-1.5 (SPEC §1): 1B = Qwen2.5-1.5B, 3B, 7B.
+# Qwen2.5 LLMs of SF-LLaVA-1.5 (design.md §1): 1B = Qwen2.5-1.5B, 3B, 7B.
 QWEN25 = {
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,

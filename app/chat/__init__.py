@@ -1,6 +1,6 @@
-"""`sfllava chat FILE --model DIR`: chat about a video or a picture in the terminal (SPEC §4).
+"""`sfllava chat FILE --model DIR`: chat about a video or a picture in the terminal (design.md §6.1).
 
-FILE is a picture when its content is one (JPEG, PNG, WebP, HEIC: SPEC §2.11), a video
+FILE is a picture when its content is one (JPEG, PNG, WebP, HEIC: design.md §2.3), a video
 otherwise; `/image FILE` and `/video FILE` switch to another; `/part T0-T1` talks about a part
 of the video at the whole frame budget, `/part` goes back to the whole video (`parts.py`).
 

@@ -1,4 +1,4 @@
-"""Chat's `/part T0-T1` (SPEC §4, §2.12): a conversation about a part of the video at the
+"""Chat's `/part T0-T1` (design.md §6.1, §2.4): a conversation about a part of the video at the
 recipe's whole frame budget; `/part` alone goes back to the whole video.
 
 The Sessions of the video are kept by part (the whole video's always, the last few parts'

@@ -1,4 +1,4 @@
-"""`sfllava eval BENCH --videos DIR --model DST --out FILE.jsonl` (SPEC §10): a video
+"""`sfllava eval BENCH --videos DIR --model DST --out FILE.jsonl` (design.md §9): a video
 benchmark's table on your own Mac — Video-MME, MVBench or LongVideoBench, read as published,
 asked in lmms-eval's words, scored with lmms-eval's answer extraction.
 

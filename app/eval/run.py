@@ -4,7 +4,7 @@ asked its own questions, each line scored as it is written.
 The questions of one video are one item: its prefix encoded and prefilled once, its questions
 decoded together (--decode-concurrency). A line's `prompt` — what it is keyed and resumed by,
 as batch's — is the whole user text after the video: with subtitle lines kept, the engine's
-subtitle block (SPEC §2.13, from the frames that will be sampled) then the benchmark's
+subtitle block (design.md §2.5, from the frames that will be sampled) then the benchmark's
 subtitled question; the engine adds the block itself, so the question alone is asked.
 """
 

@@ -1,4 +1,4 @@
-"""Reading the letter a model answered, as lmms-eval reads it (SPEC §10), quirks and all.
+"""Reading the letter a model answered, as lmms-eval reads it (design.md §9), quirks and all.
 
 - `videomme`: lmms-eval's Video-MME `extract_characters_regex`. Its list of prefixes lacks two
   commas, so Python fuses two pairs of them into one string each: those are kept fused here

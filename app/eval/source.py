@@ -1,4 +1,4 @@
-"""BENCH, read as published (SPEC §10): a file or a directory of them (parquet, JSON, JSON
+"""BENCH, read as published (design.md §9): a file or a directory of them (parquet, JSON, JSON
 Lines), or a hub dataset id downloaded with huggingface-hub; the format recognised by its
 fields (`FORMATS`, the most specific first).
 

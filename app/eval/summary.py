@@ -1,4 +1,4 @@
-"""The table (SPEC §10): accuracy overall and by each grouping field of the benchmark, with
+"""The table (design.md §9): accuracy overall and by each grouping field of the benchmark, with
 counts, and the run's timings; `--json`'s object. From eval's lines, finished or partial."""
 
 from __future__ import annotations

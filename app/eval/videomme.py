@@ -3,7 +3,7 @@
 One row a question: `videoID` (the video is `{videoID}.mp4`, `.MP4` or `.mkv`; its subtitles
 `{videoID}.srt`, each line in a `<font>` tag that §2.13's plain text drops), `question_id`,
 `duration` (short / medium / long), `domain`, `sub_category`, `task_type`, `question`,
-`options` (a list of "A. ..."), `answer` (a letter). The prompt is SPEC §10's, the benchmark's
+`options` (a list of "A. ..."), `answer` (a letter). The prompt is design.md §9's, the benchmark's
 own words: lmms-eval's, with and without subtitles.
 """
 

@@ -1,4 +1,4 @@
-"""`sfllava serve --model DST`: an OpenAI-compatible local server for video chat (SPEC §5).
+"""`sfllava serve --model DST`: an OpenAI-compatible local server for video chat (design.md §7).
 
     sfllava serve --model DST [--host 127.0.0.1] [--port 8080] [--api-key KEY]
                   [--media-dir DIR ...] [--max-upload-mb 512] [--max-conversations 4]
@@ -8,7 +8,7 @@ The parts: `request.py` (what a request asks for), `media.py` (the body and the 
 may read), `worker.py` (the model's worker thread, its queue and its round of steps),
 `answer.py` (one request's steps), `held.py` (the conversations held in memory), `api.py`
 (FastAPI routes, streaming, errors, the key), `page.py` and `page/` (the page at `/`,
-SPEC §9). This
+design.md §7.6). This
 module checks the options, loads the model, binds the socket and runs uvicorn.
 """
 
@@ -82,7 +82,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def check_options(args) -> list:
-    """Refuse what SPEC §5 refuses, before the model is loaded; returns the media dirs."""
+    """Refuse what design.md §7 refuses, before the model is loaded; returns the media dirs."""
     if not is_loopback(args.host) and not args.api_key:
         raise UserError(f"refusing to listen on {args.host} without --api-key: a non-loopback "
                         "address is reachable from other machines")

@@ -39,7 +39,7 @@ def request_options(worker, req) -> dict:
 def held_key(worker, media, options: dict) -> tuple:
     """What a held conversation is keyed by: the media's content and the resolved options
     that change its visual tokens, its prompt or its KV cache (subtitles as actually found:
-    a data URL has no sidecar) — not the decoding ones (SPEC §4)."""
+    a data URL has no sidecar) — not the decoding ones (design.md §3)."""
     resolved = worker.engine.resolve(media.path, **options)
     return media.key, identity(resolved, "visual", "prompt", "context")
 

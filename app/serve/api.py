@@ -1,4 +1,4 @@
-"""`sfllava serve`: the HTTP side (FastAPI on uvicorn), SPEC §5.
+"""`sfllava serve`: the HTTP side (FastAPI on uvicorn), design.md §7.
 
 Routes: `GET /health` (no key needed, answers while a generation runs: the model works
 on its own thread), `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`
@@ -47,7 +47,7 @@ def refused(e: APIError) -> JSONResponse:
 
 
 class Guard:
-    """Pure ASGI middleware: the bearer key (SPEC §5) and, without a key, the Host header.
+    """Pure ASGI middleware: the bearer key (design.md §7) and, without a key, the Host header.
 
     A server on loopback without a key trusts whoever can reach it, which a web page can
     do through DNS rebinding (a name of the attacker's resolving to 127.0.0.1): such
@@ -181,7 +181,7 @@ async def server_error(request, e: Exception):
     return error_response(APIError(500, f"internal error: {type(e).__name__}", "server_error"))
 
 
-# SPEC §5's API, then the page's (SPEC §9): (method, path, endpoint).
+# design.md §7's API, then the page's (design.md §7.6): (method, path, endpoint).
 ROUTES = [
     ("GET", "/health", health),
     ("GET", "/v1/models", models),

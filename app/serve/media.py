@@ -1,4 +1,4 @@
-"""`sfllava serve`: the body and the media a request may read (SPEC §5), off the event loop.
+"""`sfllava serve`: the body and the media a request may read (design.md §7), off the event loop.
 
 Reading the body spills it to disk past 1 MiB, so queued uploads never sit in memory; the
 one video URL becomes a file:
@@ -115,7 +115,7 @@ class MediaFile:
 
 
 class Media:
-    """The files a request may read (SPEC §5): inside --media-dir, or uploaded."""
+    """The files a request may read (design.md §7): inside --media-dir, or uploaded."""
 
     def __init__(self, media_dirs: list, upload_dir: str, max_upload_bytes: int):
         self.dirs = [os.path.realpath(d) for d in media_dirs]
@@ -228,7 +228,7 @@ class Media:
 
 def content_key(path: str) -> tuple:
     """What a video is, for matching held conversations: its size and sampled digest (the
-    persistent cache's fingerprint, SPEC §4), never its name or modification time."""
+    persistent cache's fingerprint, design.md §4), never its name or modification time."""
     from sfllava_mlx.cache import sampled_digest
 
     try:

@@ -1,5 +1,5 @@
-"""`sfllava serve`'s page (SPEC §9): `GET /` and its static files, and what the page asks
-for beside SPEC §5's API.
+"""`sfllava serve`'s page (design.md §7.6): `GET /` and its static files, and what the page asks
+for beside design.md §7's API.
 
 - `GET /`, `GET /page/...`: index.html, page.js, page.css, shipped in the package; no key
   (`is_public`), the host guard still applies.

@@ -1,4 +1,4 @@
-"""`sfllava serve`: what a request asks for (SPEC §5), checked before it joins the queue —
+"""`sfllava serve`: what a request asks for (design.md §7), checked before it joins the queue —
 the Chat Completions shape, one conversation about at most one video or picture, and the
 `sfllava` object of per-request options."""
 
@@ -20,7 +20,7 @@ ROLES = ("system", "developer", "user", "assistant")
 
 
 class APIError(Exception):
-    """An error answered as SPEC §5's JSON: {"error": {"message", "type", "code"}}."""
+    """An error answered as design.md §7's JSON: {"error": {"message", "type", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "invalid_request_error", 405: "invalid_request_error",
@@ -154,7 +154,7 @@ def parse_chat(body) -> ChatRequest:
                   "ending with a user message)", "invalid_messages", where)
         turns.append(text)
     if len(videos) > 1:
-        fail("at most one video (or picture) per conversation (SPEC §5)", "too_many_videos",
+        fail("at most one video (or picture) per conversation (design.md §7)", "too_many_videos",
               "messages")
     if not turns or len(turns) % 2 == 0:
         fail("the last message must be a user message", "invalid_messages", "messages")
@@ -191,7 +191,7 @@ def _part(model):
     return model
 
 
-# The `sfllava` object (SPEC §5): the options the schema marks for the server, each checked
+# The `sfllava` object (design.md §7): the options the schema marks for the server, each checked
 # by its own rule (an OptionError passes through pydantic as it is: one line, named).
 SERVER_OPTIONS = tuple(n for n, s in SPECS.items() if s.server)
 SfllavaOptions = create_model(

@@ -40,7 +40,7 @@ IDLE_WAIT_S = 0.01  # a round with nothing to do waits this long on a frame (or 
 
 
 def user_api_error(e: Exception, upload: Optional[str] = None) -> Optional[APIError]:
-    """SPEC §5's answer to an error the user caused (None for a bug). `upload`: the path
+    """design.md §7's answer to an error the user caused (None for a bug). `upload`: the path
     of an uploaded video, named in messages as "the uploaded video", not by its file."""
     if isinstance(e, APIError):
         return e
@@ -315,7 +315,7 @@ class Worker:
 
     def fits(self, task: Task) -> bool:
         """Whether `task`'s answer fits beside the running ones and the idle held
-        conversations (SPEC §5): every sequence's KV cache counts, in the batch and where it
+        conversations (design.md §7): every sequence's KV cache counts, in the batch and where it
         starts from. Where it does not, idle conversations are dropped, least recently used
         first, before it waits. Alone, it fits (a request that cannot fit alone was refused
         when it was prepared)."""

@@ -2,7 +2,7 @@
 things the tests, the demo and the benchmarks make on the fly.
 
 Tests, the demo and the benchmarks need a checkpoint that looks exactly like a
-real one (config.json fields, tensor names and shapes of SPEC §3, a Qwen2
+real one (config.json fields, tensor names and shapes of design.md §5.2, a Qwen2
 byte-level BPE tokenizer) but fits in a few hundred kilobytes. This module
 writes one from random weights with a fixed seed, using numpy, safetensors'
 file format and `tokenizers` only (torch is optional where `make demo` runs).

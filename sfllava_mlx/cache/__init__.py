@@ -1,4 +1,4 @@
-"""The persistent video cache (SPEC §4): fingerprints, the one key, and the store."""
+"""The persistent video cache (design.md §4): fingerprints, the one key, and the store."""
 
 from .fingerprint import ContentHasher, Fingerprint, content_digest, model_identity, sampled_digest
 from .keys import CacheKey, image_key, prefix_key, transcript_key, video_key

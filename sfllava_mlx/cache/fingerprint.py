@@ -51,7 +51,7 @@ def content_digest(path, chunk: int = 8 << 20, fd: Optional[int] = None) -> str:
 
 @dataclass
 class Fingerprint:
-    """A file's content fingerprint (SPEC §4): its size and sampled digest; mtime a hint."""
+    """A file's content fingerprint (design.md §4): its size and sampled digest; mtime a hint."""
 
     path: str
     size: int

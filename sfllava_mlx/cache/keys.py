@@ -24,7 +24,7 @@ class CacheKey:
     seek: str
     dtype: str
     vision_backend: str = "mlx"
-    # The recipe's other fields where they differ from SF-LLaVA-1.5's defaults (SPEC §2.9),
+    # The recipe's other fields where they differ from SF-LLaVA-1.5's defaults (design.md §2.1),
     # and the options that chose the frames (--fps).
     recipe: dict = field(default_factory=dict)
 
@@ -46,7 +46,7 @@ def video_key(fingerprint: Fingerprint, model: str, dtype: str, sampling: Sampli
 
 
 def image_key(fingerprint: Fingerprint, model: str, dtype: str, image: ImageConfig) -> CacheKey:
-    """A picture's key: its content, the model, the image recipe (SPEC §2.11) and the dtype.
+    """A picture's key: its content, the model, the image recipe (design.md §2.3) and the dtype.
     No frames (num_frames 0, seek "image")."""
     return CacheKey(fingerprint.size, fingerprint.sampled, model, 0, 0, "image", dtype, "mlx",
                     {"image": asdict(image)})

@@ -1,4 +1,4 @@
-"""The persistent video cache (SPEC §4): a video's work kept across sessions.
+"""The persistent video cache (design.md §4): a video's work kept across sessions.
 
 One entry per (video content, model, frame sampling, dtype, vision backend) holds the
 pooled visual tokens and, per system prompt, the KV cache of the prompt prefix up to the

@@ -1,4 +1,4 @@
-"""Transcribed speech, cached with the video (SPEC §2.13): one small JSON file per (video
+"""Transcribed speech, cached with the video (design.md §2.5): one small JSON file per (video
 content, Whisper model, settings), so a second question or a reopen transcribes nothing.
 
     $XDG_CACHE_HOME/sfllava/speech-v1/<key>.json

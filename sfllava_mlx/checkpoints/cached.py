@@ -1,4 +1,4 @@
-"""A Hugging Face checkpoint used as it is (SPEC §8): converted on first use into
+"""A Hugging Face checkpoint used as it is (design.md §5.4): converted on first use into
 `$XDG_CACHE_HOME/sfllava/models/`, by the one conversion `sfllava convert` runs (a
 temporary directory, then a rename), keyed by the source's content identity and the
 conversion settings, and reused from then on without being written again."""

@@ -1,5 +1,5 @@
-"""Convert a Hugging Face checkpoint (SPEC §3) to an MLX model directory: `sfllava convert`
-and the first use of a checkpoint (SPEC §8) both run this.
+"""Convert a Hugging Face checkpoint (design.md §5.2) to an MLX model directory: `sfllava convert`
+and the first use of a checkpoint (design.md §5.4) both run this.
 
     map names -> check every shape -> cast -> load into SFLLaVA (strict) ->
     quantize the LLM (optional) -> write to a temporary directory -> rename
@@ -56,7 +56,7 @@ def version() -> str:
 
 
 def default_dtype(source_dtype: str) -> str:
-    # MLX's CPU backend has no fast half-precision path (SPEC §4).
+    # MLX's CPU backend has no fast half-precision path (design.md §3).
     if mx.default_device() == mx.cpu:
         return "float32"
     return source_dtype if source_dtype in DTYPES else "float32"

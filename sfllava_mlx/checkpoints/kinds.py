@@ -1,4 +1,4 @@
-"""What a model directory is (SPEC §8), told from its config.json and its weight files:
+"""What a model directory is (design.md §5.4), told from its config.json and its weight files:
 a directory `sfllava convert` wrote, an mlx-vlm conversion (loaded as it is), or a Hugging
 Face checkpoint in a layout of §3 (converted on first use). Anything else is refused in one
 line that says what it is or what it lacks."""

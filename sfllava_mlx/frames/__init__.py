@@ -1,4 +1,4 @@
-"""Frame source: the exact frames of SPEC §2.1, with their timestamps, decoded on a worker thread.
+"""Frame source: the exact frames of design.md §1.1, with their timestamps, decoded on a worker thread.
 
     from sfllava_mlx.frames import read_frames, iter_frames, probe
 
@@ -17,7 +17,7 @@ of `indices` or `timestamps` can change only for a frame that fails to decode (i
 by its nearest decodable neighbour, listed in `replaced`), and is final once its position has
 been yielded. Positions that share a frame share one read-only array.
 
-A part (`part=Part.of(start, end)`, SPEC §2.12) keeps only the frames with start <= t < end:
+A part (`part=Part.of(start, end)`, design.md §2.4) keeps only the frames with start <= t < end:
 N is their number, the positions and `fps` run over them alone, indices and timestamps stay
 the video's own. It is found on the index (refused there, before any frame is decoded, when
 it holds no frame) and the decoder seeks straight into it.

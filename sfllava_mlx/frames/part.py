@@ -1,4 +1,4 @@
-"""A part of a video (SPEC §2.12): only the frames whose timestamps t satisfy
+"""A part of a video (design.md §2.4): only the frames whose timestamps t satisfy
 start <= t < end count. N is their number and every sampling rule runs over them alone;
 indices and timestamps stay the video's own.
 
@@ -27,7 +27,7 @@ class Part:
 
     @classmethod
     def of(cls, start=None, end=None, names=("--start", "--end")) -> Optional[Part]:
-        """The part from times as numbers or text (SPEC §2.12), or None when neither end is
+        """The part from times as numbers or text (design.md §2.4), or None when neither end is
         given. Refuses (UserError naming the option) text that is not a time, a negative
         time, and a start at or after the end."""
         if start is None and end is None:

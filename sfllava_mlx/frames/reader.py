@@ -71,8 +71,8 @@ def _check_memory(info: VideoInfo, held_frames: int) -> None:
 
 def wanted_frames(index, num_frames: int, positions: str, exact: bool,
                   span: Optional[Span] = None) -> list[int]:
-    """The frame each position takes (SPEC §2.1, §2.9), over the frames of `span` (a part,
-    SPEC §2.12; default the whole video): in keyframe mode, the keyframe at or before it."""
+    """The frame each position takes (design.md §1.1, §2.1), over the frames of `span` (a part,
+    design.md §2.4; default the whole video): in keyframe mode, the keyframe at or before it."""
     span = span or Span(0, index.n, index.fps)
     wanted = [span.first + i for i in sample_positions(span.count, num_frames, positions)]
     if not exact:
@@ -137,7 +137,7 @@ class FrameReader:
                 self._decoder.close()
                 self._decoder = _Decoder(IndexedVideo(path, index.read_packets), keyframes_only=False)
             self.info = video.info(first)
-            # A part: every rule runs over its frames alone (SPEC §2.12).
+            # A part: every rule runs over its frames alone (design.md §2.4).
             self.span = span = spans[-1] if spans else Span(0, index.n, self.info.fps)
             num_frames = frames_for_rate(num_frames, span.count, span.rate, fps)
             wanted = wanted_frames(index, num_frames, positions, self.exact, span)
@@ -280,7 +280,7 @@ def iter_frames(path, num_frames: int = 128, slow_every: int = 4, seek: str = "e
                 prefetch: int = PREFETCH, positions: str = "midpoint",
                 fps: Optional[float] = None, part: Optional[Part] = None) -> FrameReader:
     """Open the video (errors are raised here) and start decoding on a worker thread.
-    `part`: sample only that part of the video (SPEC §2.12)."""
+    `part`: sample only that part of the video (design.md §2.4)."""
     return FrameReader(path, num_frames, slow_every, seek, prefetch, positions=positions, fps=fps,
                        part=part)
 

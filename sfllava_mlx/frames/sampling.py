@@ -1,4 +1,4 @@
-"""Where the sampled positions fall (SPEC §2.1, §2.9-2.10): pure arithmetic on frame counts."""
+"""Where the sampled positions fall (design.md §1.1, §2.1-§2.2): pure arithmetic on frame counts."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Optional
 from ..errors import UserError
 
 SEEK_MODES = ("exact", "keyframe")
-# SPEC §2.12's times: seconds (75, 75.5) or [H:]M:SS[.f] (1:15, 01:15.5, 0:01:15).
+# design.md §2.4's times: seconds (75, 75.5) or [H:]M:SS[.f] (1:15, 01:15.5, 0:01:15).
 _SECONDS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)")
 _CLOCK = re.compile(r"(?:(\d+):)?(\d+):([0-5]\d(?:\.\d*)?)")
 TIME_FORMS = "seconds such as 75 or 75.5, or [H:]M:SS[.f] such as 1:15 or 0:01:15.5"
 
 
 def sample_positions(n_frames: int, num_frames: int = 128, rule: str = "midpoint") -> list[int]:
-    """SPEC §2.1 / §2.9: the frame index each of the T positions takes.
+    """design.md §1.1 / §2.1: the frame index each of the T positions takes.
 
     midpoint: floor((i + 0.5) * N / T), in integers. linspace: numpy.linspace(0, N-1, T)
     truncated to int, as lmms-eval samples (0 when T = 1).
@@ -33,7 +33,7 @@ def sample_positions(n_frames: int, num_frames: int = 128, rule: str = "midpoint
 
 
 def video_duration(n_frames: int, average_rate: float) -> float:
-    """D of SPEC §2.10: the frame count over the average frame rate, the rate averaged over the
+    """D of design.md §2.2: the frame count over the average frame rate, the rate averaged over the
     frames' own timestamps (a container's nominal rate can lie: an mkv keeps its writer's)."""
     return n_frames / average_rate if average_rate else 0.0
 
@@ -52,7 +52,7 @@ def frames_for_rate(num_frames: int, n_frames: int, average_rate: float,
 
 
 def parse_time(value, name: str = "--start") -> float:
-    """Seconds from SPEC §2.12's time text (or a number as it is); UserError naming `name`
+    """Seconds from design.md §2.4's time text (or a number as it is); UserError naming `name`
     for text that is not a time and for a negative time."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)

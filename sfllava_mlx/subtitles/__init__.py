@@ -1,4 +1,4 @@
-"""What is said in a video (SPEC §2.13): subtitles embedded in it or beside it, or its speech
+"""What is said in a video (design.md §2.5): subtitles embedded in it or beside it, or its speech
 transcribed on device, and the lines its sampled frames select for the prompt.
 
     from sfllava_mlx.subtitles import resolve

@@ -25,12 +25,6 @@ class Stream:
     language: Optional[str]  # its tag ("eng", "fr", ...) or None
 
 
-@dataclass
-class EmbeddedSubtitles:
-    stream: Stream
-    events: list  # Event, in time order
-
-
 def text_streams(container) -> list[Stream]:
     """An open container's text subtitle streams, in container order (headers only)."""
     return [_describe(s) for s in container.streams.subtitles if _is_text(s)]

@@ -1,4 +1,4 @@
-"""A subtitle event and SPEC §2.13's rule: the events the sampled frames select.
+"""A subtitle event and design.md §2.5's rule: the events the sampled frames select.
 
 An event is kept when the timestamp t of some sampled frame satisfies start <= t < end
 (Video-MME's rule, on the frames actually sampled); the kept events come in time order,

@@ -1,4 +1,4 @@
-"""Which subtitles a video gets (SPEC §2.13's `--subtitles auto|off|speech|FILE`):
+"""Which subtitles a video gets (design.md §2.5's `--subtitles auto|off|speech|FILE`):
 
 - `auto`: the video's first text subtitle stream (`--subtitle-lang L`: the first tagged
   L), else a sidecar file with the video's stem, else none;

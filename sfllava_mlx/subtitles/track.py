@@ -11,12 +11,10 @@ from typing import Optional
 from ..prompt import subtitle_block
 from .events import Event, select
 
-SOURCES = ("embedded", "sidecar", "file", "speech")
-
 
 @dataclass
 class SubtitleTrack:
-    source: str  # one of SOURCES
+    source: str  # embedded, sidecar, file or speech
     events: Optional[list] = None  # Event, in time order; None: speech not transcribed yet
     path: Optional[str] = None  # sidecar, file
     stream: Optional[int] = None  # embedded: the stream's index in the container

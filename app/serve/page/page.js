@@ -1,6 +1,6 @@
-// The page of `sfllava serve` (SPEC §9): a client of the server's own API, nothing else.
+// The page of `sfllava serve` (design.md §7.6): a client of the server's own API, nothing else.
 // It lists the media (/v1/sfllava/media), shows what the model sees (/v1/sfllava/sheet and
-// /plan) and chats with SPEC §5's request (POST /v1/chat/completions, streamed).
+// /plan) and chats with design.md §7's request (POST /v1/chat/completions, streamed).
 "use strict";
 
 const KEY_STORE = "sfllava-api-key"; // sessionStorage: this tab only
@@ -152,7 +152,7 @@ function upload() {
     choose({ path: file.name, kind, size: file.size, url: reader.result, upload: file }, null);
   };
   reader.onerror = () => showError(`cannot read ${file.name}`);
-  reader.readAsDataURL(file); // SPEC §5's data URL: data:video/...;base64,...
+  reader.readAsDataURL(file); // design.md §7's data URL: data:video/...;base64,...
 }
 
 // -- what the model sees -----------------------------------------------------------------

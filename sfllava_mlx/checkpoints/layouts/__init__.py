@@ -1,10 +1,10 @@
-"""The source layouts of SPEC §3: detection, configuration and the name/shape map.
+"""The source layouts of design.md §5.2: detection, configuration and the name/shape map.
 
 The map runs from the MLX model's side: for every parameter of `SFLLaVA(config)` a
 template gives the source tensor(s) it is made of and how (copy, conv transpose,
 position-table reshape, q/k/v fusion). What that leaves over in the checkpoint is
 either known to be unused (dropped, with a reason), a learned separator (an error:
-SPEC §2.6 has no place for it) or unknown (an error).
+design.md §1.6 has no place for it) or unknown (an error).
 """
 
 from .configs import model_config, text_config, vision_config

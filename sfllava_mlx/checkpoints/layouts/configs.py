@@ -1,5 +1,5 @@
 """What a checkpoint's config.json and tensors say the model is: the vision tower, the LLM,
-preprocessing, pictures and the family's recipes (SPEC §2.9), as a ModelConfig."""
+preprocessing, pictures and the family's recipes (design.md §2.1), as a ModelConfig."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def resolve_feature_layer(layout: str, config: dict, num_layers: int) -> tuple[i
     """(raw, resolved): an explicit feature layer wins over the layout's default.
 
     Negative indices count from the blocks of the tower as named (num_layers), not as
-    stored: LLaVA-NeXT's files hold one block fewer than so400m and say -2 (SPEC §3).
+    stored: LLaVA-NeXT's files hold one block fewer than so400m and say -2 (design.md §5.2).
     """
     key = "vision_feature_layer" if layout == HF else "mm_vision_select_layer"
     raw = config.get(key)
@@ -220,7 +220,7 @@ def model_config(layout: str, config: dict, shapes: dict, preprocessor: Optional
 
 
 # ----------------------------------------------------------------------------------------
-# Pictures (SPEC §2.11): the `image` section of config.json
+# Pictures (design.md §2.3): the `image` section of config.json
 
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # Pillow's resample ids
 ANYRES_MAX = re.compile(r"anyres_max_(\d+)")
@@ -282,7 +282,7 @@ def image_config(layout: str, config: dict, family: str, vcfg: VisionConfig,
 
 
 # ----------------------------------------------------------------------------------------
-# Recipes (SPEC §2.9): what each family's frames become, written into config.json
+# Recipes (design.md §2.1): what each family's frames become, written into config.json
 
 NEWLINE_POSITIONS = {"one_token": "one_token", "grid": "grid", "frame": "frame", "no_token": "none"}
 POOL_MODES = ("average", "bilinear")

@@ -1,4 +1,4 @@
-"""The layouts of SPEC §3 by their names: the prefixes each uses, the tower defaults each
+"""The layouts of design.md §5.2 by their names: the prefixes each uses, the tower defaults each
 implies, and detecting which one a checkpoint is."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ ORYX_PREFIX = TOWER
 NEWLINE = "model.image_newline"
 
 # llava-hf names -> the LLaVA names the rules below read (first matching prefix wins), so
-# the three namings of SPEC §3 (2024 hub files, transformers 5's save_pretrained, the
+# the three namings of design.md §5.2 (2024 hub files, transformers 5's save_pretrained, the
 # model.-prefixed in-memory names) share one table with llava-siglip.
 HF_RENAMES = [
     ("model.language_model.", "model."),
@@ -39,7 +39,7 @@ HF_RENAMES = [
 HF_MARKERS = ("language_model.", "model.language_model.", "multi_modal_projector.",
               "model.multi_modal_projector.")
 
-# Hugging Face SigLIP vision_config field names (SPEC §3).
+# Hugging Face SigLIP vision_config field names (design.md §5.2).
 HF_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "image_size", "patch_size", "hidden_act", "layer_norm_eps")
 SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
@@ -60,7 +60,7 @@ POS_INTERPOLATION = {ORYX: "bilinear", SIGLIP: "bicubic", HF: "bicubic"}
 GELU_NAMES = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh",
               "gelu_fast": "gelu_pytorch_tanh", "quick_gelu": None}
 
-# Learned separator / newline vectors: never dropped silently (SPEC §2.6).
+# Learned separator / newline vectors: never dropped silently (design.md §1.6).
 SEPARATOR = re.compile(r"newline|frame_sep|separator|seperator|sep_token|image_(start|end)"
                        r"|video_(start|end)|frame_(start|end)")
 
