@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from sfllava_mlx import __version__
@@ -77,7 +78,14 @@ def main(argv=None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if code == 130:
+        # Ctrl-C: everything is written; a worker thread still decoding must not race the
+        # interpreter's shutdown (seen: glibc's "exception not rethrown" abort).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # python -m sfllava_app.cli (the same as `sfllava`)
