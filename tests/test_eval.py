@@ -158,8 +158,8 @@ def test_mvbench_and_longvideobench_prompts_are_lmms_evals_words(sets):
 
     mvb = source.load(str(sets["mvbench"])).questions[0]
     assert mvb.prompt(subtitles=False) == (
-        "Question: What moves?\nOptions:\n(A) a car\n(B) a dog\n(C) a cat\n"
-        "Only give the best option.")
+        "Question:What moves?\nOption:\n(A) a car\n(B) a dog\n(C) a cat\n"
+        "Only give the best option.\n")
     lvb = source.load(str(sets["lvb"])).questions[0]
     assert lvb.prompt(subtitles=True) == (
         "What is first?\nA. a tree\nB. a bird\nC. a fish\nD. a horse\n"

@@ -1,10 +1,10 @@
 """MVBench (`OpenGVLab/MVBench`): one JSON file per task (the task is the file's stem), each a
 list of `video`, `question`, `candidates` (the options' texts), `answer` (the right one's text).
 
-The words (`ASK`, `OPTIONS`, `END`) are MVBench's own prompt as lmms-eval's task uses it:
-"Question: ...", "Options:" and the options as "(A) ...", then "Only give the best option."
-(MVBench's answer prefix "Best option:(" belongs to the assistant's turn and is not sent).
-Kept here, in one place, so that they can be corrected against lmms-eval's task code.
+The words (`ASK`, `OPTION`, `END`) are lmms-eval's MVBench task's (`mvbench_doc_to_text`
+and its tasks' `post_prompt`, read 2026-12-07): "Question:" and the question, "Option:",
+each option as "(A) ..." on its own line, then "Only give the best option." and a newline.
+Kept here, in one place.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ FIELDS = ("video", "question", "candidates", "answer")
 GROUPS = ("task",)
 ORDER: dict = {}
 
-ASK = "Question: {question}\nOptions:\n"
-OPTION = "({letter}) {text}"
-END = "\nOnly give the best option."
+ASK = "Question:{question}\nOption:\n"
+OPTION = "({letter}) {text}\n"
+END = "Only give the best option.\n"
 
 
 def prompt(question: str, candidates: list) -> str:
     options = [OPTION.format(letter=k, text=c)
                for k, c in zip(score.letters(len(candidates)), candidates)]
-    return ASK.format(question=question) + "\n".join(options) + END
+    return ASK.format(question=question) + "".join(options) + END
 
 
 def questions(rows: list, stem: str) -> list[Question]:
