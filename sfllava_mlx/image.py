@@ -302,11 +302,15 @@ def describe(clip: SampledFrames) -> str:
 
 
 def _normalize(pixels: np.ndarray, image: ImageConfig, config: ModelConfig) -> mx.array:
-    """(N, S, S, 3) uint8 -> float32 (x / 255 - mean) / std, on the default device."""
-    mean = image.image_mean or config.preprocess.image_mean
-    std = image.image_std or config.preprocess.image_std
-    x = mx.array(pixels).astype(mx.float32) / 255.0
-    return (x - mx.array(mean, dtype=mx.float32)) / mx.array(std, dtype=mx.float32)
+    """The frames' normalisation, with the image recipe's own mean and std where it has
+    them."""
+    from dataclasses import replace
+
+    from .preprocess import normalize
+
+    return normalize(pixels, replace(config.preprocess,
+                                     image_mean=image.image_mean or config.preprocess.image_mean,
+                                     image_std=image.image_std or config.preprocess.image_std))
 
 
 def image_pixels(picture: Picture, config: ModelConfig) -> np.ndarray:

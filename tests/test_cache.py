@@ -365,3 +365,18 @@ def run_inprocess_env(home: Path, argv: list):
             os.environ.pop("XDG_CACHE_HOME")
         else:
             os.environ["XDG_CACHE_HOME"] = old
+
+
+def test_the_core_ml_package_is_part_of_the_model_identity(tmp_path):
+    """A model directory's Core ML tower (a package: a directory) keys the cache too: a new
+    export is another model's tokens."""
+    from sfllava_mlx.cache.fingerprint import directory_identity
+
+    (tmp_path / "config.json").write_text("{}")
+    before = directory_identity(tmp_path)
+    weights = tmp_path / "vision_tower.mlpackage" / "Data" / "weights.bin"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"a" * 4096)
+    with_package = directory_identity(tmp_path)
+    weights.write_bytes(b"b" * 4096)
+    assert len({before, with_package, directory_identity(tmp_path)}) == 3

@@ -105,15 +105,23 @@ def model_identity(model) -> str:
 
 
 def directory_identity(path) -> str:
-    """The content identity of a model directory (a converted model, an mlx-vlm one or a
-    Hugging Face checkpoint): its JSON files whole, the others by sampled fingerprint."""
+    """The content identity of a model directory (a converted model, an mlx-vlm one, a
+    Hugging Face checkpoint, a Whisper model): its JSON files whole, the others by sampled
+    fingerprint, and the files of its Core ML package (a directory) by theirs."""
     h = hashlib.sha256()
-    for f in sorted(Path(path).iterdir()):
-        if not f.is_file() or f.name.startswith("."):
+    root = Path(path)
+    for f in sorted(root.iterdir()):
+        if f.name.startswith("."):
             continue
-        if f.suffix == ".json":
+        if f.is_dir() and f.suffix == ".mlpackage":
+            for part in sorted(p for p in f.rglob("*") if p.is_file()):
+                size, digest = sampled_digest(part, blocks=16)
+                h.update(f"{part.relative_to(root)}:{size}:{digest}".encode())
+        elif not f.is_file():
+            continue
+        elif f.suffix == ".json":
             h.update(f.name.encode() + b"\0" + f.read_bytes())
-        elif f.suffix in (".safetensors", ".txt", ".model", ".mlpackage", ".jinja"):
+        elif f.suffix in (".safetensors", ".npz", ".txt", ".model", ".jinja"):
             size, digest = sampled_digest(f, blocks=16)
             h.update(f"{f.name}:{size}:{digest}".encode())
     return h.hexdigest()[:24]

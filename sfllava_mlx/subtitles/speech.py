@@ -71,16 +71,9 @@ def model_identity(name: str) -> str:
     path = Path(name).expanduser()
     if not path.exists():
         return f"hub:{name}"
-    import hashlib  # here: OpenSSL's load is felt in `sfllava frames`' start-up
+    from ..cache.fingerprint import directory_identity
 
-    from ..cache.fingerprint import sampled_digest
-
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for w in WEIGHT_FILES:
-        if (path / w).is_file():
-            size, digest = sampled_digest(path / w, blocks=16)
-            h.update(f"{w}:{size}:{digest}".encode())
-    return f"dir:{h.hexdigest()[:24]}"
+    return f"dir:{directory_identity(path)}"
 
 
 def model_directory(name: str) -> str:
