@@ -21,5 +21,5 @@ first_message, picture_array, write_tiny_whisper, sharpen  # tiny.command, pictu
 have_ffmpeg, make_ffv1_video, make_ffmpeg_video, make_audio_only  # tiny.videos
 
 # The library's all-at-once forms of its steps: tests and scripts call them
-encode_frames, encode_video  # sfllava_mlx.encode (the runtime runs the *_steps forms)
+encode_frames, encode_video, encode_image  # encode, image (the runtime runs the *_steps forms)
 _.caption  # rich.Table: eval's timings under its table

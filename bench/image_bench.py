@@ -72,7 +72,7 @@ def config(family: str, size: str):
                        vision=vision,
                        projector=ProjectorConfig(input_size=vision.hidden_size,
                                                  hidden_size=text["hidden_size"], image_newline=ov),
-                       sampling=recipes["native"], preprocess=PreprocessConfig(image_size=S),
+                       preprocess=PreprocessConfig(image_size=S),
                        prompt=PromptConfig(), family=family, recipes=recipes, image=image)
 
 

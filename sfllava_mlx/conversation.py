@@ -215,9 +215,34 @@ class Conversation:
         except BaseException:  # a half-filled cache is useless: start clean next time
             self.cache = self.new_cache()
             raise
-        return self.prefix_filled(time.perf_counter() - tic)
+        return self._prefix_filled(time.perf_counter() - tic)
 
-    def prefix_filled(self, prefill_s: float) -> float:
+    def prefill_prefix_beside(self, encode: Callable[[Callable], VisualTokens]) -> VisualTokens:
+        """Prefill the prefix while its visual tokens are being made (the Core ML tower's,
+        beside this prefill): `encode(feed)` calls `feed(chunk)` with them, in token order,
+        as each chunk is ready, and returns them all (`overlap.encode_overlapped`). The
+        cache is then what `prefill_prefix` leaves."""
+        text = [self.model.embed_tokens(self.prefix_tokens())]
+        spent = 0.0
+
+        def feed(chunk: mx.array) -> None:
+            nonlocal spent
+            tic = time.perf_counter()
+            embeds = mx.concatenate([*text, chunk]).astype(self.dtype)  # the text goes first
+            text.clear()
+            prefill(self.model.language_model, self.cache, embeddings=embeds,
+                    step=self.prefill_step, **self.kv_options)
+            spent += time.perf_counter() - tic
+
+        try:
+            self.visual = encode(feed)
+        except BaseException:  # a half-filled cache is useless: start clean next time
+            self.cache = self.new_cache()
+            raise
+        self._prefix_filled(spent)
+        return self.visual
+
+    def _prefix_filled(self, prefill_s: float) -> float:
         """The prefix is in the cache: its work is reported with the next answer."""
         self.prefix_done = True
         self.unreported = {"frames": self.visual.timings.get("frames", 0.0),

@@ -1,5 +1,7 @@
-"""Sampled frames to visual tokens: vision tower, projector and SlowFast pooling, a batch at a
-time, so memory holds one batch of full grids, never all 128."""
+"""Images to visual tokens. `encode_images_steps` is the one way pixels meet the vision tower
+and the projector, a batch at a time: a video's sampled frames (then SlowFast pooling, each
+batch at once, so memory holds one batch of full grids, never all 128) and a picture's tiles
+(`image.encode_image_steps`). The Core ML overlap pools with the same `pool_stream`."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .config import VISION_BATCH, SamplingConfig
+from .config import VISION_BATCH, PreprocessConfig, SamplingConfig
 from .frames import SampledFrames
 from .pooling import concat_streams, is_slow, pool_frames, stride_of
 from .preprocess import preprocess
@@ -47,51 +49,42 @@ def encode_frames(model, frames, sampling: SamplingConfig, **kw) -> mx.array:
     return run(encode_frames_steps(model, frames, sampling, **kw))
 
 
-def encode_frames_steps(model, frames, sampling: SamplingConfig, *, vision=None,
-                        batch_size: int = VISION_BATCH,
+def encode_images_steps(model, images, config: PreprocessConfig,
+                        take: Callable[[list, mx.array], None], *, vision=None,
+                        batch_size: int = VISION_BATCH, total: int = 0,
                         progress: Optional[Callable[[int, int], None]] = None,
                         timings: Optional[dict] = None,
-                        ready: Optional[Wait] = None) -> Steps[mx.array]:
-    """`encode_frames` in steps: one after each batch, and, where `ready(0)` says the next
-    frame is not decoded yet, a pause that yields `ready` (whoever runs the steps waits on
-    it, or does other work meanwhile).
+                        ready: Optional[Wait] = None) -> Steps[None]:
+    """The one way images meet the tower: RGB uint8 images (a video's frames, a picture's
+    tiles) preprocessed by `config`, through `vision` (the model's tower, else e.g. the Core
+    ML one) and the projector, a batch at a time; `take(positions, features)` gets each
+    batch's (B, G*G, D) features and their positions in `images`.
 
-    Each batch goes through tower and projector and is pooled right away (pooling is per
-    frame). `timings` gains the critical-path shares `decode` (waiting for frames),
-    `preprocess`, their sum `frames`, and `vision` (tower, projector, pooling).
+    A step after each batch, and, where `ready(0)` says the next image is not decoded yet,
+    a pause that yields `ready` (whoever runs the steps waits on it, or does other work
+    meanwhile). `timings` gains the critical-path shares `decode` (waiting for images),
+    `preprocess` and `vision`; `progress(done, total)` follows the tower.
     """
-    cfg = model.config
     vision = vision or model.vision_tower
-    timings = timings if timings is not None else {}
-    before = {k: timings.get(k, 0.0) for k in ("decode", "preprocess")}
-    watch = Stopwatch(timings)
-    slow, fast, batch, done = [], [], [], 0
+    watch = Stopwatch(timings if timings is not None else {})
+    batch, done = [], 0
 
     def flush():
         nonlocal done
-        pixels = preprocess([im for _, im in batch], cfg.preprocess)
+        pixels = preprocess([im for _, im in batch], config)
         watch.lap("preprocess")
-        grid = model.projector(vision(pixels))  # (B, G*G, D)
-        g = cfg.vision.grid
-        grid = grid.reshape(len(batch), g, g, -1)
-        pos = [p for p, _ in batch]
-        for stream, out in ((True, slow), (False, fast)):
-            rows = [j for j, p in enumerate(pos) if is_slow(p, sampling) == stream]
-            if rows:
-                out.append(pool_frames(grid[mx.array(rows)], stride_of(stream, sampling),
-                                       sampling.pool_mode))
-        mx.eval(slow, fast)
+        take([p for p, _ in batch], model.projector(vision(pixels)))
         done += len(batch)
         batch.clear()
         watch.lap("vision")
         if progress:
-            progress(done, sampling.num_frames)
+            progress(done, total)
 
-    frames = iter(frames)
+    images = iter(images)
     for position in itertools.count():
         while ready is not None and not ready(0):
             yield ready
-        image = next(frames, _END)
+        image = next(images, _END)
         watch.lap("decode")
         if image is _END:
             break
@@ -101,13 +94,46 @@ def encode_frames_steps(model, frames, sampling: SamplingConfig, *, vision=None,
             yield
     if batch:
         flush()
-    tokens = concat_streams(mx.concatenate(slow) if slow else None,
-                            mx.concatenate(fast) if fast else None,
-                            sampling=sampling, newline=model.newline)
+
+
+def pool_stream(model, features: mx.array, slow: bool, sampling: SamplingConfig) -> mx.array:
+    """One stream's projected frames (T, G*G, D) -> pooled (T, g, g, D), evaluated."""
+    g = model.config.vision.grid
+    pooled = pool_frames(features.reshape(features.shape[0], g, g, -1),
+                         stride_of(slow, sampling), sampling.pool_mode)
+    mx.eval(pooled)
+    return pooled
+
+
+def encode_frames_steps(model, frames, sampling: SamplingConfig, *, vision=None,
+                        batch_size: int = VISION_BATCH,
+                        progress: Optional[Callable[[int, int], None]] = None,
+                        timings: Optional[dict] = None,
+                        ready: Optional[Wait] = None) -> Steps[mx.array]:
+    """`encode_frames` in steps (`encode_images_steps`'): each batch is pooled as soon as it
+    is projected (pooling is per frame), so memory holds one batch of full grids. `timings`
+    gains `decode`, `preprocess`, their sum `frames`, and `vision` (tower, projector,
+    pooling)."""
+    timings = timings if timings is not None else {}
+    before = {k: timings.get(k, 0.0) for k in ("decode", "preprocess")}
+    streams = {True: [], False: []}  # slow, fast
+
+    def take(positions: list, features: mx.array) -> None:
+        for slow, out in streams.items():
+            rows = [j for j, p in enumerate(positions) if is_slow(p, sampling) == slow]
+            if rows:
+                out.append(pool_stream(model, features[mx.array(rows)], slow, sampling))
+
+    yield from encode_images_steps(model, frames, model.config.preprocess, take, vision=vision,
+                                   batch_size=batch_size, total=sampling.num_frames,
+                                   progress=progress, timings=timings, ready=ready)
+    watch = Stopwatch(timings)
+    slow, fast = (mx.concatenate(streams[k]) if streams[k] else None for k in (True, False))
+    tokens = concat_streams(slow, fast, sampling=sampling, newline=model.newline)
     mx.eval(tokens)
     watch.lap("vision")
     timings["frames"] = timings.get("frames", 0.0) + sum(
-        timings[k] - before[k] for k in ("decode", "preprocess"))
+        timings.get(k, 0.0) - before[k] for k in ("decode", "preprocess"))
     return tokens
 
 

@@ -38,7 +38,7 @@ from .frames.reader import FrameReader
 from .image import (
     PictureInfo,
     PictureLayout,
-    encode_image,
+    encode_image_steps,
     num_image_tokens,
     read_image,
 )
@@ -327,16 +327,17 @@ class Engine:
                 clip = entry.clip(VideoInfo if opening.media == "video" else PictureLayout)
                 visual = VisualTokens(entry.visual, clip, {"frames": 0.0, "vision": 0.0})
             elif opening.media == "image":
-                visual = encode_image(self.model, read_image(opening.path, opening.picture),
-                                      progress=_stage(progress, "vision"))
-            elif opts.vision_backend == "coreml":
-                visual, conversation = self._encode_overlapped(
-                    opening, tower or self.vision_backend(opts))
+                visual = yield from encode_image_steps(
+                    self.model, read_image(opening.path, opening.picture), vision=tower,
+                    progress=_stage(progress, "vision"))
+            elif opts.vision_backend == "coreml":  # the prefix prefills as the tokens come
+                conversation = self._encode_overlapped(opening, tower or self.vision_backend(opts))
+                visual = conversation.visual
             else:
                 visual = yield from self._encode_streaming(opening, progress, reader, tower)
         finally:  # the file and container, once what is read of them is read
             opening.close()
-        conversation = conversation or self._conversation(opening, visual)
+        conversation = conversation or self._conversation(opening, visual.clip, visual)
         session = Session(self, opening, visual, conversation, entry, hasher)
         if prefill:
             yield
@@ -368,22 +369,24 @@ class Engine:
                 progress=_stage(progress, "vision"),
                 ready=reader.ready if isinstance(reader, FrameReader) else None))
 
-    def _encode_overlapped(self, opening: Opening, tower):
-        """The Core ML tower beside MLX: the slow frames' tokens prefill while the fast
-        frames encode -> (visual tokens, the conversation holding the prefix)."""
-        from .overlap import prefill_overlapped
+    def _encode_overlapped(self, opening: Opening, tower) -> Conversation:
+        """The Core ML tower beside MLX: the conversation prefills its prefix, the slow
+        frames' tokens first, while the fast frames encode (design.md §6.2)."""
+        from .overlap import encode_overlapped
 
         tic = time.perf_counter()
         clip = opening.read_all()
-        conversation = self._conversation(opening, None, clip)
-        visual = prefill_overlapped(conversation, clip, tower, opening.sampling,
-                                    frames_s=time.perf_counter() - tic)
-        return visual, conversation
+        frames_s = time.perf_counter() - tic
+        conversation = self._conversation(opening, clip)
+        conversation.prefill_prefix_beside(lambda feed: encode_overlapped(
+            self.model, clip, tower, opening.sampling, feed, frames_s))
+        return conversation
 
-    def _conversation(self, opening: Opening, visual: Optional[VisualTokens],
-                      clip=None) -> Conversation:
+    def _conversation(self, opening: Opening, clip,
+                      visual: Optional[VisualTokens] = None) -> Conversation:
+        """The conversation about `clip`'s frames (or picture): the time instruction and the
+        subtitle lines those frames select go before the first question."""
         opts = opening.options
-        clip = clip if clip is not None else visual.clip
         preamble = ""
         if opening.media == "video" and opts.timestamps:
             info = clip.info

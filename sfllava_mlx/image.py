@@ -20,17 +20,19 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 
 from . import anyres
-from .config import VISION_BATCH, ImageConfig, ModelConfig
-from .encode import VisualTokens
+from .config import VISION_BATCH, ModelConfig, PreprocessConfig
+from .encode import VisualTokens, encode_images_steps
 from .errors import VideoError
 from .frames import SampledFrames
+from .preprocess import resize_frame
+from .steps import Steps, run
 
 # Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, about 179 megapixels:
 # a 200 MP phone photo's 16384 x 12288 fits, a 30000 x 30000 scan does not).
@@ -301,16 +303,12 @@ def describe(clip: SampledFrames) -> str:
 # Pixels and tokens
 
 
-def _normalize(pixels: np.ndarray, image: ImageConfig, config: ModelConfig) -> mx.array:
-    """The frames' normalisation, with the image recipe's own mean and std where it has
+def image_preprocess(config: ModelConfig) -> PreprocessConfig:
+    """The frames' preprocessing, with the image recipe's own mean and std where it has
     them."""
-    from dataclasses import replace
-
-    from .preprocess import normalize
-
-    return normalize(pixels, replace(config.preprocess,
-                                     image_mean=image.image_mean or config.preprocess.image_mean,
-                                     image_std=image.image_std or config.preprocess.image_std))
+    image = config.image
+    return replace(config.preprocess, image_mean=image.image_mean or config.preprocess.image_mean,
+                   image_std=image.image_std or config.preprocess.image_std)
 
 
 def image_pixels(picture: Picture, config: ModelConfig) -> np.ndarray:
@@ -320,41 +318,48 @@ def image_pixels(picture: Picture, config: ModelConfig) -> np.ndarray:
     if config.image.anyres:
         p = anyres.tiling(picture.info.size, config.image, S, config.vision.grid)
         return anyres.tile_pixels(picture.image, p, config.image.resample)
-    from .preprocess import resize_frame
-
     return resize_frame(picture.pixels, S)[None]
 
 
-def encode_image(model, picture: Picture, *, batch_size: int = VISION_BATCH,
-                 progress: Optional[Callable[[int, int], None]] = None):
-    """A decoded picture -> VisualTokens: the tower on its tiles in batches, the projector,
-    then (anyres) unpadding, downsampling and newlines as MLX ops. `timings`: `frames`
-    (decode, resize, tiles, normalize) and `vision` (tower, projector, packing)."""
+def encode_image(model, picture: Picture, **kw) -> VisualTokens:
+    """A decoded picture -> VisualTokens (`encode_image_steps`, all at once)."""
+    return run(encode_image_steps(model, picture, **kw))
+
+
+def encode_image_steps(model, picture: Picture, *, vision=None, batch_size: int = VISION_BATCH,
+                       progress: Optional[Callable[[int, int], None]] = None
+                       ) -> Steps[VisualTokens]:
+    """A decoded picture -> VisualTokens, a step per batch of tiles: the tiles through the
+    frames' own tower and projector step (`encode.encode_images_steps`; `vision` swaps the
+    tower), then (anyres) unpadding, downsampling and newlines as MLX ops. `timings`:
+    `frames` (decode, resize, tiles, normalize) and `vision` (tower, projector, packing)."""
     config = model.config
+    if config.image.anyres and model.newline is None:
+        raise ImageError(f"image.mode {config.image.mode} places an image newline but the "
+                         "model has none")
     tic = time.perf_counter()
-    pixels = image_pixels(picture, config)
-    x = _normalize(pixels, config.image, config)
-    mx.eval(x)
-    frames_s = picture.decode_s + time.perf_counter() - tic
+    tiles = image_pixels(picture, config)
+    timings = {"decode": picture.decode_s + time.perf_counter() - tic}
+    features = []
+
+    def take(positions: list, batch: mx.array) -> None:
+        mx.eval(batch)
+        features.append(batch)
+
+    yield from encode_images_steps(model, tiles, image_preprocess(config), take, vision=vision,
+                                   batch_size=batch_size, total=len(tiles), progress=progress,
+                                   timings=timings)
     tic = time.perf_counter()
-    feats = []
-    for i in range(0, x.shape[0], batch_size):
-        f = model.projector(model.vision_tower(x[i:i + batch_size]))
-        mx.eval(f)
-        feats.append(f)
-        if progress:
-            progress(min(i + batch_size, x.shape[0]), x.shape[0])
-    feats = mx.concatenate(feats) if len(feats) > 1 else feats[0]  # (N, G*G, D)
+    features = mx.concatenate(features) if len(features) > 1 else features[0]  # (N, G*G, D)
     if config.image.anyres:
-        p = anyres.tiling(picture.info.size, config.image, config.vision.image_size, config.vision.grid)
-        if model.newline is None:
-            raise ImageError(f"image.mode {config.image.mode} places an image newline but the "
-                             "model has none")
-        tokens = anyres.pack(feats, p, model.newline)
+        p = anyres.tiling(picture.info.size, config.image, config.vision.image_size,
+                          config.vision.grid)
+        tokens = anyres.pack(features, p, model.newline)
     else:
-        tokens = feats[0]
+        tokens = features[0]
     mx.eval(tokens)
-    clip = picture_clip(picture.info, config)
     expected = num_image_tokens(config, picture.info.size)
     assert tokens.shape[0] == expected, (tokens.shape, expected)
-    return VisualTokens(tokens, clip, {"frames": frames_s, "vision": time.perf_counter() - tic})
+    return VisualTokens(tokens, picture_clip(picture.info, config),
+                        {"frames": timings["decode"] + timings["preprocess"],
+                         "vision": timings["vision"] + time.perf_counter() - tic})

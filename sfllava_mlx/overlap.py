@@ -2,8 +2,9 @@
 
 `prefill_while_encoding` is the schedule: a worker thread encodes the slow frames, then the
 fast ones, while this thread prefills the LLM with what is ready, so both units work at the
-same time. `prefill_overlapped` applies it to a conversation: it leaves the KV cache and the
-visual tokens that `encode_video` + `Conversation.prefill_prefix` leave.
+same time. `encode_overlapped` is the encoder on it: it returns the visual tokens
+`encode_video` returns, and hands them, chunk by chunk, to a conversation's prefill
+(`Conversation.prefill_prefix_beside`), which leaves the KV cache `prefill_prefix` leaves.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from .config import SamplingConfig
-from .conversation import Conversation, prefill
-from .encode import VisualTokens
-from .pooling import concat_streams, is_slow, pool_frames, stride_of, with_newlines
+from .encode import VisualTokens, pool_stream
+from .pooling import concat_streams, is_slow, with_newlines
 from .preprocess import preprocess
 
 
@@ -38,18 +38,9 @@ class Timeline:
         return self.end - self.start
 
     @property
-    def prefill_s(self) -> float:
-        return sum(e - s for s, e in self.prefill)
-
-    @property
     def overlap_s(self) -> float:
         """Time both units were busy at once."""
         return overlap_seconds(self.vision, self.prefill)
-
-    def critical_path(self) -> dict:
-        """design.md §1.9 stage shares: prefill ran on this thread, so all of it is on the
-        critical path; vision counts only the time this thread waited for the encoder."""
-        return {"vision": max(0.0, self.wall_s - self.prefill_s), "prefill": self.prefill_s}
 
 
 def overlap_seconds(a: list, b: list) -> float:
@@ -125,17 +116,17 @@ def prefill_while_encoding(
     return timeline
 
 
-def prefill_overlapped(conversation: Conversation, clip, tower, sampling: SamplingConfig,
-                       frames_s: float = 0.0) -> VisualTokens:
-    """Prefill the conversation's prefix — the text before `<image>` and the video, slow
-    block first — while `tower.encode` (a CoreMLVisionTower's) encodes the frames of `clip`
-    (SampledFrames) on a worker thread; returns the visual tokens, as `encode_video` makes
-    them, with the critical-path timings (`frames_s`: the time the frames took to read)."""
-    model = conversation.model
+def encode_overlapped(model, clip, tower, sampling: SamplingConfig,
+                      feed: Callable[[mx.array], None], frames_s: float = 0.0) -> VisualTokens:
+    """The frames of `clip` (SampledFrames) -> VisualTokens, as `encode_video` makes them,
+    with `tower.encode` (a CoreMLVisionTower's) on a worker thread: `feed(chunk)` gets the
+    visual tokens here, in token order, as each chunk is pooled (the slow block, then the
+    fast frames as they come, each chunk with its own newlines), so that whoever is fed
+    prefills them while the tower encodes the next frames (`Conversation.
+    prefill_prefix_beside`). Timings: `frames` (`frames_s`, reading them), `vision` (the
+    time not spent in `feed`: waiting for the tower, projecting, pooling) and `overlap`
+    (both units busy)."""
     cfg = model.config
-    g = cfg.vision.grid
-    feature_dtype = model.projector.linear_1.weight.dtype
-    embed_dtype = conversation.dtype
 
     def pixels(slow: bool) -> np.ndarray:
         chosen = [im for p, im in enumerate(clip.images) if is_slow(p, sampling) == slow]
@@ -143,32 +134,31 @@ def prefill_overlapped(conversation: Conversation, clip, tower, sampling: Sampli
             return np.zeros((0, cfg.vision.image_size, cfg.vision.image_size, 3), np.float32)
         return np.asarray(preprocess(chosen, cfg.preprocess))
 
+    feature_dtype = model.projector.linear_1.weight.dtype
     pooled = {"slow": [], "fast": []}
-    text = [model.embed_tokens(conversation.prefix_tokens()).astype(embed_dtype)]
+    fed = 0.0
 
-    def run(embeds):
-        prefill(model.language_model, conversation.cache, embeddings=embeds,
-                step=conversation.prefill_step, **conversation.kv_options)
+    def timed_feed(chunk: mx.array) -> None:
+        nonlocal fed
+        tic = time.perf_counter()
+        feed(chunk)
+        fed += time.perf_counter() - tic
 
     def on_features(features, stream: str):
-        grid = model.projector(features.astype(feature_dtype)).reshape(features.shape[0], g, g, -1)
-        tokens = pool_frames(grid, stride_of(stream == "slow", sampling), sampling.pool_mode)
+        slow = stream == "slow"
+        tokens = pool_stream(model, model.projector(features.astype(feature_dtype)), slow,
+                             sampling)
         pooled[stream].append(tokens)
         # Row and frame newlines belong to each frame, so a chunk carries its own.
-        chunk = with_newlines(tokens, sampling, model.newline).astype(embed_dtype)
-        run(mx.concatenate(text + [chunk]))  # position 0 is slow: the first call has the text
-        text.clear()
-        mx.eval(pooled[stream][-1:])
+        timed_feed(with_newlines(tokens, sampling, model.newline))
 
     timeline = prefill_while_encoding(tower.encode, pixels(True), pixels(False), on_features,
                                       tower.batch_size)
-    if sampling.newline == "one_token":  # after the whole video
-        run(model.newline.astype(embed_dtype)[None])
     tokens = concat_streams(mx.concatenate(pooled["slow"]) if pooled["slow"] else None,
                             mx.concatenate(pooled["fast"]) if pooled["fast"] else None,
                             sampling=sampling, newline=model.newline)
-    shares = timeline.critical_path()
-    conversation.visual = VisualTokens(tokens, clip, {"frames": frames_s, "vision": shares["vision"],
-                                                      "overlap": timeline.overlap_s})
-    conversation.prefix_filled(shares["prefill"])
-    return conversation.visual
+    if sampling.newline == "one_token":  # after the whole video
+        timed_feed(tokens[-1:])
+    return VisualTokens(tokens, clip, {"frames": frames_s,
+                                       "vision": max(0.0, timeline.wall_s - fed),
+                                       "overlap": timeline.overlap_s})

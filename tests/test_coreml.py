@@ -442,7 +442,7 @@ def test_overlapped_prefill_gives_the_same_cache_and_answer(mlx_models):
     Conversation.prefill_prefix leave, and the same greedy answer follows."""
     from sfllava_mlx.conversation import Conversation
     from sfllava_mlx.encode import VisualTokens, encode_frames
-    from sfllava_mlx.overlap import prefill_overlapped
+    from sfllava_mlx.overlap import encode_overlapped
     from sfllava_mlx.preprocess import preprocess
 
     model, tokenizer = mlx_models["oryx-vit"]
@@ -465,7 +465,9 @@ def test_overlapped_prefill_gives_the_same_cache_and_answer(mlx_models):
                             VisualTokens(encode_frames(model, images, sampling), None))
     expected.prefill_prefix()
     conv = Conversation(model, tokenizer, None, prefill_step=64)
-    tokens = prefill_overlapped(conv, frames_of(images), StandInTower(encode, 8), sampling).embeddings
+    tower = StandInTower(encode, 8)
+    tokens = conv.prefill_prefix_beside(
+        lambda feed: encode_overlapped(model, frames_of(images), tower, sampling, feed)).embeddings
     slow_first = [p for i, p in enumerate(pixels) if i % sampling.slow_every == 0]
     slow_first += [p for i, p in enumerate(pixels) if i % sampling.slow_every != 0]
     assert order == [p.tobytes() for p in slow_first]
@@ -475,7 +477,6 @@ def test_overlapped_prefill_gives_the_same_cache_and_answer(mlx_models):
     for a, b in zip(conv.cache, expected.cache):
         assert_close(a.keys[..., :n, :], b.keys[..., :n, :], 1e-4, "cached keys")
         assert_close(a.values[..., :n, :], b.values[..., :n, :], 1e-4, "cached values")
-    conv.restore_prefix(conv.cache)
     answer = [r.token for r in conv.ask(QUESTION, max_tokens=MAX_TOKENS)]
     reference = [r.token for r in expected.ask(QUESTION, max_tokens=MAX_TOKENS)]
     assert answer == reference

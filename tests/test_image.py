@@ -238,8 +238,10 @@ def test_onevision_picture(name, ov, mlx_ov, hf, hf_answers, pictures):
     # pixels: the processor's, exactly
     x = hf.inputs(path)
     picture = image.read_image(path)
-    ours = np.array(image._normalize(image.image_pixels(picture, model.config), model.config.image,
-                                     model.config))
+    from sfllava_mlx.preprocess import preprocess
+
+    ours = np.array(preprocess(image.image_pixels(picture, model.config),  # the encoder's own
+                               image.image_preprocess(model.config)))
     theirs = x["pixel_values"][0].permute(0, 2, 3, 1).numpy()
     assert ours.shape == theirs.shape == (p.num_tiles, S, S, 3)
     assert np.abs(ours - theirs).max() <= 1e-6
@@ -309,6 +311,42 @@ def test_single_sf_llava(layout, mlx_models, references, pictures):
     assert_same_answer(turn.tokens, turn.logprobs, single_answer(ref, path, QUESTION, MAX_TOKENS),
                        f"single {layout}")
 
+
+
+def test_picture_opens_in_steps_of_a_tile_batch(mlx_ov, pictures):
+    """A picture's tiles go through the frames' tower step a batch at a time, with a step
+    after each (a server decodes other answers between them), through the `vision` it is
+    given, and leave the tokens the same as opening it at once."""
+    import mlx.core as mx
+
+    from sfllava_mlx import Engine, anyres
+    from sfllava_mlx.config import VISION_BATCH
+
+    model, tokenizer = mlx_ov
+    S, G = model.config.vision.image_size, model.config.vision.grid
+    path = pictures["many-tiles"]  # 37 tower inputs: 5 batches of at most 8
+    w, h, _ = PICTURES["many-tiles"]
+    inputs = anyres.tiling((h, w), model.config.image, S, G).num_tiles
+    batches = -(-inputs // VISION_BATCH)
+    calls = []
+
+    def tower(pixels):
+        calls.append(pixels.shape[0])
+        return model.vision_tower(pixels)
+
+    engine = Engine(model, tokenizer)
+    steps, pauses = engine.open_steps(str(path), cache=False, tower=tower), 0
+    while True:
+        try:
+            next(steps)
+            pauses += 1
+        except StopIteration as done:
+            stepped = done.value
+            break
+    assert calls == [min(VISION_BATCH, inputs - i) for i in range(0, inputs, VISION_BATCH)]
+    assert pauses >= batches - 1  # a pause between one batch and the next
+    whole = open_session(mlx_ov, path)
+    assert mx.array_equal(stepped.visual.embeddings, whole.visual.embeddings)
 
 # ---------------------------------------------------------------------------------------
 # Decoding: orientation, formats, content detection, bad files

@@ -358,16 +358,16 @@ def test_video_cache_keys_on_the_recipe(runs):
                                          ("llava-video-frame", "native")],
                          ids=["one_token", "grid", "frame"])
 def test_overlapped_prefill_places_the_newlines(name, recipe, ov):
-    """`overlap.prefill_overlapped` (slow frames encoded and prefilled first, chunk by
-    chunk, each chunk with its own row/frame newlines, the one_token newline last) leaves the
-    visual tokens, KV cache and answer that `encode_frames` + `prefill_prefix` leave. The
-    backend is faked with the MLX tower's own features (Core ML predicts only on macOS)."""
+    """`overlap.encode_overlapped` fed to `Conversation.prefill_prefix_beside` (slow frames
+    encoded and prefilled first, chunk by chunk, each chunk with its own row/frame newlines,
+    the one_token newline last) leaves the visual tokens, KV cache and answer that
+    `encode_frames` + `prefill_prefix` leave. The backend is faked with the MLX tower's own features (Core ML predicts only on macOS)."""
     import mlx.core as mx
 
     from sfllava_mlx import load
     from sfllava_mlx.conversation import Conversation
     from sfllava_mlx.encode import VisualTokens, encode_frames
-    from sfllava_mlx.overlap import prefill_overlapped
+    from sfllava_mlx.overlap import encode_overlapped
     from sfllava_mlx.preprocess import preprocess
     from tests.test_coreml import StandInTower, frames_of
 
@@ -384,7 +384,9 @@ def test_overlapped_prefill_places_the_newlines(name, recipe, ov):
     expected = Conversation(model, tokenizer, VisualTokens(encode_frames(model, images, s), None))
     expected.prefill_prefix()
     conv = Conversation(model, tokenizer, None, prefill_step=64)
-    tokens = prefill_overlapped(conv, frames_of(images), StandInTower(encode, 3), s).embeddings
+    tower = StandInTower(encode, 3)
+    tokens = conv.prefill_prefix_beside(
+        lambda feed: encode_overlapped(model, frames_of(images), tower, s, feed)).embeddings
     assert tokens.shape == expected.visual.embeddings.shape
     assert float(mx.abs(tokens - expected.visual.embeddings).max()) <= 1e-5
     assert conv.offset == expected.offset
@@ -392,7 +394,6 @@ def test_overlapped_prefill_places_the_newlines(name, recipe, ov):
     for a, b in zip(conv.cache, expected.cache):
         assert float(mx.abs(a.keys[..., :n, :] - b.keys[..., :n, :]).max()) <= 1e-4
         assert float(mx.abs(a.values[..., :n, :] - b.values[..., :n, :]).max()) <= 1e-4
-    conv.restore_prefix(conv.cache)
     assert ([r.token for r in conv.ask(QUESTION, max_tokens=MAX_TOKENS)]
             == [r.token for r in expected.ask(QUESTION, max_tokens=MAX_TOKENS)])
 
