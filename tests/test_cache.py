@@ -208,6 +208,33 @@ def test_modified_video_misses_even_with_same_size_and_samples(cache_home, engin
     assert open_video(engine, video).cache == "hit"
 
 
+def test_a_touched_video_keeps_its_transcript_read_whole_once(tmp_path, monkeypatch):
+    """The transcript cache checks a video the way the video cache does: a new mtime costs
+    one full read (the entry then records it), other content behind the same fingerprint
+    drops the transcript."""
+    from dataclasses import replace
+
+    video = tmp_path / "talk.bin"
+    video.write_bytes(np.random.default_rng(0).bytes(200_000))
+    transcripts = vcache.TranscriptCache(tmp_path / "cache")
+    said = {"segments": [{"start": 0.0, "end": 1.0, "text": "hello"}], "language": "en"}
+    transcripts.store("k", vcache.Fingerprint.of(video), said,
+                      content_sha256=vcache.content_digest(video))
+    os.utime(video, ns=(time.time_ns(), time.time_ns() + 10**9))
+    touched = vcache.Fingerprint.of(video)
+    reads = []
+    real = cache_files.content_digest
+    monkeypatch.setattr(cache_files, "content_digest",
+                        lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    for _ in range(2):
+        assert transcripts.lookup("k", touched)["segments"] == said["segments"]
+    assert len(reads) == 1  # the second lookup trusts the mtime the first one recorded
+    video.write_bytes(np.random.default_rng(1).bytes(200_000))
+    changed = replace(touched, mtime_ns=touched.mtime_ns + 1)  # as if size and samples agreed
+    assert transcripts.lookup("k", changed) is None
+    assert not transcripts.path("k").exists()
+
+
 def test_another_model_misses(cache_home, engine, model_dir, videos, tmp_path):
     answer(engine, videos["main"])
     copy = tmp_path / "other-model"

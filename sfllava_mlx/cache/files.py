@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..files import write_atomic
-from .fingerprint import content_digest
+from .fingerprint import Fingerprint, content_digest
 
 META_FILE = "meta.json"
 
@@ -41,6 +41,24 @@ def check_file(path: Path, record: dict) -> None:
         raise CorruptEntry(f"{path.name}: {size} bytes, expected {record.get('bytes')}")
     if content_digest(path) != record.get("sha256"):
         raise CorruptEntry(f"{path.name}: checksum mismatch")
+
+
+def recheck_video(entry: dict, path: Path, fp: Fingerprint) -> None:
+    """CorruptEntry unless the video `entry` recorded (its "video": `mtime_ns`, `sha256`) is
+    the file `fp` fingerprints. The mtime is a hint: where it moved, the whole content must
+    match, and the entry is rewritten at `path` with the new one, so that the next lookup
+    skips the full read (a read-only disk only costs it that read again)."""
+    video = entry["video"]
+    if video.get("mtime_ns") == fp.mtime_ns:
+        return
+    full = video.get("sha256")
+    if not full or content_digest(fp.path) != full:
+        raise CorruptEntry("the video changed (same size and sampled blocks, other content)")
+    video.update(mtime_ns=fp.mtime_ns, path=fp.path)
+    try:
+        write_json(path, entry)
+    except OSError:
+        pass
 
 
 def publish(tmp: Path, final: Path) -> bool:

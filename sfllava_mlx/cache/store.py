@@ -48,9 +48,10 @@ from .files import (
     identity,
     publish,
     read_json,
+    recheck_video,
     write_json,
 )
-from .fingerprint import Fingerprint, content_digest
+from .fingerprint import Fingerprint
 from .keys import CacheKey
 
 FORMAT = "v1"
@@ -144,7 +145,7 @@ class VideoCache:
             meta = read_json(path / META_FILE)
             if meta.get("key") != asdict(key):
                 raise CorruptEntry("key material differs")
-            self._check_video(path, meta, fingerprint)
+            recheck_video(meta, path / META_FILE, fingerprint)
             check_file(path / VISUAL_FILE, meta["files"][VISUAL_FILE])
             try:
                 visual = mx.load(str(path / VISUAL_FILE))["visual"]
@@ -167,20 +168,6 @@ class VideoCache:
         what failed was a read racing that process, not a corrupt entry)."""
         if identity(path) == ident:
             self.drop(path, reason)
-
-    def _check_video(self, path: Path, meta: dict, fp: Fingerprint) -> None:
-        """mtime is a hint: when it moved, the whole content must still match."""
-        video = meta["video"]
-        if video.get("mtime_ns") == fp.mtime_ns:
-            return
-        full = video.get("sha256")
-        if not full or content_digest(fp.path) != full:
-            raise CorruptEntry("video changed (same size and sampled blocks, other content)")
-        video.update(mtime_ns=fp.mtime_ns, path=fp.path)
-        try:
-            write_json(path / META_FILE, meta)
-        except OSError:
-            pass
 
     def cached_timestamps(self, key: CacheKey) -> Optional[list]:
         """The sampled frames' timestamps an entry recorded, from its meta.json alone (not

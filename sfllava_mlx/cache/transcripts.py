@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .files import CorruptEntry, read_json, write_json
-from .fingerprint import Fingerprint, content_digest
+from .files import CorruptEntry, read_json, recheck_video, write_json
+from .fingerprint import Fingerprint
 from .store import cache_root
 
 FORMAT = "speech-v1"
@@ -51,11 +51,7 @@ class TranscriptCache:
             entry = read_json(path)
             if entry.get("key") != key or not isinstance(entry.get("segments"), list):
                 raise CorruptEntry("not this transcript")
-            video = entry["video"]
-            if video.get("mtime_ns") != fingerprint.mtime_ns:
-                full = video.get("sha256")
-                if not full or content_digest(fingerprint.path) != full:
-                    raise CorruptEntry("the video changed")
+            recheck_video(entry, path, fingerprint)
         except (CorruptEntry, KeyError, TypeError, AttributeError, OSError):
             path.unlink(missing_ok=True)
             return None
