@@ -6,16 +6,21 @@ decoder the frame reader goes on with).
 
     media = open_media("trip.mp4")     # a Video, or a picture's PictureInfo; VideoError
     media.index, media.info            # the frame index (read once) and what it holds
-    media.text_streams, media.has_audio
+    media.text_streams, media.has_audio, media.format
     media.fingerprint                  # size + sampled blocks, read on first use
     with media.reader(num_frames=32):  # a FrameReader on the same container
         ...
     media.close()
+
+    with opened("trip.mp4") as media:  # closed at its end (a no-op once Engine.open has)
+        ...
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Optional, Union
 
 import av
@@ -44,6 +49,7 @@ class Video:
         self.info: VideoInfo = indexed.info(first)
         self.text_streams = embedded.text_streams(decoder.container)
         self.has_audio = bool(decoder.container.streams.audio)
+        self.format = decoder.container.format.name  # the demuxer's names: "matroska,webm"
         self._fingerprint: Optional[Fingerprint] = None
 
     @classmethod
@@ -140,3 +146,16 @@ def open_media(media) -> Media:
             raise ImageError(f"{path} is not a picture (its content is not JPEG, PNG, WebP, "
                              "HEIC or AVIF) nor a video") from None
         raise
+
+
+@contextmanager
+def opened(media) -> Iterator[Media]:
+    """`open_media(media)` for a `with`: a video opened here is closed at its end (a no-op
+    where `Engine.open` closed it once its frames were read), whatever went wrong between;
+    one given already open is its opener's to close."""
+    opened_media = open_media(media)
+    try:
+        yield opened_media
+    finally:
+        if opened_media is not media and isinstance(opened_media, Video):
+            opened_media.close()

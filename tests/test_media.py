@@ -71,11 +71,12 @@ def count_opens(monkeypatch):
 
     monkeypatch.setattr(av, "open", counted_av_open)
 
-    def run(path, fn):
+    def run(path, fn, *args, **kwargs):
+        """(the opens of `path` while fn(*args, **kwargs) runs, what it returned)"""
         Opens.watched = Opens(path)
         try:
-            fn()
-            return Opens.watched.count
+            result = fn(*args, **kwargs)
+            return Opens.watched.count, result
         finally:
             Opens.watched = None
 
@@ -94,7 +95,7 @@ def test_generate_opens_its_video_at_most_twice(name, clips, converted, tmp_path
             "What happens?", "--max-tokens", "2", "--json"]
     records = []
     for run in ("cold", "warm"):
-        opens = count_opens(video, lambda: main(args))
+        opens, _ = count_opens(video, main, args)
         records.append(json.loads(capsys.readouterr().out))
         assert 1 <= opens <= MAX_OPENS, f"{run}: {opens} opens of {video.name}"
     assert [r["cache"] for r in records] == ["miss", "hit"]
@@ -139,3 +140,117 @@ def test_frames_after_the_subtitles_are_the_videos_own(clips):
     want = sample_positions(len(made), 8, "midpoint")
     assert clip.indices == want
     assert all(np.array_equal(im, made[i]) for im, i in zip(clip.images, want))
+
+
+# ----------------------------------------------------------------------------------------
+# The other front ends: each use of a video opens it once (its bytes, one container)
+
+
+@pytest.fixture
+def cold_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+def fds_of(path) -> list:
+    """This process's file descriptors open on `path` (Linux's /proc)."""
+    real, fds = os.path.realpath(path), "/proc/self/fd"
+    return [fd for fd in os.listdir(fds) if os.path.realpath(os.path.join(fds, fd)) == real]
+
+
+@needs_ffmpeg
+def test_chat_opens_its_video_once_per_use(clips, converted, cold_cache, count_opens):
+    """`sfllava chat`'s opening, cold and warm, then a `/part`: a use of its own."""
+    from tests.test_chat_support import json_lines, run_inprocess
+
+    video = clips["mkv"][0]
+    common = ["chat", video, "--model", converted[LAYOUT], "--max-tokens", 2, "--json"]
+    caches = []
+    for run, lines, uses in (("cold", "Hi\n", 1), ("warm", "Hi\n", 1),
+                             ("with /part", "Hi\n/part 1-3\nHi\n", 2)):
+        opens, (code, out, err) = count_opens(video, run_inprocess, common, stdin=lines)
+        assert code == 0, err
+        assert 1 <= opens <= uses * MAX_OPENS, f"{run}: {opens} opens of {video.name}"
+        caches.append(json_lines(out)[0]["cache"])
+    assert caches == ["miss", "hit", "hit"]
+
+
+@pytest.fixture
+def server_app(clips, converted, tmp_path, cold_cache):
+    """`sfllava serve`'s app and worker in this process, its media dir holding the clip."""
+    from starlette.testclient import TestClient
+
+    from sfllava_app.cli import build_parser
+    from sfllava_app.serve import check_options
+    from sfllava_app.serve.api import create_app
+    from sfllava_app.serve.media import Media
+    from sfllava_app.serve.worker import Worker
+
+    media = tmp_path / "media"
+    media.mkdir()
+    video = media / "clip.mkv"
+    shutil.copy(clips["mkv"][0], video)
+    argv = ["serve", "--model", str(converted[LAYOUT]), "--media-dir", str(media)]
+    args = build_parser(argv).parse_args(argv)
+    worker = Worker(args)
+    dirs = check_options(args)
+    worker.start()
+    try:
+        app = create_app(worker, Media(dirs, str(tmp_path), 1 << 20), model_id="tiny",
+                         model_arg=args.model)
+        with TestClient(app, base_url="http://127.0.0.1") as http:  # no key: loopback only
+            yield http, video
+    finally:
+        worker.stop()
+
+
+def test_a_server_request_opens_its_video_once(server_app, count_opens):
+    """A request that opens its video, then a follow-up the held conversation answers."""
+    from sfllava_convert.tiny.command import first_message
+
+    http, video = server_app
+    messages = [first_message(f"file://{video}", "What happens?")]
+    for cache in ("miss", "held"):
+        opens, reply = count_opens(video, http.post, "/v1/chat/completions",
+                                   json={"messages": messages, "max_tokens": 2})
+        body = reply.json()
+        assert reply.status_code == 200, body
+        assert body["sfllava"]["cache"] == cache
+        assert 1 <= opens <= MAX_OPENS, f"{cache}: {opens} opens of {video.name}"
+        messages += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": "And then?"}]
+
+
+def test_a_batch_opens_each_video_once_per_phase(clips, converted, tmp_path, cold_cache,
+                                                 monkeypatch, count_opens):
+    """Discovery (fingerprint, kind, options) and answering each open a video once, and
+    nothing of it stays open in between (a library must not hold a descriptor a video)."""
+    from sfllava_app.batch.run import Batch
+    from sfllava_app.cli import main
+
+    library = tmp_path / "library"
+    library.mkdir()
+    video = library / "clip.mkv"
+    shutil.copy(clips["mkv"][0], video)
+    (library / "notes.txt").write_text("not a video\n")
+    phases, held = {}, []
+
+    def counted(phase, method):
+        def run(self, *args):
+            before = Opens.watched.count
+            try:
+                return method(self, *args)
+            finally:
+                phases[phase] = Opens.watched.count - before
+                held.extend(fds_of(video))
+        return run
+
+    monkeypatch.setattr(Batch, "discover", counted("discovery", Batch.discover))
+    monkeypatch.setattr(Batch, "answer", counted("answering", Batch.answer))
+    argv = ["batch", library, "--model", converted[LAYOUT], "--prompt", "What happens?",
+            "--prompt", "Who is in it?", "--max-tokens", 2, "--out", tmp_path / "r.jsonl"]
+    opens, code = count_opens(video, main, argv)
+    assert code == 0
+    assert held == [], "a descriptor of the video was left open"
+    assert opens == sum(phases.values()), phases
+    for phase, n in phases.items():
+        assert 1 <= n <= MAX_OPENS, f"{phase}: {n} opens of {video.name} ({phases})"

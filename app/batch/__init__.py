@@ -8,8 +8,8 @@ process or every rank `mlx.launch` starts.
 The run, on every rank (a plain run is a group of one):
 1. load the model (once), read what this rank can see of the results (`--out` on rank 0,
    part files everywhere) and share the keys of the pairs already done;
-2. rank 0 lists the PATHs; the ranks fingerprint (and, for files found in directories,
-   open) a stride of them each, and share what they found;
+2. rank 0 lists the PATHs; the ranks open (once each, closed before the next) and
+   fingerprint a stride of them each, and share what they found;
 3. every rank computes the same plan: the pairs not done yet, the videos holding them
    shared out by duration (`inputs.share_out`);
 4. each rank answers its videos in input order, the next video decoding while the

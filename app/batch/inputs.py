@@ -3,10 +3,11 @@ that shares the videos out over the ranks (design.md §8).
 
 - `expand(paths)`: files named on the command line, and every file under the directories
   (recursively, sorted, hidden files and folders left out), in input order.
-- `inspect(candidate, resolve)`: the file's content fingerprint (the video cache's, §4),
-  for a file found in a directory whether PyAV opens it with a video stream, its duration
-  (container metadata, no decoding) for the plan, and the options as it resolves them (the
-  T it samples, the subtitles it has: what its lines are keyed by).
+- `inspect(candidate, resolve)`: the file opened once (`media.open_media`: its index, its
+  first frame) for its content fingerprint (the video cache's, §4), for a file found in a
+  directory whether it is a video (a video stream, not a still picture's demuxer), its
+  duration for the plan, and the options as it resolves them (the T it samples, the
+  subtitles it has: what its lines are keyed by); closed again before the next file.
 - `share_out(weights, size)`: longest first onto the least-loaded rank; the same plan on
   every rank (no randomness, ties to the lower index and rank).
 """
@@ -17,7 +18,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from sfllava_mlx.errors import UserError
+from sfllava_mlx.errors import UserError, VideoError
 
 # Demuxers that open still pictures and text art: a video stream, but not a video.
 _NOT_VIDEO_FORMATS = {"image2", "image2pipe", "tty", "bin", "xbin", "adf", "idf", "ico",
@@ -38,6 +39,7 @@ class Inspected:
     duration: float  # seconds (0 where unknown)
     options: Optional[dict] = None  # the options as this file resolves them (design.md §3)
     error: Optional[str] = None  # why they cannot be resolved: its pairs are error lines
+    subtitle_block: str = ""  # eval: the subtitle block its questions carry, read with the rest
 
 
 def read_prompts(args) -> list[str]:
@@ -93,45 +95,45 @@ def fingerprint_of(path: str) -> Optional[str]:
         return None
 
 
-def probe_container(path: str) -> tuple[bool, float]:
-    """(PyAV opens it with a video stream, duration in seconds from the container's
-    metadata); reads the header only."""
-    import av
+def inspect(c: Candidate, resolve) -> Inspected:
+    """`resolve(media)`: (the options as the file resolves them, or None and the one-line
+    error that stopped them[, eval's subtitle block]) — what its lines are keyed by. The
+    file is opened once (`media.open_media`) for all of it, and closed before the next one
+    is."""
+    from sfllava_mlx.media import Video, open_media
 
     try:
-        with av.open(path, metadata_errors="ignore") as c:
-            fmt = set(c.format.name.split(","))
-            if not c.streams.video or fmt & _NOT_VIDEO_FORMATS or any(
-                    f.endswith("_pipe") for f in fmt):
-                return False, 0.0
-            if c.duration:
-                return True, max(c.duration / 1e6, 0.0)
-            s = c.streams.video[0]
-            if s.duration and s.time_base:
-                return True, float(s.duration * s.time_base)
-            if s.frames and s.average_rate:
-                return True, float(s.frames / s.average_rate)
-            return True, 0.0
-    except Exception:  # FFmpeg errors, OSError, odd metadata: not a video we can open
-        return False, 0.0
+        media = open_media(c.path)
+    except VideoError:
+        return unopened(c, resolve)
+    if not isinstance(media, Video):  # a photo is answered too (design.md §2.3)
+        return Inspected("video", fingerprint_of(c.path), 1.0, *resolve(media))
+    with media:
+        if not c.named and not is_video_format(media.format):
+            return Inspected("skip", None, 0.0)
+        return Inspected("video", media.fingerprint.sampled, media.info.duration,
+                         *resolve(media))
 
 
-def inspect(c: Candidate, resolve) -> Inspected:
-    """`resolve(path)`: (the options as the file resolves them, or None and the one-line
-    error that stopped them) — what its lines are keyed by."""
-    fp = fingerprint_of(c.path)
-    if not c.named and fp is None:
-        return Inspected("skip", None, 0.0)
-    if c.named and fp is None:
-        return Inspected("video", None, 0.0)  # the answer is an error line
+def unopened(c: Candidate, resolve) -> Inspected:
+    """A file that cannot be opened: skipped where a directory holds it (unless it is a
+    broken picture), else its pairs are error lines saying why."""
     from sfllava_mlx.image import is_picture
 
-    if is_picture(c.path):  # a photo is answered too (design.md §2.3): about a frame's work
-        return Inspected("video", fp, 1.0, *resolve(c.path))
-    is_video, duration = probe_container(c.path)
-    if not is_video and not c.named:
-        return Inspected("skip", fp, 0.0)
-    return Inspected("video", fp, duration, *resolve(c.path))
+    picture = is_picture(c.path)
+    if not (c.named or picture):
+        return Inspected("skip", None, 0.0)
+    fp = fingerprint_of(c.path)
+    if fp is None:
+        return Inspected("video", None, 0.0)  # unreadable: the answer is an error line
+    return Inspected("video", fp, 1.0 if picture else 0.0, *resolve(c.path))  # its error
+
+
+def is_video_format(names: str) -> bool:
+    """Whether a demuxer's names (`Video.format`) are a video's, not a still picture's or
+    text art's."""
+    fmt = set(names.split(","))
+    return not (fmt & _NOT_VIDEO_FORMATS or any(f.endswith("_pipe") for f in fmt))
 
 
 def share_out(weights: list[float], size: int) -> list[int]:

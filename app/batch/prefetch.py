@@ -129,6 +129,8 @@ class Prefetched:
     def close(self) -> None:
         if self.frames is not None:
             self.frames.close()
+        if self._opening is not None:  # the file `prepare` opened, where `open` did not close it
+            self._opening.close()
 
 
 class FramePipeline:

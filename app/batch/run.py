@@ -38,6 +38,7 @@ class Item:
     error: Optional[str] = None  # why they could not be resolved (its lines are errors)
     prompts: list = field(default_factory=list)  # every prompt of it, done or not
     given: dict = field(default_factory=dict)  # its options as given (`session_options`)
+    subtitle_block: str = ""  # eval: the one its questions carry (`Eval.resolve`)
 
 
 def message(e: BaseException) -> str:
@@ -145,11 +146,12 @@ class Batch:
     def key(self, v: Item, prompt: str) -> str:
         return results.pair_key(v.fingerprint, v.video, prompt, self.identity, v.options)
 
-    def resolve(self, path: str, given: dict) -> tuple[dict, Optional[str]]:
-        """(the options as `path` resolves them, None), or (the options as given, the
-        error) where it cannot: its pairs are then error lines keyed by those."""
+    def resolve(self, media, given: dict) -> tuple:
+        """(the options as `media` — the file `inputs.inspect` opened, or its path where it
+        cannot be opened — resolves them, None), or (the options as given, the error) where
+        it cannot: its pairs are then error lines keyed by those."""
         try:
-            record = self.engine.resolve(path, **given)
+            record = self.engine.resolve(media, **given)
         except UserError as e:
             return requested(Options.of(**given)), message(e)
         return with_answer(record, self.options), None
@@ -186,7 +188,7 @@ class Batch:
         given = [self.given(c) for c in candidates]
 
         def resolve(i):
-            return lambda path: self.resolve(path, given[i])
+            return lambda media: self.resolve(media, given[i])
 
         mine = {i: inputs.inspect(c, resolve(i)).__dict__
                 for i, c in enumerate(candidates) if i % self.size == self.rank}
@@ -201,7 +203,7 @@ class Batch:
                 continue
             options = info.options or requested(Options.of(**given[i]))
             v = Item(len(videos), c.video, c.path, info.fingerprint, info.duration, [], options,
-                     info.error, given=given[i])
+                     info.error, given=given[i], subtitle_block=info.subtitle_block)
             v.prompts = self.prompts_for(v)
             videos.append(v)
         return videos, skipped

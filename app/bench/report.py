@@ -91,7 +91,8 @@ def memory_report(model, sampling, runs: list[Run], max_tokens: int = 512, kv_bi
     }
 
 
-def bench_row(cfg: Config, engine, path, args, peak, progress=None) -> dict:
+def bench_row(cfg: Config, engine, path, args, peak, progress=None, opened=None) -> dict:
+    """`opened`: the video opened already (`media.open_media`), for the first run."""
     model = engine.model
     sampling = model.config.recipe(cfg.recipe, cfg.num_frames)
     options = backend_options(args, cfg)
@@ -100,7 +101,8 @@ def bench_row(cfg: Config, engine, path, args, peak, progress=None) -> dict:
         if progress:
             progress(cfg, i, args.warmup + args.runs)
         run = run_once(engine, path, options, prompt=args.prompt, followup=args.followup,
-                       max_tokens=args.max_tokens, reopen=not args.no_reopen)
+                       max_tokens=args.max_tokens, reopen=not args.no_reopen,
+                       opened=opened if i == 0 else None)
         if i >= args.warmup:
             runs.append(run)
     notes = []

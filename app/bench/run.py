@@ -82,9 +82,10 @@ class Run:
 
 
 def run_once(engine, path, options: dict, *, prompt: str, followup: str, max_tokens: int,
-             reopen: bool = True) -> Run:
+             reopen: bool = True, opened=None) -> Run:
     """A cold open (the cache emptied first) and a question, a follow-up, and (with
-    `reopen`) the same video opened again from the cache, as `chat` does next time."""
+    `reopen`) the same video opened again from the cache, as `chat` does next time.
+    `opened`: `path` opened already, taken by the cold open."""
     import mlx.core as mx
 
     ask = dict(max_tokens=max_tokens, temp=0.0)
@@ -93,7 +94,8 @@ def run_once(engine, path, options: dict, *, prompt: str, followup: str, max_tok
     mx.clear_cache()
     mx.reset_peak_memory()
     tower = None if options["vision_backend"] == "coreml" else TimedTower(engine.model.vision_tower)
-    session = engine.open(path, tower=tower, **{**options, "cache": reopen})
+    session = engine.open(opened if opened is not None else path, tower=tower,
+                          **{**options, "cache": reopen})
     split = stage_split(session.visual.timings, tower)
     peak_vision = mx.get_peak_memory()
     mx.reset_peak_memory()

@@ -28,11 +28,14 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    checked_options(args, args.file)  # before anything heavy is imported
+    checked_options(args)  # before anything heavy is imported
+    from sfllava_mlx.media import open_media
+
+    media = open_media(args.file)  # opened once, before the model loads: `open` takes it
     if sys.stdin.isatty() and sys.stdout.isatty() and not args.json:
         from .terminal import main as terminal
 
-        return terminal(args)
+        return terminal(args, media)
     from .piped import main as piped
 
-    return piped(args)
+    return piped(args, media)

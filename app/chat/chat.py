@@ -41,15 +41,16 @@ class Chat:
     def switch(self, path: str, progress=None, picture: bool = False) -> None:
         """/video and /image: open FILE (a picture or a video, by its content; /image
         insists on a picture) and go on about it; the old one stays if FILE cannot open."""
+        media = path
         if picture:
             from sfllava_mlx.image import probe
 
-            probe(path)  # refused as a picture before anything else
+            media = probe(path)  # refused as a picture before anything else; `open` takes it
         self.session.save()
         options = session_options(self.args)
         if options.get("subtitles", "auto") not in MODES:  # --subtitles FILE was the first video's
             options["subtitles"] = "auto"
-        session = self.engine.open(path, progress=progress, prefill=progress is not None,
+        session = self.engine.open(media, progress=progress, prefill=progress is not None,
                                    **options)
         self.session = session
         self.kept.clear()  # another file: the parts of the old one are no use

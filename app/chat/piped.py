@@ -15,13 +15,14 @@ from ..subtitles import plain_listing, summary
 from .chat import COMMANDS, Chat
 
 
-def main(args) -> int:
+def main(args, media) -> int:
+    """`media`: FILE as `media.open_media` opened it."""
     import mlx.core as mx
 
     from sfllava_mlx import Engine
 
     engine = Engine(args.model, **engine_options(args))
-    session = engine.open(args.file, **session_options(args))
+    session = engine.open(media, **session_options(args))
     warn(session.warnings)
     if session.media == "image" and picture_note(session.options):
         note(picture_note(session.options))

@@ -13,7 +13,8 @@ from ..options import engine_options, picture_note, session_options
 from .chat import COMMANDS, Chat, media_word, part_label
 
 
-def main(args) -> int:
+def main(args, media) -> int:
+    """`media`: FILE as `media.open_media` opened it."""
     from sfllava_mlx import Engine
 
     from .ui import ChatUI, model_info
@@ -22,7 +23,7 @@ def main(args) -> int:
     with ui.console.status(f"loading model {args.model}…"):
         engine = Engine(args.model, **engine_options(args))
     with ui.opening(args.file) as progress:
-        session = engine.open(args.file, progress=progress, prefill=True,
+        session = engine.open(media, progress=progress, prefill=True,
                               **session_options(args))
     session.save()
     chat = Chat(engine, args, session)

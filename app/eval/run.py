@@ -15,7 +15,7 @@ import os
 from sfllava_mlx.errors import UserError
 
 from ..batch import inputs, results
-from ..batch.run import Batch, Item, _open_path
+from ..batch.run import Batch, Item
 from ..fmt import count
 from . import source, summary
 
@@ -56,8 +56,24 @@ class Eval(Batch):
                 given["subtitles"] = own
         return given
 
+    def resolve(self, media, given: dict) -> tuple:
+        """Batch's, and the subtitle block of the video's questions, from the same opened
+        file (shared with the other ranks in the discovery's table)."""
+        options, error = super().resolve(media, given)
+        if error is not None or options.get("subtitles") is None:
+            return options, error
+        return options, error, self.subtitle_block(media, given)
+
+    def subtitle_block(self, media, given: dict) -> str:
+        """The subtitle block the engine will put before the question ("" for none)."""
+        try:
+            lines = self.engine.subtitle_lines(self.engine.prepare(media, **given))
+        except UserError:  # its answers will be error lines, saying why
+            return ""
+        return lines.prompt() if lines is not None else ""
+
     def prompts_for(self, v: Item) -> list:
-        block = self.subtitle_block(v)
+        block = v.subtitle_block
         prompts = []
         for q in self.by_video[v.video]:
             question = q.prompt(subtitles=bool(block))
@@ -65,16 +81,6 @@ class Eval(Batch):
             self.asked[(v.video, prompt)] = (q, question)
             prompts.append(prompt)
         return list(dict.fromkeys(prompts))
-
-    def subtitle_block(self, v: Item) -> str:
-        """The subtitle block the engine will put before the question ("" for none)."""
-        if v.error is not None or v.fingerprint is None or v.options.get("subtitles") is None:
-            return ""
-        try:
-            lines = self.engine.subtitle_lines(self.engine.prepare(_open_path(v), **v.given))
-        except UserError:  # its answers will be error lines, saying why
-            return ""
-        return lines.prompt() if lines is not None else ""
 
     def question(self, v: Item, prompt: str) -> str:
         return self.asked[(v.video, prompt)][1]

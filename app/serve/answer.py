@@ -14,12 +14,14 @@ import os
 import time
 
 from sfllava_mlx.config import PREFILL_STEP
+from sfllava_mlx.media import opened
 from sfllava_mlx.memory import kv_bytes
 from sfllava_mlx.options import ASK, Options, identity
 
 from ..options import session_options
 from .held import Held
 from .log import log
+from .media import content_key
 from .request import APIError
 
 # The prefill chunk of a request opened while other answers may be decoding: a running
@@ -39,9 +41,9 @@ def request_options(worker, req) -> dict:
 def held_key(worker, media, options: dict) -> tuple:
     """What a held conversation is keyed by: the media's content and the resolved options
     that change its visual tokens, its prompt or its KV cache (subtitles as actually found:
-    a data URL has no sidecar) — not the decoding ones (design.md §3)."""
-    resolved = worker.engine.resolve(media.path, **options)
-    return media.key, identity(resolved, "visual", "prompt", "context")
+    a data URL has no sidecar) — not the decoding ones (design.md §3). `media`: opened."""
+    resolved = worker.engine.resolve(media, **options)
+    return content_key(media), identity(resolved, "visual", "prompt", "context")
 
 
 def answer_steps(worker, task):
@@ -53,24 +55,7 @@ def answer_steps(worker, task):
                             "message", "missing_video", "messages")
     options = request_options(worker, req)
     asked = Options.of(**options)  # this request's decoding options, whatever it continues
-    key = held_key(worker, job.media, options)
-    held = worker.held.find(key, req.history)
-    cache_state = "held"
-    if held is None:
-        if not job.media.upload and os.path.realpath(job.media.path) != job.media.path:
-            raise APIError(403, "the video's path changed since it was checked",
-                           "path_not_allowed", "video_url")
-        opening = engine.prepare(job.media.path, **options)  # the checks; nothing decoded
-        plan = opening.memory
-        task.working_set = plan.working_set
-        count_memory(worker, task, plan.visual_tokens, req.history, asked)
-        while not worker.fits(task):
-            yield
-        session = yield from engine.open_steps(opening)
-        for warning in session.warnings:  # e.g. a broken subtitle file beside the video
-            log(f"{job.id} warning: {warning}")
-        held = worker.held.hold(Held(key, session))
-        cache_state = session.cache
+    held, cache_state = yield from held_or_opened(worker, task, options, asked)
     task.held, held.busy = held, True
     session = held.session
     if cache_state == "held":
@@ -122,6 +107,31 @@ def answer_steps(worker, task):
     return {"record": record, "text": turn.text, "finish_reason": turn.finish_reason,
             "prompt_tokens": total, "completion_tokens": len(turn.tokens),
             "cached_tokens": max(0, total - record["prompt_tokens"])}
+
+
+def held_or_opened(worker, task, options: dict, asked: Options):
+    """(the held conversation the request continues or branches off, "held"), else (a new
+    one about its video, the cache's state), opened once its answer fits in memory beside
+    the running ones. The file is opened once for both: the key, then the session."""
+    job, engine = task.job, worker.engine
+    if not job.media.upload and os.path.realpath(job.media.path) != job.media.path:
+        raise APIError(403, "the video's path changed since it was checked",
+                       "path_not_allowed", "video_url")
+    with opened(job.media.path) as media:  # closed on a hit; `open_steps` closes it once read
+        key = held_key(worker, media, options)
+        held = worker.held.find(key, job.req.history)
+        if held is not None:
+            return held, "held"
+        opening = engine.prepare(media, **options)  # the checks; nothing decoded
+        plan = opening.memory
+        task.working_set = plan.working_set
+        count_memory(worker, task, plan.visual_tokens, job.req.history, asked)
+        while not worker.fits(task):
+            yield
+        session = yield from engine.open_steps(opening)
+    for warning in session.warnings:  # e.g. a broken subtitle file beside the video
+        log(f"{job.id} warning: {warning}")
+    return worker.held.hold(Held(key, session)), session.cache
 
 
 def count_memory(worker, task, start_tokens: int, replayed: list, options: Options) -> None:

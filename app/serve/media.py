@@ -111,7 +111,6 @@ def cut_uploads(raw) -> tuple[bytes, list]:
 class MediaFile:
     path: str  # the file to read: a resolved path inside a media dir, or an upload
     upload: bool = False  # a private copy, deleted once the request is done
-    key: tuple = ()  # what the video is: (size, sampled digest) of its content
 
 
 class Media:
@@ -129,8 +128,7 @@ class Media:
         """A video URL -> MediaFile, or APIError (400 bad or unreadable, 403 outside, 413)."""
         if url.startswith("data:"):
             return self._data_url(url, raw, spans)
-        real = self.local_file(url, "video_url")
-        return MediaFile(real, key=content_key(real))
+        return MediaFile(self.local_file(url, "video_url"))  # opened once, by its answer
 
     def local_file(self, url: str, param: str, noun: str = "video", kind: str = "video") -> str:
         """A local path (`file:///abs/path` or `/abs/path`) -> the file's resolved path, or
@@ -216,7 +214,7 @@ class Media:
         if size == 0:
             os.unlink(path)
             fail("the data URL holds no data", "invalid_video", "video_url")
-        return MediaFile(path, upload=True, key=content_key(path))
+        return MediaFile(path, upload=True)
 
     def discard(self, video: Optional[MediaFile]) -> None:
         if video is not None and video.upload:
@@ -226,12 +224,16 @@ class Media:
                 pass
 
 
-def content_key(path: str) -> tuple:
-    """What a video is, for matching held conversations: its size and sampled digest (the
-    persistent cache's fingerprint, design.md §4), never its name or modification time."""
+def content_key(media) -> tuple:
+    """What an opened video or picture is, for matching held conversations: its size and
+    sampled digest (the persistent cache's fingerprint, design.md §4), never its name or
+    modification time; a video's read through its open file."""
     from sfllava_mlx.cache import sampled_digest
+    from sfllava_mlx.media import Video
 
+    if isinstance(media, Video):
+        return media.fingerprint.size, media.fingerprint.sampled
     try:
-        return sampled_digest(path)
+        return sampled_digest(media.path)
     except OSError as e:
         raise APIError(400, f"cannot read the video: {e.strerror}", "invalid_video", "video_url") from None

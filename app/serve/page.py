@@ -62,8 +62,7 @@ async def media_list(request: Request):
 
 async def plan(request: Request):
     s = request.app.state.served
-    opening = await run_in_threadpool(prepare, s.worker, s.media, request.query_params)
-    return plan_json(opening, s.worker.engine)
+    return await run_in_threadpool(plan_json, s.worker, s.media, request.query_params)
 
 
 async def sheet(request: Request):
@@ -161,12 +160,14 @@ def prepare(worker, media, params):
         raise user_api_error(e) from None
 
 
-def plan_json(opening, engine) -> dict:
+def plan_json(worker, media, params) -> dict:
+    opening = prepare(worker, media, params)
+    opening.close()  # a plan decodes nothing: the file and container are done with
     m = opening.memory
     return {"media": opening.media, "visual_tokens": m.visual_tokens,
             "num_frames": opening.sampling.num_frames if opening.sampling else None,
             "recipe": opening.options.recipe if opening.media == "video" else None,
-            "context_length": engine.context_length,
+            "context_length": worker.engine.context_length,
             "memory": {"total": m.total, "weights": m.weights, "kv_cache": m.kv_cache,
                        "working_set": m.working_set, "context_tokens": m.context_tokens,
                        "text": m.describe()}}
@@ -191,6 +192,8 @@ def sheet_png(worker, media, params) -> bytes:
             image = contact_sheet(opening.read_all())
     except UserError as e:
         raise user_api_error(e) from None
+    finally:
+        opening.close()  # the reader closed the container it took, not the file
     ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError("OpenCV could not encode the contact sheet")
