@@ -79,7 +79,7 @@ def checked_options(args) -> Options:
     open next, once (`media.open_media`), for every step to take."""
     from sfllava_mlx.checks import check_request
 
-    return check_request(vars(args).get("model"), None, **session_options(args))
+    return check_request(vars(args).get("model"), **session_options(args))
 
 
 def add_decode_concurrency_argument(p, what: str) -> None:

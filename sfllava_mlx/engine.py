@@ -154,10 +154,15 @@ class Engine:
         the model loads, so that every step takes the same open file)."""
         started = time.perf_counter()
         opts = Options.of(**options)
-        media = open_media(media)
-        if isinstance(media, Video):
-            return self._prepare_video(media, opts, started)
-        return self._prepare_picture(media, opts, started)
+        opened = open_media(media)
+        if not isinstance(opened, Video):
+            return self._prepare_picture(opened, opts, started)
+        try:
+            return self._prepare_video(opened, opts, started)
+        except BaseException:  # refused (memory, context, subtitles): closed if opened here
+            if opened is not media:
+                opened.close()
+            raise
 
     def _context(self, opts: Options) -> tuple[int, str]:
         limit = context_limit(self.context_length, opts.max_kv_size)
@@ -311,15 +316,14 @@ class Engine:
             opening = replace(media, started=time.perf_counter())
         else:
             opening = self.prepare(media, **options)
-        opening = self._transcribe(opening, progress)
-        opts = opening.options
-        entry = None
-        if opening.key is not None:
-            hidden = self.model.config.projector.hidden_size
-            entry = self.store.lookup(opening.key, opening.fingerprint, hidden_size=hidden,
-                                      num_tokens=opening.memory.visual_tokens)
-        conversation = hasher = None
+        conversation = entry = hasher = None
         try:
+            opening = self._transcribe(opening, progress)
+            opts = opening.options
+            if opening.key is not None:
+                hidden = self.model.config.projector.hidden_size
+                entry = self.store.lookup(opening.key, opening.fingerprint, hidden_size=hidden,
+                                          num_tokens=opening.memory.visual_tokens)
             if entry is None and opening.key is not None:  # the full hash, while frames decode
                 hasher = (opening.video.hasher() if opening.video is not None
                           else ContentHasher(opening.path))
@@ -335,7 +339,7 @@ class Engine:
                 visual = conversation.visual
             else:
                 visual = yield from self._encode_streaming(opening, progress, reader, tower)
-        finally:  # the file and container, once what is read of them is read
+        finally:  # the file and container, once what is read of them is read (or refused)
             opening.close()
         conversation = conversation or self._conversation(opening, visual.clip, visual)
         session = Session(self, opening, visual, conversation, entry, hasher)

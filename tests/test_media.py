@@ -254,3 +254,19 @@ def test_a_batch_opens_each_video_once_per_phase(clips, converted, tmp_path, col
     assert opens == sum(phases.values()), phases
     for phase, n in phases.items():
         assert 1 <= n <= MAX_OPENS, f"{phase}: {n} opens of {video.name} ({phases})"
+
+
+@needs_ffmpeg
+def test_a_refused_opening_leaves_no_descriptor(clips, converted, cold_cache):
+    """A video the engine opened itself and then refused (the context too small for it)
+    is closed with the refusal, in `prepare` and in `open`: a chat's `/video`, a page's plan
+    or a batch's prefetch goes on without a descriptor left behind."""
+    from sfllava_mlx import Engine
+    from sfllava_mlx.errors import ContextOverflowError
+
+    video = clips["mp4"][0]
+    engine = Engine(converted[LAYOUT])
+    for step in (engine.prepare, engine.open):
+        with pytest.raises(ContextOverflowError):
+            step(str(video), max_kv_size=8)
+        assert fds_of(video) == [], step.__name__
