@@ -26,8 +26,10 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    checked_options(args)  # before anything heavy is imported
-    if args.image is not None:
+    picture = args.image is not None
+    checked_options(args, args.image if picture else args.video,  # before anything heavy
+                    "picture" if picture else "video")
+    if picture:
         from sfllava_mlx.image import probe
 
         media = probe(args.image)  # not a picture, empty or huge: refused before the model loads

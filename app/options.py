@@ -73,13 +73,13 @@ def ask_options(args) -> dict:
     return {n: v for n, v in session_options(args).items() if n in ASK}
 
 
-def checked_options(args) -> Options:
-    """The options checked, and the model reference named: before any heavy import
-    (design.md §3: a user's mistake ends within a second). The media is the command's to
-    open next, once (`media.open_media`), for every step to take."""
+def checked_options(args, media=None, noun: str = "video") -> Options:
+    """The options checked, the model reference named and the media file there: before any
+    heavy import (design.md §3: a user's mistake ends within a second). The media is the
+    command's to open next, once (`media.open_media`), for every step to take."""
     from sfllava_mlx.checks import check_request
 
-    return check_request(vars(args).get("model"), **session_options(args))
+    return check_request(vars(args).get("model"), media, noun, **session_options(args))
 
 
 def add_decode_concurrency_argument(p, what: str) -> None:

@@ -26,6 +26,7 @@ from typing import Optional, Union
 import av
 
 from .cache.fingerprint import ContentHasher, Fingerprint
+from .checks import media_path
 from .errors import VideoError
 from .frames import FrameReader, Part, Span, VideoInfo, locate
 from .frames.video import open_video
@@ -126,9 +127,7 @@ def open_media(media) -> Media:
     picture) for a missing or unreadable one."""
     if isinstance(media, (Video, PictureInfo)):
         return media
-    path = os.path.expanduser(str(media))
-    if not os.path.exists(path):
-        raise VideoError(f"video not found: {path}")
+    path = media_path(media)
     if not os.path.isfile(path):
         return Video.open(path)  # FFmpeg's refusal, in one line (a directory, a device)
     try:

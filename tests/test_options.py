@@ -190,6 +190,8 @@ def test_user_errors_end_before_the_runtime_is_imported(converted, videos, tmp_p
         (["generate", "--model", model, "--video", videos["main"], "--prompt", "q", "--fps", "0"],
          "--fps must be a number greater than 0"),
         (["chat", tmp_path / "missing.mkv", "--model", model], "video not found"),
+        (["generate", "--model", model, "--image", tmp_path / "missing.jpg", "--prompt", "q"],
+         "picture not found"),
         (["batch", videos["main"], "--model", model, "--prompt", "q", "--out", tmp_path / "o.jsonl",
           "--top-p", "1.5"], "--top-p must be a number greater than 0 and at most 1"),
         (["serve", "--model", model, "--temp", "-1"], "--temp must be a number of at least 0"),
@@ -200,6 +202,8 @@ def test_user_errors_end_before_the_runtime_is_imported(converted, videos, tmp_p
         assert r.returncode == 2 and said[0].startswith(f"error: {says}"), said
         assert len(said) == 1, said
         assert not imported & set(HEAVY), (args, imported & set(HEAVY))
+        if "not found" in says:  # a missing file is refused before the decoders, or MLX
+            assert not imported & {"av", "mlx.core", "PIL.Image"}, (args, imported)
 
 
 def test_help_imports_no_runtime(tmp_path):

@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    checked_options(args)  # before anything heavy is imported
+    checked_options(args, args.file)  # before anything heavy is imported
     from sfllava_mlx.media import open_media
 
     media = open_media(args.file)  # opened once, before the model loads: `open` takes it
