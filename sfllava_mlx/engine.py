@@ -42,7 +42,7 @@ from .image import (
     num_image_tokens,
     read_image,
 )
-from .media import Video, open_media
+from .media import Video, open_media, opened
 from .memory import MIN_TEXT_TOKENS, MemoryPlan, check, check_context, check_video, plan_tokens
 from .model import load
 from .options import Options, resolved
@@ -144,24 +144,22 @@ class Engine:
         """The memory plan and the context check of opening `media`; UserError if it cannot
         fit. Decodes nothing. It counts the subtitle lines the frames will select; speech not
         transcribed yet is not counted here (`open` transcribes it, then checks again)."""
-        opening = self.prepare(media, **options)
-        if opening.video is not media:
-            opening.close()
-        return opening.memory
+        with opened(media) as checked:  # closed here if opened here: nothing is decoded
+            return self.prepare(checked, **options).memory
 
     def prepare(self, media, **options) -> Opening:
         """`media`: a path, or what `media.open_media` opened (the commands open it before
         the model loads, so that every step takes the same open file)."""
         started = time.perf_counter()
         opts = Options.of(**options)
-        opened = open_media(media)
-        if not isinstance(opened, Video):
-            return self._prepare_picture(opened, opts, started)
+        found = open_media(media)
+        if not isinstance(found, Video):
+            return self._prepare_picture(found, opts, started)
         try:
-            return self._prepare_video(opened, opts, started)
+            return self._prepare_video(found, opts, started)
         except BaseException:  # refused (memory, context, subtitles): closed if opened here
-            if opened is not media:
-                opened.close()
+            if found is not media:
+                found.close()
             raise
 
     def _context(self, opts: Options) -> tuple[int, str]:
@@ -190,23 +188,21 @@ class Engine:
         actually sampled, the subtitle source actually read, the part in seconds), without
         the memory plan: what a batch keys its lines by before answering."""
         opts = Options.of(**options)
-        opened = open_media(media)
-        if not isinstance(opened, Video):
-            return resolved(opts, num_frames=None, subtitles=None,
-                            system_prompt=self._system_prompt(opts), media="image")
-        try:
-            sampling, _ = self._sampling(opened, opts)
-            found = resolve(opened, opts.subtitles, opts.subtitle_lang, opts.speech_model)
-        finally:
-            if opened is not media:
-                opened.close()
+        with opened(media) as video:
+            if not isinstance(video, Video):
+                return self._resolved(opts)
+            sampling, _ = self._sampling(video, opts)
+            found = resolve(video, opts.subtitles, opts.subtitle_lang, opts.speech_model)
         return self._resolved(opts, sampling, found.track)
 
-    def _resolved(self, opts: Options, sampling: SamplingConfig, track) -> dict:
-        return resolved(opts, num_frames=sampling.num_frames,
+    def _resolved(self, opts: Options, sampling: Optional[SamplingConfig] = None,
+                  track=None) -> dict:
+        """The record's options: a video's (`sampling` as it samples), else a picture's."""
+        return resolved(opts, num_frames=sampling.num_frames if sampling else None,
                         subtitles=track.read_from() if track is not None else None,
                         speech_model=track.model if track is not None else None,
-                        system_prompt=self._system_prompt(opts))
+                        system_prompt=self._system_prompt(opts),
+                        media="video" if sampling else "image")
 
     def _prepare_video(self, video: Video, opts: Options, started: float) -> Opening:
         sampling, span = self._sampling(video, opts)
@@ -287,9 +283,7 @@ class Engine:
             fingerprint = Fingerprint.of(path)
             key = image_key(fingerprint, self.identity, self.dtype, config.image)
         return Opening(path, "image", opts, memory, started, picture=info,
-                       fingerprint=fingerprint, key=key,
-                       resolved=resolved(opts, num_frames=None, subtitles=None,
-                                         system_prompt=self._system_prompt(opts), media="image"))
+                       fingerprint=fingerprint, key=key, resolved=self._resolved(opts))
 
     def cached(self, opening: Opening) -> bool:
         """Whether the cache holds this opening's visual tokens (nothing to decode)."""

@@ -60,9 +60,8 @@ class Eval(Batch):
         """Batch's, and the subtitle block of the video's questions, from the same opened
         file (shared with the other ranks in the discovery's table)."""
         options, error = super().resolve(media, given)
-        if error is not None or options.get("subtitles") is None:
-            return options, error
-        return options, error, self.subtitle_block(media, given)
+        said = error is None and options.get("subtitles") is not None
+        return options, error, self.subtitle_block(media, given) if said else ""
 
     def subtitle_block(self, media, given: dict) -> str:
         """The subtitle block the engine will put before the question ("" for none)."""
